@@ -1,0 +1,193 @@
+"""The daemon's typed config: one frozen dataclass per subsystem, validated once at load.
+
+The file is TOML (``/etc/edged/edged.toml`` on a device). Every key is optional; defaults are
+safe for a development machine. An invalid value raises ``ConfigError`` naming its key path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from edged.configreader import Table, load_toml_file
+
+DEFAULT_CONFIG_PATH = Path("/etc/edged/edged.toml")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    socket_path: Path | None = None
+    socket_mode: int = 0o660
+    max_body_bytes: int = 64 * 1024 * 1024
+    shared_memory_enabled: bool = False
+    drain_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    repository: Path = Path("models")
+    # What to do when the old and new version of a model cannot both fit in memory.
+    memory_policy: str = "refuse"  # "refuse" | "unload-first"
+    memory_reserve_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    directory: Path = Path("/var/lib/edged")
+    keep_versions: int = 3
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    enabled: bool = False
+    host: str = "localhost"
+    port: int = 8883
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    groups: tuple[str, ...] = ()
+    topic_prefix: str = "edged"
+    keepalive_s: int = 30
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    download_stall_timeout_s: float = 60.0
+    max_bundle_bytes: int = 512 * 1024 * 1024
+    command_max_age_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    enabled: bool = True
+    interval_s: float = 10.0
+    spool_max_bytes: int = 16 * 1024 * 1024
+    backfill_per_s: float = 20.0
+    sysfs_root: Path = Path("/sys")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    source: Path | None = None
+
+    def with_overrides(self, **sections: object) -> DaemonConfig:
+        return replace(self, **sections)  # type: ignore[arg-type]
+
+
+def _server(t: Table, base: Path) -> ServerConfig:
+    d = ServerConfig()
+    socket = t.optional_str("socket")
+    mode_text = t.str("socket_mode", oct(d.socket_mode)[2:])
+    try:
+        mode = int(mode_text, 8)
+    except ValueError:
+        from edged.errors import ConfigError
+
+        raise ConfigError(t.key_path("socket_mode"), f"must be an octal mode like '660'; got {mode_text!r}") from None
+    cfg = ServerConfig(
+        host=t.str("host", d.host),
+        port=t.int("port", d.port, 0, 65535),
+        socket_path=(base / socket if socket and not Path(socket).is_absolute() else Path(socket))
+        if socket
+        else None,
+        socket_mode=mode,
+        max_body_bytes=t.int("max_body_bytes", d.max_body_bytes, 1024),
+        shared_memory_enabled=t.bool("shared_memory", d.shared_memory_enabled),
+        drain_timeout_s=t.float("drain_timeout_s", d.drain_timeout_s, 0.0),
+    )
+    t.reject_unknown()
+    return cfg
+
+
+def _models(t: Table, base: Path) -> ModelsConfig:
+    d = ModelsConfig()
+    cfg = ModelsConfig(
+        repository=t.path("repository", d.repository, base),
+        memory_policy=t.str("memory_policy", d.memory_policy, ("refuse", "unload-first")),
+        memory_reserve_bytes=t.int("memory_reserve_bytes", d.memory_reserve_bytes, 0),
+    )
+    t.reject_unknown()
+    return cfg
+
+
+def _state(t: Table, base: Path) -> StateConfig:
+    d = StateConfig()
+    cfg = StateConfig(
+        directory=t.path("directory", d.directory, base),
+        keep_versions=t.int("keep_versions", d.keep_versions, 1, 100),
+    )
+    t.reject_unknown()
+    return cfg
+
+
+def _mqtt(t: Table, base: Path) -> MqttConfig:
+    d = MqttConfig()
+
+    def opt_path(key: str) -> Path | None:
+        v = t.optional_str(key)
+        return None if v is None else (Path(v) if Path(v).is_absolute() else base / v)
+
+    cfg = MqttConfig(
+        enabled=t.bool("enabled", d.enabled),
+        host=t.str("host", d.host),
+        port=t.int("port", d.port, 1, 65535),
+        ca_file=opt_path("ca_file"),
+        cert_file=opt_path("cert_file"),
+        key_file=opt_path("key_file"),
+        groups=t.str_list("groups"),
+        topic_prefix=t.str("topic_prefix", d.topic_prefix),
+        keepalive_s=t.int("keepalive_s", d.keepalive_s, 5, 3600),
+        reconnect_min_s=t.float("reconnect_min_s", d.reconnect_min_s, 0.01),
+        reconnect_max_s=t.float("reconnect_max_s", d.reconnect_max_s, 0.1),
+        download_stall_timeout_s=t.float("download_stall_timeout_s", d.download_stall_timeout_s, 0.1),
+        max_bundle_bytes=t.int("max_bundle_bytes", d.max_bundle_bytes, 1024),
+        command_max_age_s=t.float("command_max_age_s", d.command_max_age_s, 1.0),
+    )
+    t.reject_unknown()
+    if cfg.enabled:
+        from edged.errors import ConfigError
+
+        for key in ("ca_file", "cert_file", "key_file"):
+            if getattr(cfg, key) is None:
+                raise ConfigError(t.key_path(key), "required when mqtt.enabled = true")
+    return cfg
+
+
+def _telemetry(t: Table, base: Path) -> TelemetryConfig:
+    d = TelemetryConfig()
+    cfg = TelemetryConfig(
+        enabled=t.bool("enabled", d.enabled),
+        interval_s=t.float("interval_s", d.interval_s, 0.05),
+        spool_max_bytes=t.int("spool_max_bytes", d.spool_max_bytes, 4096),
+        backfill_per_s=t.float("backfill_per_s", d.backfill_per_s, 0.1),
+        sysfs_root=t.path("sysfs_root", d.sysfs_root, base),
+    )
+    t.reject_unknown()
+    return cfg
+
+
+def parse_config(data: dict[str, object], base: Path, source: Path | None = None) -> DaemonConfig:
+    """Validate a parsed TOML document; relative paths resolve against ``base``."""
+    root = Table(data)
+    cfg = DaemonConfig(
+        server=_server(root.table("server"), base),
+        models=_models(root.table("models"), base),
+        state=_state(root.table("state"), base),
+        mqtt=_mqtt(root.table("mqtt"), base),
+        telemetry=_telemetry(root.table("telemetry"), base),
+        source=source,
+    )
+    root.reject_unknown()
+    return cfg
+
+
+def load_config(path: Path | None) -> DaemonConfig:
+    """Load and validate ``path``; ``None`` gives the defaults."""
+    if path is None:
+        return DaemonConfig()
+    return parse_config(load_toml_file(path), path.parent.resolve(), source=path)
