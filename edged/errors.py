@@ -23,6 +23,7 @@ where it helps, what to do.
     ├── TransportError                   MQTT fleet channel
     ├── TelemetryError                   metrics, power sources, spool
     └── DeviceError                      lifecycle, systemd, doctor
+        └── NotifyError                  $NOTIFY_SOCKET / $WATCHDOG_USEC unusable, or a send failed
 """
 
 from __future__ import annotations
@@ -129,3 +130,7 @@ class TelemetryError(EdgedError):
 
 class DeviceError(EdgedError):
     """Daemon lifecycle, systemd integration, diagnostics."""
+
+
+class NotifyError(DeviceError):
+    """The systemd notification socket or watchdog settings are unusable, or a send failed."""
