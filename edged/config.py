@@ -82,23 +82,25 @@ class DaemonConfig:
 def _server(t: Table, base: Path) -> ServerConfig:
     d = ServerConfig()
     socket = t.optional_str("socket")
-    mode_text = t.str("socket_mode", oct(d.socket_mode)[2:])
+    mode_text = t.string("socket_mode", oct(d.socket_mode)[2:])
     try:
         mode = int(mode_text, 8)
     except ValueError:
         from edged.errors import ConfigError
 
-        raise ConfigError(t.key_path("socket_mode"), f"must be an octal mode like '660'; got {mode_text!r}") from None
+        raise ConfigError(
+            t.key_path("socket_mode"), f"must be an octal mode like '660'; got {mode_text!r}"
+        ) from None
     cfg = ServerConfig(
-        host=t.str("host", d.host),
-        port=t.int("port", d.port, 0, 65535),
+        host=t.string("host", d.host),
+        port=t.integer("port", d.port, 0, 65535),
         socket_path=(base / socket if socket and not Path(socket).is_absolute() else Path(socket))
         if socket
         else None,
         socket_mode=mode,
-        max_body_bytes=t.int("max_body_bytes", d.max_body_bytes, 1024),
-        shared_memory_enabled=t.bool("shared_memory", d.shared_memory_enabled),
-        drain_timeout_s=t.float("drain_timeout_s", d.drain_timeout_s, 0.0),
+        max_body_bytes=t.integer("max_body_bytes", d.max_body_bytes, 1024),
+        shared_memory_enabled=t.boolean("shared_memory", d.shared_memory_enabled),
+        drain_timeout_s=t.number("drain_timeout_s", d.drain_timeout_s, 0.0),
     )
     t.reject_unknown()
     return cfg
@@ -108,8 +110,8 @@ def _models(t: Table, base: Path) -> ModelsConfig:
     d = ModelsConfig()
     cfg = ModelsConfig(
         repository=t.path("repository", d.repository, base),
-        memory_policy=t.str("memory_policy", d.memory_policy, ("refuse", "unload-first")),
-        memory_reserve_bytes=t.int("memory_reserve_bytes", d.memory_reserve_bytes, 0),
+        memory_policy=t.string("memory_policy", d.memory_policy, ("refuse", "unload-first")),
+        memory_reserve_bytes=t.integer("memory_reserve_bytes", d.memory_reserve_bytes, 0),
     )
     t.reject_unknown()
     return cfg
@@ -119,7 +121,7 @@ def _state(t: Table, base: Path) -> StateConfig:
     d = StateConfig()
     cfg = StateConfig(
         directory=t.path("directory", d.directory, base),
-        keep_versions=t.int("keep_versions", d.keep_versions, 1, 100),
+        keep_versions=t.integer("keep_versions", d.keep_versions, 1, 100),
     )
     t.reject_unknown()
     return cfg
@@ -133,20 +135,22 @@ def _mqtt(t: Table, base: Path) -> MqttConfig:
         return None if v is None else (Path(v) if Path(v).is_absolute() else base / v)
 
     cfg = MqttConfig(
-        enabled=t.bool("enabled", d.enabled),
-        host=t.str("host", d.host),
-        port=t.int("port", d.port, 1, 65535),
+        enabled=t.boolean("enabled", d.enabled),
+        host=t.string("host", d.host),
+        port=t.integer("port", d.port, 1, 65535),
         ca_file=opt_path("ca_file"),
         cert_file=opt_path("cert_file"),
         key_file=opt_path("key_file"),
-        groups=t.str_list("groups"),
-        topic_prefix=t.str("topic_prefix", d.topic_prefix),
-        keepalive_s=t.int("keepalive_s", d.keepalive_s, 5, 3600),
-        reconnect_min_s=t.float("reconnect_min_s", d.reconnect_min_s, 0.01),
-        reconnect_max_s=t.float("reconnect_max_s", d.reconnect_max_s, 0.1),
-        download_stall_timeout_s=t.float("download_stall_timeout_s", d.download_stall_timeout_s, 0.1),
-        max_bundle_bytes=t.int("max_bundle_bytes", d.max_bundle_bytes, 1024),
-        command_max_age_s=t.float("command_max_age_s", d.command_max_age_s, 1.0),
+        groups=t.strings("groups"),
+        topic_prefix=t.string("topic_prefix", d.topic_prefix),
+        keepalive_s=t.integer("keepalive_s", d.keepalive_s, 5, 3600),
+        reconnect_min_s=t.number("reconnect_min_s", d.reconnect_min_s, 0.01),
+        reconnect_max_s=t.number("reconnect_max_s", d.reconnect_max_s, 0.1),
+        download_stall_timeout_s=t.number(
+            "download_stall_timeout_s", d.download_stall_timeout_s, 0.1
+        ),
+        max_bundle_bytes=t.integer("max_bundle_bytes", d.max_bundle_bytes, 1024),
+        command_max_age_s=t.number("command_max_age_s", d.command_max_age_s, 1.0),
     )
     t.reject_unknown()
     if cfg.enabled:
@@ -161,10 +165,10 @@ def _mqtt(t: Table, base: Path) -> MqttConfig:
 def _telemetry(t: Table, base: Path) -> TelemetryConfig:
     d = TelemetryConfig()
     cfg = TelemetryConfig(
-        enabled=t.bool("enabled", d.enabled),
-        interval_s=t.float("interval_s", d.interval_s, 0.05),
-        spool_max_bytes=t.int("spool_max_bytes", d.spool_max_bytes, 4096),
-        backfill_per_s=t.float("backfill_per_s", d.backfill_per_s, 0.1),
+        enabled=t.boolean("enabled", d.enabled),
+        interval_s=t.number("interval_s", d.interval_s, 0.05),
+        spool_max_bytes=t.integer("spool_max_bytes", d.spool_max_bytes, 4096),
+        backfill_per_s=t.number("backfill_per_s", d.backfill_per_s, 0.1),
         sysfs_root=t.path("sysfs_root", d.sysfs_root, base),
     )
     t.reject_unknown()

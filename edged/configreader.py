@@ -18,7 +18,8 @@ def load_toml_file(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from exc
     try:
-        return tomlcompat.loads(text)
+        data: dict[str, Any] = tomlcompat.loads(text)
+        return data
     except tomlcompat.TOMLDecodeError as exc:
         raise ConfigError("", f"{path} is not valid TOML: {exc}") from exc
 
@@ -48,18 +49,22 @@ class Table:
             )
         return value  # type: ignore[return-value]
 
-    def str(self, key: str, default: str, choices: tuple[str, ...] = ()) -> str:
+    def string(self, key: str, default: str, choices: tuple[str, ...] = ()) -> str:
         value = self._get(key, str, "a string")
         if value is None:
             return default
         if choices and value not in choices:
-            raise ConfigError(self.key_path(key), f"must be one of {', '.join(choices)}; got {value!r}")
+            raise ConfigError(
+                self.key_path(key), f"must be one of {', '.join(choices)}; got {value!r}"
+            )
         return value
 
     def optional_str(self, key: str) -> str | None:
         return self._get(key, str, "a string")
 
-    def int(self, key: str, default: int, minimum: int | None = None, maximum: int | None = None) -> int:
+    def integer(
+        self, key: str, default: int, minimum: int | None = None, maximum: int | None = None
+    ) -> int:
         value = self._get(key, int, "an integer")
         if value is None:
             return default
@@ -69,19 +74,20 @@ class Table:
             raise ConfigError(self.key_path(key), f"must be <= {maximum}; got {value}")
         return value
 
-    def float(self, key: str, default: float, minimum: float | None = None) -> float:
-        value = self._get(key, (int, float), "a number")
-        if value is None:
+    def number(self, key: str, default: float, minimum: float | None = None) -> float:
+        raw: object = self._get(key, (int, float), "a number")
+        if raw is None:
             return default
+        value = float(raw)  # type: ignore[arg-type]
         if minimum is not None and value < minimum:
             raise ConfigError(self.key_path(key), f"must be >= {minimum}; got {value}")
-        return float(value)  # type: ignore[arg-type]
+        return value
 
-    def bool(self, key: str, default: bool) -> bool:
+    def boolean(self, key: str, default: bool) -> bool:
         value = self._get(key, bool, "true or false")
         return default if value is None else value
 
-    def str_list(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+    def strings(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
         value = self._get(key, list, "a list of strings")
         if value is None:
             return default

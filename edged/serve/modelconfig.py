@@ -30,6 +30,7 @@ outputs = { y = [[3.0]] }
 ```
 
 A version directory may also hold ``test_vectors.npz``; it is used when the config lists none.
+A version directory may hold its own ``config.toml`` (bundles install one); it wins.
 """
 
 from __future__ import annotations
@@ -42,17 +43,9 @@ import numpy as np
 
 from edged.configreader import Table, load_toml_file
 from edged.errors import ConfigError
+from edged.runtime.options import RuntimeOptions
 
 TEST_VECTORS_FILE = "test_vectors.npz"
-
-
-@dataclass(frozen=True)
-class RuntimeOptions:
-    intra_op_threads: int = 0
-    inter_op_threads: int = 1
-    providers: tuple[str, ...] = ()
-    memory_lean: bool = False
-    xnnpack_weight_cache: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,37 +100,36 @@ def parse_model_config(data: dict[str, Any], path: str = "") -> ModelConfig:
     rt = root.table("runtime")
     d_rt = RuntimeOptions()
     runtime = RuntimeOptions(
-        intra_op_threads=rt.int("intra_op_threads", d_rt.intra_op_threads, 0, 256),
-        inter_op_threads=rt.int("inter_op_threads", d_rt.inter_op_threads, 0, 256),
-        providers=rt.str_list("providers"),
-        memory_lean=rt.bool("memory_lean", d_rt.memory_lean),
-        xnnpack_weight_cache=rt.bool("xnnpack_weight_cache", d_rt.xnnpack_weight_cache),
+        intra_op_threads=rt.integer("intra_op_threads", d_rt.intra_op_threads, 0, 256),
+        inter_op_threads=rt.integer("inter_op_threads", d_rt.inter_op_threads, 0, 256),
+        providers=rt.strings("providers"),
+        memory_lean=rt.boolean("memory_lean", d_rt.memory_lean),
     )
     rt.reject_unknown()
     bt = root.table("batching")
     d_bt = BatchingConfig()
-    levels = bt.int("priority_levels", d_bt.priority_levels, 1, 16)
+    levels = bt.integer("priority_levels", d_bt.priority_levels, 1, 16)
     batching = BatchingConfig(
-        max_batch_size=bt.int("max_batch_size", d_bt.max_batch_size, 1, 4096),
-        max_queue_delay_us=bt.int("max_queue_delay_us", d_bt.max_queue_delay_us, 0, 10_000_000),
-        max_queue_size=bt.int("max_queue_size", d_bt.max_queue_size, 1, 1_000_000),
+        max_batch_size=bt.integer("max_batch_size", d_bt.max_batch_size, 1, 4096),
+        max_queue_delay_us=bt.integer("max_queue_delay_us", d_bt.max_queue_delay_us, 0, 10_000_000),
+        max_queue_size=bt.integer("max_queue_size", d_bt.max_queue_size, 1, 1_000_000),
         priority_levels=levels,
-        default_priority=bt.int("default_priority", levels, 1, levels),
+        default_priority=bt.integer("default_priority", levels, 1, levels),
     )
     bt.reject_unknown()
     st = root.table("self_test")
     d_st = SelfTestConfig()
     self_test = SelfTestConfig(
-        atol=st.float("atol", d_st.atol, 0.0),
-        rtol=st.float("rtol", d_st.rtol, 0.0),
-        warmup_runs=st.int("warmup_runs", d_st.warmup_runs, 0, 1000),
+        atol=st.number("atol", d_st.atol, 0.0),
+        rtol=st.number("rtol", d_st.rtol, 0.0),
+        warmup_runs=st.integer("warmup_runs", d_st.warmup_runs, 0, 1000),
     )
     st.reject_unknown()
     ct = root.table("cache")
     d_ct = CacheConfig()
     cache = CacheConfig(
-        enabled=ct.bool("enabled", d_ct.enabled),
-        max_entries=ct.int("max_entries", d_ct.max_entries, 1, 1_000_000),
+        enabled=ct.boolean("enabled", d_ct.enabled),
+        max_entries=ct.integer("max_entries", d_ct.max_entries, 1, 1_000_000),
     )
     ct.reject_unknown()
     vectors: list[TestVectorSpec] = []
@@ -159,7 +151,13 @@ def load_model_config(path: Path) -> ModelConfig:
     """Load ``config.toml``; a missing file gives the defaults."""
     if not path.exists():
         return ModelConfig()
-    return parse_model_config(load_toml_file(path), path.name)
+    return parse_model_config(load_toml_file(path), str(path))
+
+
+def config_for_version(version_dir: Path) -> ModelConfig:
+    """A version's own ``config.toml`` (as installed from a bundle) wins over the model's."""
+    own = version_dir / "config.toml"
+    return load_model_config(own if own.exists() else version_dir.parent / "config.toml")
 
 
 def load_test_vectors(config: ModelConfig, version_dir: Path) -> list[TestVector]:
@@ -172,11 +170,21 @@ def load_test_vectors(config: ModelConfig, version_dir: Path) -> list[TestVector
         if spec.file is not None:
             file = (version_dir / spec.file).resolve()
             if version_dir.resolve() not in file.parents:
-                raise ConfigError(f"test_vectors[{i}].file", f"{spec.file!r} leaves the version directory")
+                raise ConfigError(
+                    f"test_vectors[{i}].file", f"{spec.file!r} leaves the version directory"
+                )
             try:
                 with np.load(file, allow_pickle=False) as npz:
-                    ins = {k.removeprefix("input:"): npz[k] for k in npz.files if k.startswith("input:")}
-                    outs = {k.removeprefix("output:"): npz[k] for k in npz.files if k.startswith("output:")}
+                    ins = {
+                        k.removeprefix("input:"): npz[k]
+                        for k in npz.files
+                        if k.startswith("input:")
+                    }
+                    outs = {
+                        k.removeprefix("output:"): npz[k]
+                        for k in npz.files
+                        if k.startswith("output:")
+                    }
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"test_vectors[{i}].file", f"cannot read {file}: {exc}") from exc
             vectors.append(TestVector(ins, outs, spec.file))
