@@ -23,6 +23,8 @@ class ServerConfig:
     max_body_bytes: int = 64 * 1024 * 1024
     shared_memory_enabled: bool = False
     drain_timeout_s: float = 10.0
+    # A worker inside one run for longer than this counts as hung: watchdog pings stop.
+    worker_stuck_after_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class ModelsConfig:
     # What to do when the old and new version of a model cannot both fit in memory.
     memory_policy: str = "refuse"  # "refuse" | "unload-first"
     memory_reserve_bytes: int = 64 * 1024 * 1024
+    # Budget for all loaded models together (0: whatever the system has available).
+    memory_limit_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,7 @@ def _server(t: Table, base: Path) -> ServerConfig:
         max_body_bytes=t.integer("max_body_bytes", d.max_body_bytes, 1024),
         shared_memory_enabled=t.boolean("shared_memory", d.shared_memory_enabled),
         drain_timeout_s=t.number("drain_timeout_s", d.drain_timeout_s, 0.0),
+        worker_stuck_after_s=t.number("worker_stuck_after_s", d.worker_stuck_after_s, 0.1),
     )
     t.reject_unknown()
     return cfg
@@ -112,6 +117,7 @@ def _models(t: Table, base: Path) -> ModelsConfig:
         repository=t.path("repository", d.repository, base),
         memory_policy=t.string("memory_policy", d.memory_policy, ("refuse", "unload-first")),
         memory_reserve_bytes=t.integer("memory_reserve_bytes", d.memory_reserve_bytes, 0),
+        memory_limit_bytes=t.integer("memory_limit_bytes", d.memory_limit_bytes, 0),
     )
     t.reject_unknown()
     return cfg

@@ -18,8 +18,37 @@ where it helps, what to do.
     │   ├── DeadlineExceededError        request deadline passed before it ran (-> HTTP 504)
     │   ├── SelfTestFailedError          a new version failed its test vectors or warm-up
     │   ├── InsufficientMemoryError      old and new version can't both fit, policy refuses
-    │   └── ShuttingDownError            the daemon is draining
+    │   ├── ShuttingDownError            the daemon is draining
+    │   ├── DaemonUnreachableError       (CLI) the local daemon does not answer
+    │   └── ApiError                     (CLI) the local daemon answered with an error
     ├── BundleError                      signed bundles, trust store, crash-safe store
+    │   ├── LimitExceededError           a size/count limit (archive, file, manifest, entries)
+    │   ├── UnsafePathError              absolute path, "..", or characters bundles forbid
+    │   ├── ArchiveError                 the uncompressed ustar container
+    │   │   ├── CompressedArchiveError   gzip/xz/... input (bundles are plain tar)
+    │   │   ├── TruncatedArchiveError    ends inside a header, file data or before end marker
+    │   │   ├── MalformedArchiveError    bad header/checksum, order, data after end marker
+    │   │   ├── LinkEntryError           symlink or hard link
+    │   │   ├── SpecialEntryError        device, FIFO, pax/GNU extension header
+    │   │   ├── DuplicateEntryError      a path appears twice
+    │   │   ├── UnexpectedEntryError     a file the manifest does not list
+    │   │   └── MissingEntryError        a listed file is absent
+    │   ├── ManifestError
+    │   │   ├── ManifestEncodingError    not strict canonical JSON
+    │   │   └── ManifestSchemaError      missing/unknown/ill-typed field (names the field)
+    │   ├── SignatureError               manifest, trust document or command signatures
+    │   │   ├── NoSignaturesError / UnknownKeyError / RevokedKeyError
+    │   │   └── BadSignatureError / DuplicateSignatureError / ThresholdNotMetError
+    │   ├── ExpiredBundleError           freeze protection
+    │   ├── RollbackError                counter below the high-water mark
+    │   ├── ReplayError                  counter equal to it, but another bundle
+    │   ├── TargetMismatchError          Architecture/Runtime/ProviderMismatchError,
+    │   │                                EdgedVersionTooOldError
+    │   ├── FileIntegrityError           FileSizeMismatchError, FileHashMismatchError
+    │   ├── BundleConfigError            config.toml or test vectors unusable
+    │   ├── TrustStoreError              TrustDocumentError, TrustExpiredError, TrustVersionError
+    │   └── StoreError                   StoreCorruptError, VersionConflictError,
+    │                                    VersionNotHeldError, InstallBusyError
     ├── TransportError                   MQTT fleet channel
     ├── TelemetryError                   metrics, power sources, spool
     └── DeviceError                      lifecycle, systemd, doctor
@@ -104,11 +133,191 @@ class ShuttingDownError(ServeError):
     """The daemon is draining and accepts no new work."""
 
 
+class DaemonUnreachableError(ServeError):
+    """A CLI command could not reach the local daemon on its socket or port."""
+
+
+class ApiError(ServeError):
+    """The local daemon answered a CLI request with an error status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(f"daemon answered {status}: {message}")
+
+
 # --- bundle --------------------------------------------------------------------------------
 
 
 class BundleError(EdgedError):
     """Signed model bundles, trust store or the crash-safe store."""
+
+
+class LimitExceededError(BundleError):
+    """A size or count limit was hit (archive, file, manifest, entries, signatures)."""
+
+
+class UnsafePathError(BundleError):
+    """A path is absolute, climbs out with ``..``, or has characters bundles do not allow."""
+
+
+class ArchiveError(BundleError):
+    """The bundle is not a well-formed uncompressed POSIX ustar archive."""
+
+
+class CompressedArchiveError(ArchiveError):
+    """The bundle is compressed (gzip, xz, ...); bundles are plain tar on purpose."""
+
+
+class TruncatedArchiveError(ArchiveError):
+    """The archive ends early: inside a header, inside file data or before its end marker."""
+
+
+class MalformedArchiveError(ArchiveError):
+    """A header is corrupt, entries are out of order, or data follows the end marker."""
+
+
+class LinkEntryError(ArchiveError):
+    """The archive holds a symbolic or hard link."""
+
+
+class SpecialEntryError(ArchiveError):
+    """The archive holds a device, FIFO, pax/GNU extension or other non-regular entry."""
+
+
+class DuplicateEntryError(ArchiveError):
+    """The same path appears twice in the archive."""
+
+
+class UnexpectedEntryError(ArchiveError):
+    """The archive holds a file the signed manifest does not list."""
+
+
+class MissingEntryError(ArchiveError):
+    """A file the signed manifest lists is not in the archive."""
+
+
+class ManifestError(BundleError):
+    """The manifest is not a valid edged bundle manifest."""
+
+
+class ManifestEncodingError(ManifestError):
+    """The manifest is not strict canonical JSON (floats, duplicate keys, whitespace, ...)."""
+
+
+class ManifestSchemaError(ManifestError):
+    """A manifest field is missing, unknown, or has the wrong type or value."""
+
+
+class SignatureError(BundleError):
+    """Signatures over a manifest, a trust document or a command do not satisfy the policy."""
+
+
+class NoSignaturesError(SignatureError):
+    """The document carries no signature at all."""
+
+
+class UnknownKeyError(SignatureError):
+    """A signature is by a key the trust store does not know."""
+
+
+class RevokedKeyError(SignatureError):
+    """A signature is by a key the trust store has revoked."""
+
+
+class BadSignatureError(SignatureError):
+    """A signature does not verify with the key it names."""
+
+
+class DuplicateSignatureError(SignatureError):
+    """Two signatures name the same key."""
+
+
+class ThresholdNotMetError(SignatureError):
+    """Fewer valid signatures from distinct trusted keys than the threshold requires."""
+
+
+class ExpiredBundleError(BundleError):
+    """The bundle's expiry time has passed (freeze protection)."""
+
+
+class RollbackError(BundleError):
+    """The bundle's release counter is below the device's high-water mark."""
+
+
+class ReplayError(BundleError):
+    """The bundle repeats the high-water release counter but is not the bundle that set it."""
+
+
+class TargetMismatchError(BundleError):
+    """The bundle was not built for this device."""
+
+
+class ArchitectureMismatchError(TargetMismatchError):
+    """The device's CPU architecture is not among the bundle's targets."""
+
+
+class RuntimeMismatchError(TargetMismatchError):
+    """The bundle's runtime (onnx, tflite) is not available on this device."""
+
+
+class ProviderMismatchError(TargetMismatchError):
+    """None of the bundle's execution providers / delegates is available on this device."""
+
+
+class EdgedVersionTooOldError(TargetMismatchError):
+    """The bundle needs a newer edged than the one running."""
+
+
+class FileIntegrityError(BundleError):
+    """A file's bytes do not match the manifest."""
+
+
+class FileSizeMismatchError(FileIntegrityError):
+    """A file is longer or shorter than the manifest declares."""
+
+
+class FileHashMismatchError(FileIntegrityError):
+    """A file's SHA-256 differs from the manifest's."""
+
+
+class BundleConfigError(BundleError):
+    """The bundle's config.toml or its test vectors are unusable."""
+
+
+class TrustStoreError(BundleError):
+    """The device trust store (root.json, signers.json) is missing, invalid or stale."""
+
+
+class TrustDocumentError(TrustStoreError):
+    """A trust document cannot be read or does not follow its schema."""
+
+
+class TrustExpiredError(TrustStoreError):
+    """The signers document has expired; the device needs a fresh root-signed one."""
+
+
+class TrustVersionError(TrustStoreError):
+    """A trust update does not increase the document version."""
+
+
+class StoreError(BundleError):
+    """The crash-safe model store under the state directory."""
+
+
+class StoreCorruptError(StoreError):
+    """A store file (high-water marks, CURRENT) is unreadable; it is never silently reset."""
+
+
+class VersionConflictError(StoreError):
+    """The store already holds this model version with different contents."""
+
+
+class VersionNotHeldError(StoreError):
+    """A rollback names a version the store no longer holds (or none is left)."""
+
+
+class InstallBusyError(StoreError):
+    """Another install, rollback or recovery holds the state directory's lock."""
 
 
 # --- transport -----------------------------------------------------------------------------
@@ -123,6 +332,26 @@ class TransportError(EdgedError):
 
 class TelemetryError(EdgedError):
     """Metrics, power sources or the telemetry spool."""
+
+
+class HistogramMismatchError(TelemetryError):
+    """Two histogram snapshots with different bucket layouts cannot be merged or subtracted."""
+
+
+class PowerSourceError(TelemetryError):
+    """A power source or a configured total rail is missing or unreadable."""
+
+
+class SpoolError(TelemetryError):
+    """The on-disk telemetry spool cannot be opened, written or acknowledged."""
+
+
+class SpoolLockedError(SpoolError):
+    """Another process holds the spool directory; only one writer may own it."""
+
+
+class SpoolRecordTooLargeError(SpoolError):
+    """A record exceeds the per-record limit derived from ``spool_max_bytes``."""
 
 
 # --- device --------------------------------------------------------------------------------

@@ -1,0 +1,52 @@
+"""``edged run``: serve a model repository (no broker and no certificates needed)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from edged.config import DEFAULT_CONFIG_PATH, load_config
+from edged.daemon import run_daemon, socket_default
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("run", help="run the daemon: serve a model repository")
+    p.add_argument("--models", type=Path, help="model repository directory (models.repository)")
+    p.add_argument("--host", help="TCP address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default 8000; -1 disables TCP)")
+    p.add_argument("--socket", type=Path, help=f"Unix socket path (default {socket_default()})")
+    p.add_argument("--no-socket", action="store_true", help="do not listen on a Unix socket")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help=f"TOML config file (default {DEFAULT_CONFIG_PATH} when it exists)",
+    )
+    p.add_argument("--state-dir", type=Path, help="state directory (state.directory)")
+    p.set_defaults(handler=handle_run)
+
+
+def handle_run(args: argparse.Namespace) -> int:
+    config_path = args.config
+    if config_path is None and DEFAULT_CONFIG_PATH.exists():
+        config_path = DEFAULT_CONFIG_PATH
+    config = load_config(config_path)
+    server = config.server
+    if server.socket_path is None and not args.no_socket:
+        server = replace(server, socket_path=socket_default())
+    if args.no_socket:
+        server = replace(server, socket_path=None)
+    if args.socket is not None:
+        server = replace(server, socket_path=args.socket)
+    if args.host is not None:
+        server = replace(server, host=args.host)
+    if args.port is not None:
+        server = replace(server, port=args.port)
+    models = config.models
+    if args.models is not None:
+        models = replace(models, repository=args.models)
+    state = config.state
+    if args.state_dir is not None:
+        state = replace(state, directory=args.state_dir)
+    return run_daemon(replace(config, server=server, models=models, state=state))

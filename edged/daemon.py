@@ -1,0 +1,168 @@
+"""Wiring and lifecycle of the daemon: startup, main loop, graceful shutdown.
+
+Signal handlers only set flags (as uvicorn does). SIGTERM / first SIGINT: stop accepting new
+requests, drain in-flight ones within ``server.drain_timeout_s``, stop every service, exit 0.
+A second SIGINT forces exit. SIGHUP: reload the config and the model repository.
+One task group owns every long-lived task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from edged.aio import TaskGroup
+from edged.config import DaemonConfig, load_config
+from edged.errors import EdgedError
+from edged.sdnotify import Notifier, Watchdog, watchdog_interval_s
+from edged.serve.api import build_app
+from edged.serve.manager import ModelManager
+
+log = logging.getLogger(__name__)
+
+# A long-lived service the daemon runs in its task group until shutdown (MQTT, telemetry...).
+Service = Callable[[], Awaitable[None]]
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.manager = ModelManager(config.models)
+        self.notifier = Notifier.from_environment()
+        self.watchdog = Watchdog(self.notifier, watchdog_interval_s())
+        self.services: list[tuple[str, Service]] = []
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._sigint_count = 0
+        self._runner: web.AppRunner | None = None
+
+    # --- signals --------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _on_sigint(self) -> None:
+        self._sigint_count += 1
+        if self._sigint_count > 1:
+            log.warning("second SIGINT: exiting now")
+            os._exit(130)
+        self._stop.set()
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def _start_api(self) -> list[str]:
+        server = self.config.server
+        app = build_app(self.manager, server.max_body_bytes, server.shared_memory_enabled)
+        self._runner = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=server.drain_timeout_s,
+        )
+        await self._runner.setup()
+        endpoints = []
+        if server.port >= 0:
+            site = web.TCPSite(self._runner, server.host, server.port, reuse_address=True)
+            await site.start()
+            endpoints.append(f"http://{server.host}:{server.port}")
+        if server.socket_path is not None:
+            path = server.socket_path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            # Bind under a tight umask so the socket never exists with looser permissions.
+            old_umask = os.umask(0o777 & ~server.socket_mode)
+            try:
+                await web.UnixSite(self._runner, str(path)).start()
+            finally:
+                os.umask(old_umask)
+            os.chmod(path, server.socket_mode)
+            endpoints.append(f"unix:{path}")
+        return endpoints
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            self.notifier.reloading("reloading config and model repository")
+            try:
+                if self.config.source is not None:
+                    new = load_config(self.config.source)
+                    self.manager.repository = new.models.repository
+                    self.manager.config = new.models
+                    self.config = new
+                await self.manager.reload_repository()
+                log.info("reloaded: %s", ", ".join(self.manager.model_names()) or "no models")
+            except EdgedError as exc:
+                log.error("reload failed, keeping the running config: %s", exc)
+            self.notifier.ready(self._status_line())
+
+    def _status_line(self) -> str:
+        status = self.manager.status()
+        serving = [f"{m['name']}@{m['version']}" for m in status["models"] if m["version"]]
+        return f"serving {', '.join(serving) or 'no models'}"
+
+    def _workers_healthy(self) -> bool:
+        limit = self.config.server.worker_stuck_after_s
+        busy = self.manager.worker_busy_s()
+        stuck = [name for name, seconds in busy.items() if seconds > limit]
+        if stuck:
+            log.error("inference worker(s) stuck for > %.0fs: %s", limit, ", ".join(stuck))
+        return not stuck
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._install_signals(loop)
+        self.watchdog.add_probe("inference-workers", self._workers_healthy)
+        await self.manager.start()
+        endpoints = await self._start_api()
+        log.info("edged serving %s on %s", self.manager.model_names(), ", ".join(endpoints))
+        self.notifier.ready(self._status_line())
+        try:
+            async with TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(self.watchdog.run(), name="watchdog"),
+                    tg.create_task(self._reload_loop(), name="reload"),
+                ]
+                tasks += [tg.create_task(svc(), name=name) for name, svc in self.services]
+                await self._stop.wait()
+                log.info("stopping: draining in-flight requests")
+                self.notifier.stopping("draining")
+                await self._shutdown()
+                for task in tasks:
+                    task.cancel()
+        finally:
+            self.notifier.close()
+        log.info("stopped")
+        return 0
+
+    async def _shutdown(self) -> None:
+        # The runner stops listening, then waits (up to drain_timeout_s) for running handlers.
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.manager.close(self.config.server.drain_timeout_s)
+        socket_path = self.config.server.socket_path
+        if socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                socket_path.unlink()
+
+
+def run_daemon(config: DaemonConfig) -> int:
+    return asyncio.run(Daemon(config).run())
+
+
+def socket_default() -> Path:
+    runtime_dir = os.environ.get("RUNTIME_DIRECTORY") or os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime_dir or "/tmp") / "edged.sock"  # noqa: S108 - per-user fallback

@@ -1,0 +1,289 @@
+"""The local API: Open Inference Protocol (KServe v2) over REST, served by aiohttp on loopback
+TCP and on a Unix socket. Existing clients such as ``tritonclient.http`` work unchanged.
+
+Errors map to status codes here and nowhere else: bad input 400, unknown model 404 (400 on
+infer, as Triton does), not ready 503, queue full 429 with Retry-After, deadline 504.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from edged import __version__
+from edged.errors import (
+    DeadlineExceededError,
+    EdgedError,
+    InsufficientMemoryError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    QueueFullError,
+    SelfTestFailedError,
+    ShuttingDownError,
+)
+from edged.serve.manager import ModelManager
+from edged.serve.shm import SharedMemoryRegistry
+from edged.serve.tensors import HEADER_LENGTH, encode_infer_response, parse_infer_request
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+MANAGER: web.AppKey[ModelManager] = web.AppKey("manager", ModelManager)
+SHM: web.AppKey[SharedMemoryRegistry | None] = web.AppKey("shm", SharedMemoryRegistry)
+MAX_BODY: web.AppKey[int] = web.AppKey("max_body", int)
+
+
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _status_for(exc: EdgedError, infer: bool) -> tuple[int, dict[str, str] | None]:
+    if isinstance(exc, InvalidRequestError):
+        return 400, None
+    if isinstance(exc, ModelNotFoundError):
+        return (400 if infer else 404), None
+    if isinstance(exc, QueueFullError):
+        return 429, {"Retry-After": str(exc.retry_after_s)}
+    if isinstance(exc, ModelNotReadyError | ShuttingDownError):
+        return 503, {"Retry-After": "1"}
+    if isinstance(exc, DeadlineExceededError):
+        return 504, None
+    if isinstance(exc, SelfTestFailedError | InsufficientMemoryError):
+        return 409, None
+    return 500, None
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except EdgedError as exc:
+        status, headers = _status_for(exc, request.path.endswith("/infer"))
+        if status >= 500 and status != 503:
+            log.warning("%s %s -> %d: %s", request.method, request.path, status, exc)
+        return error_response(status, str(exc), headers)
+
+
+async def _read_body(request: web.Request) -> bytes:
+    limit = request.app[MAX_BODY]
+    length = request.content_length
+    if length is not None and length > limit:
+        raise InvalidRequestError(
+            f"request body of {length} bytes exceeds the limit of {limit} bytes "
+            "(server.max_body_bytes)"
+        )
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise InvalidRequestError(
+            f"request body exceeds the limit of {limit} bytes (server.max_body_bytes)"
+        ) from exc
+
+
+# --- server -----------------------------------------------------------------------------------
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    extensions = ["binary_tensor_data", "model_repository", "edged"]
+    if request.app[SHM] is not None:
+        extensions.append("system_shared_memory")
+    return web.json_response({"name": "edged", "version": __version__, "extensions": extensions})
+
+
+async def health_live(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+async def health_ready(request: web.Request) -> web.Response:
+    return web.Response(status=200 if request.app[MANAGER].ready else 503)
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    name = request.match_info["name"]
+    current = manager.serving(name, request.match_info.get("version"))
+    platform = (
+        "onnxruntime_onnx"
+        if current.version_dir.joinpath("model.onnx").exists()
+        else "tensorflow_lite"
+    )
+    return web.json_response(
+        {
+            "name": name,
+            "versions": [current.version],
+            "platform": platform,
+            "inputs": [t.as_dict() for t in current.model.inputs],
+            "outputs": [t.as_dict() for t in current.model.outputs],
+        }
+    )
+
+
+async def model_config(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    name = request.match_info["name"]
+    current = manager.serving(name, request.match_info.get("version"))
+    batching = current.config.batching
+    dynamic = current.model.dynamic_batch
+    return web.json_response(
+        {
+            "name": name,
+            "max_batch_size": batching.max_batch_size if dynamic else 0,
+            "dynamic_batching": {"max_queue_delay_microseconds": batching.max_queue_delay_us}
+            if dynamic
+            else None,
+            "input": [
+                {
+                    "name": t.name,
+                    "data_type": f"TYPE_{t.datatype}",
+                    "dims": list(t.shape[1:] if dynamic else t.shape),
+                }
+                for t in current.model.inputs
+            ],
+            "output": [
+                {
+                    "name": t.name,
+                    "data_type": f"TYPE_{t.datatype}",
+                    "dims": list(t.shape[1:] if dynamic else t.shape),
+                }
+                for t in current.model.outputs
+            ],
+        }
+    )
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    try:
+        manager.serving(request.match_info["name"], request.match_info.get("version"))
+    except ModelNotReadyError:
+        return web.Response(status=503)
+    return web.Response(status=200)
+
+
+async def infer(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    name = request.match_info["name"]
+    body = await _read_body(request)
+    header = request.headers.get(HEADER_LENGTH)
+    try:
+        header_length = int(header) if header is not None else None
+    except ValueError:
+        raise InvalidRequestError(f"{HEADER_LENGTH} must be an integer, got {header!r}") from None
+    shm = request.app[SHM]
+    parsed = parse_infer_request(body, header_length, shm)
+    timeout_s = parsed.timeout_s
+    deadline_header = request.headers.get("Edged-Timeout-Ms")
+    if deadline_header is not None:
+        try:
+            timeout_s = float(deadline_header) / 1000.0
+        except ValueError:
+            raise InvalidRequestError("header Edged-Timeout-Ms must be a number") from None
+    result = await manager.infer(
+        name,
+        parsed.inputs,
+        version=request.match_info.get("version"),
+        priority=parsed.priority,
+        timeout_s=timeout_s,
+    )
+    payload, header_len = encode_infer_response(
+        name, result.model_version, parsed, result.outputs, shm
+    )
+    if header_len is None:
+        return web.Response(body=payload, content_type="application/json")
+    return web.Response(
+        body=payload,
+        content_type="application/octet-stream",
+        headers={HEADER_LENGTH: str(header_len)},
+    )
+
+
+# --- repository -------------------------------------------------------------------------------
+
+
+async def repository_index(request: web.Request) -> web.Response:
+    return web.json_response(request.app[MANAGER].index())
+
+
+async def repository_load(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    version = await manager.load_model(request.match_info["name"])
+    return web.json_response({"name": request.match_info["name"], "version": version})
+
+
+async def repository_unload(request: web.Request) -> web.Response:
+    await request.app[MANAGER].unload(request.match_info["name"])
+    return web.json_response({})
+
+
+# --- system shared memory ---------------------------------------------------------------------
+
+
+def _shm(request: web.Request) -> SharedMemoryRegistry:
+    registry = request.app[SHM]
+    if registry is None:
+        raise InvalidRequestError("shared memory is disabled (set server.shared_memory = true)")
+    return registry
+
+
+async def shm_status(request: web.Request) -> web.Response:
+    return web.json_response(_shm(request).status(request.match_info.get("region")))
+
+
+async def shm_register(request: web.Request) -> web.Response:
+    registry = _shm(request)
+    try:
+        doc = json.loads(await _read_body(request))
+        key, offset, size = doc["key"], int(doc.get("offset", 0)), int(doc["byte_size"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidRequestError(f"register needs JSON with key and byte_size: {exc}") from exc
+    registry.register(request.match_info["region"], str(key), offset, size)
+    return web.json_response({})
+
+
+async def shm_unregister(request: web.Request) -> web.Response:
+    _shm(request).unregister(request.match_info.get("region"))
+    return web.json_response({})
+
+
+# --- edged extensions -------------------------------------------------------------------------
+
+
+async def edged_status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[MANAGER].status())
+
+
+def build_app(manager: ModelManager, max_body_bytes: int, shared_memory: bool) -> web.Application:
+    # aiohttp's own limit sits above ours so that we answer with a clear 400 instead.
+    app = web.Application(client_max_size=max_body_bytes + 1, middlewares=[errors_middleware])
+    app[MANAGER] = manager
+    app[SHM] = SharedMemoryRegistry() if shared_memory else None
+    app[MAX_BODY] = max_body_bytes
+    r = app.router
+    r.add_get("/v2", server_metadata)
+    r.add_get("/v2/health/live", health_live)
+    r.add_get("/v2/health/ready", health_ready)
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        r.add_get(prefix, model_metadata)
+        r.add_get(prefix + "/config", model_config)
+        r.add_get(prefix + "/ready", model_ready)
+        r.add_post(prefix + "/infer", infer)
+    r.add_post("/v2/repository/index", repository_index)
+    r.add_post("/v2/repository/models/{name}/load", repository_load)
+    r.add_post("/v2/repository/models/{name}/unload", repository_unload)
+    r.add_get("/v2/systemsharedmemory/status", shm_status)
+    r.add_get("/v2/systemsharedmemory/region/{region}/status", shm_status)
+    r.add_post("/v2/systemsharedmemory/region/{region}/register", shm_register)
+    r.add_post("/v2/systemsharedmemory/region/{region}/unregister", shm_unregister)
+    r.add_post("/v2/systemsharedmemory/unregister", shm_unregister)
+    r.add_get("/edged/v1/status", edged_status)
+    return app

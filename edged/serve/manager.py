@@ -1,0 +1,509 @@
+"""The model manager: loads versions beside the serving one, self-tests them, swaps them in,
+and routes inference requests to each model's scheduler.
+
+A swap: (1) load the new version beside the old one, (2) run its test vectors and a warm-up,
+(3) switch the slot atomically, (4) batches already running finish on the old version,
+(5) the old version is released with its last handle. If (1) or (2) fails the old version keeps
+serving and the reason is recorded. This is the ``SwapTarget`` the bundle installer calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from edged.config import ModelsConfig
+from edged.errors import (
+    EdgedError,
+    InsufficientMemoryError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    SelfTestFailedError,
+    ShuttingDownError,
+)
+from edged.runtime.base import Array, LoadedModel, TensorSpec, estimate_memory_bytes, load_model
+from edged.serve import repository
+from edged.serve.cache import ResultCache, input_key
+from edged.serve.modelconfig import ModelConfig, config_for_version, load_test_vectors
+from edged.serve.scheduler import (
+    BatchObserver,
+    BatchSignature,
+    InferenceResult,
+    NullObserver,
+    Scheduler,
+)
+from edged.serve.slot import ModelSlot, ServedVersion
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SwapEvent:
+    at: float
+    model: str
+    from_version: str | None
+    to_version: str
+    ok: bool
+    reason: str
+
+
+@dataclass(eq=False)
+class ModelEntry:
+    name: str
+    slot: ModelSlot
+    scheduler: Scheduler
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    state: str = "LOADING"  # LOADING | READY | UNAVAILABLE
+    last_error: str | None = None
+    cache: ResultCache | None = None
+
+
+ObserverFactory = Callable[[str], BatchObserver]
+
+
+def validate_inputs(
+    model: str,
+    specs: tuple[TensorSpec, ...],
+    inputs: dict[str, Array],
+    dynamic: bool,
+    max_rows: int,
+) -> tuple[int, BatchSignature]:
+    """Check names, datatypes and shapes against the model; return rows and batch signature."""
+    expected = {s.name: s for s in specs}
+    for name in inputs:
+        if name not in expected:
+            raise InvalidRequestError(
+                f"model {model!r} has no input tensor {name!r} (inputs: {', '.join(expected)})"
+            )
+    rows: int | None = None
+    signature = []
+    for spec in specs:
+        value = inputs.get(spec.name)
+        if value is None:
+            raise InvalidRequestError(f"input tensor {spec.name!r} of model {model!r} is missing")
+        if value.dtype != spec.numpy_dtype:
+            got = _datatype_name(value)
+            raise InvalidRequestError(
+                f"input tensor {spec.name!r}: datatype {got} does not match the model's "
+                f"{spec.datatype}"
+            )
+        if len(value.shape) != len(spec.shape) or any(
+            want not in (-1, got) for want, got in zip(spec.shape, value.shape, strict=True)
+        ):
+            raise InvalidRequestError(
+                f"input tensor {spec.name!r}: shape {list(value.shape)} does not match the "
+                f"model's {list(spec.shape)} (-1 = any)"
+            )
+        if dynamic:
+            if rows is None:
+                rows = value.shape[0]
+            elif value.shape[0] != rows:
+                raise InvalidRequestError(
+                    f"input tensor {spec.name!r}: batch size {value.shape[0]} differs from the "
+                    f"other inputs' {rows}"
+                )
+        signature.append((spec.name, value.shape[1:] if dynamic else value.shape, spec.datatype))
+    rows = rows if dynamic and rows is not None else 1
+    if rows < 1 or rows > max_rows:
+        raise InvalidRequestError(f"batch size {rows} is outside 1..{max_rows} for model {model!r}")
+    return rows, tuple(signature)
+
+
+def _datatype_name(value: Array) -> str:
+    from edged.runtime.base import NUMPY_TO_DATATYPE
+
+    return NUMPY_TO_DATATYPE.get(value.dtype, str(value.dtype))
+
+
+def self_test(
+    name: str, version: str, model: LoadedModel, config: ModelConfig, version_dir: Path
+) -> str:
+    """Run the test vectors and a warm-up on a freshly loaded model (in a worker thread).
+
+    Returns a one-line summary; raises ``SelfTestFailedError`` with the reason.
+    """
+    label = f"{name} version {version}"
+    try:
+        vectors = load_test_vectors(config, version_dir)
+    except EdgedError as exc:
+        raise SelfTestFailedError(f"{label}: cannot read test vectors: {exc}") from exc
+    tol = config.self_test
+    for vector in vectors:
+        try:
+            got = model.run(vector.inputs)
+        except (EdgedError, KeyError, ValueError) as exc:
+            raise SelfTestFailedError(
+                f"{label}: test vector {vector.source} failed to run: {exc}"
+            ) from exc
+        for out_name, want in vector.outputs.items():
+            if out_name not in got:
+                raise SelfTestFailedError(
+                    f"{label}: test vector {vector.source}: no output {out_name!r}"
+                )
+            value = got[out_name]
+            if value.shape != want.shape:
+                raise SelfTestFailedError(
+                    f"{label}: test vector {vector.source}: output {out_name!r} has shape "
+                    f"{list(value.shape)}, expected {list(want.shape)}"
+                )
+            if not np.allclose(value, want, atol=tol.atol, rtol=tol.rtol):
+                err = float(np.max(np.abs(value.astype(np.float64) - want.astype(np.float64))))
+                raise SelfTestFailedError(
+                    f"{label}: test vector {vector.source}: output {out_name!r} differs from the "
+                    f"expected values (max abs error {err:.3g}; atol={tol.atol}, rtol={tol.rtol})"
+                )
+    warm = vectors[0].inputs if vectors else _zeros(model)
+    for _ in range(tol.warmup_runs):
+        model.run(warm)
+    if model.dynamic_batch and config.batching.max_batch_size > 1:
+        model.run(
+            {k: np.repeat(v[:1], config.batching.max_batch_size, axis=0) for k, v in warm.items()}
+        )
+    if not vectors:
+        log.warning("%s has no test vectors: only warmed up", label)
+    return f"{len(vectors)} test vector(s) passed, {tol.warmup_runs} warm-up run(s)"
+
+
+def _zeros(model: LoadedModel) -> dict[str, Array]:
+    return {
+        s.name: np.zeros([d if d > 0 else 1 for d in s.shape], s.numpy_dtype) for s in model.inputs
+    }
+
+
+class ModelManager:
+    def __init__(
+        self,
+        config: ModelsConfig,
+        observer_factory: ObserverFactory | None = None,
+    ) -> None:
+        self.config = config
+        self.repository = config.repository
+        self._observer_factory = observer_factory or (lambda name: NullObserver())
+        self._entries: dict[str, ModelEntry] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        self.events: deque[SwapEvent] = deque(maxlen=100)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load every model in the repository; a model that fails is reported, not fatal."""
+        self._loop = asyncio.get_running_loop()
+        await self.reload_repository()
+
+    async def reload_repository(self) -> None:
+        """Load new models and changed versions, unload models gone from disk (SIGHUP)."""
+        found = repository.scan(self.repository)
+        for name, model in found.items():
+            entry = self._entries.get(name)
+            serving = entry.slot.current if entry else None
+            if model.current is None:
+                continue
+            if serving is None or serving.version != model.current:
+                try:
+                    await self.load_version(name, model.version_dir(model.current))
+                except EdgedError as exc:
+                    log.error("model %s: %s", name, exc)
+        for name in list(self._entries):
+            if name not in found:
+                await self.unload(name)
+
+    async def close(self, drain_timeout_s: float = 10.0) -> None:
+        """Stop accepting work, let queued requests finish, release every model."""
+        self._closing = True
+        for entry in self._entries.values():
+            entry.scheduler.stop()
+        deadline = time.monotonic() + drain_timeout_s
+        for entry in self._entries.values():
+            remaining = max(0.0, deadline - time.monotonic())
+            drained = await asyncio.to_thread(entry.scheduler.join, remaining)
+            if not drained:
+                log.warning("model %s did not drain within %.1fs", entry.name, drain_timeout_s)
+            entry.slot.swap(None)
+
+    # --- loading --------------------------------------------------------------------------
+
+    def _entry(self, name: str) -> ModelEntry:
+        entry = self._entries.get(name)
+        if entry is None:
+            assert self._loop is not None, "ModelManager.start() was not awaited"
+            slot = ModelSlot(name)
+            scheduler = Scheduler(
+                slot, ModelConfig().batching, self._loop, self._observer_factory(name)
+            )
+            scheduler.start()
+            entry = self._entries[name] = ModelEntry(name, slot, scheduler)
+        return entry
+
+    async def load_model(self, name: str) -> str:
+        """(Re)load the version the repository names for ``name``; returns that version."""
+        model = repository.read_model(self.repository, name)
+        if model.current is None:
+            raise ModelNotFoundError(f"model {name!r} has no complete version in {self.repository}")
+        await self.load_version(name, model.version_dir(model.current))
+        return model.current
+
+    async def load_version(self, model: str, version_dir: Path) -> None:
+        """Load ``version_dir`` beside the serving version, self-test it, then swap it in."""
+        if self._closing:
+            raise ShuttingDownError("the daemon is shutting down")
+        entry = self._entry(model)
+        async with entry.lock:
+            version = version_dir.name
+            old = entry.slot.current
+            try:
+                await self._load_and_swap(entry, version_dir)
+            except EdgedError as exc:
+                entry.last_error = str(exc)
+                entry.state = "READY" if entry.slot.current is not None else "UNAVAILABLE"
+                self.events.append(
+                    SwapEvent(
+                        time.time(), model, old.version if old else None, version, False, str(exc)
+                    )
+                )
+                log.error("model %s: version %s not switched in: %s", model, version, exc)
+                raise
+
+    async def _load_and_swap(self, entry: ModelEntry, version_dir: Path) -> None:
+        name, version = entry.name, version_dir.name
+        try:
+            config = config_for_version(version_dir)
+            estimate = estimate_memory_bytes(version_dir, config.runtime)
+        except EdgedError as exc:
+            raise SelfTestFailedError(f"{name} version {version}: {exc}") from exc
+        old = entry.slot.current
+        unload_first = self._check_memory(name, version, estimate, old)
+        if unload_first and old is not None:
+            log.warning(
+                "model %s: unloading version %s before loading %s (memory policy unload-first); "
+                "requests get 503 until the new version is ready",
+                name,
+                old.version,
+                version,
+            )
+            entry.state = "LOADING"
+            entry.slot.swap(None)
+            await asyncio.to_thread(old.wait_closed, 30.0)
+        started = time.monotonic()
+        loaded = await asyncio.to_thread(load_model, version_dir, config.runtime)
+        try:
+            summary = await asyncio.to_thread(self_test, name, version, loaded, config, version_dir)
+        except BaseException:
+            loaded.close()
+            raise
+        new = ServedVersion(name, version, version_dir, loaded, config, estimate)
+        entry.scheduler.batching = config.batching
+        entry.cache = ResultCache(config.cache.max_entries) if config.cache.enabled else None
+        previous = entry.slot.swap(new)
+        entry.state = "READY"
+        entry.last_error = None
+        reason = f"{summary}; loaded in {time.monotonic() - started:.2f}s; {loaded.description}"
+        self.events.append(
+            SwapEvent(
+                time.time(), name, previous.version if previous else None, version, True, reason
+            )
+        )
+        log.info(
+            "model %s: now serving version %s (was %s): %s",
+            name,
+            version,
+            previous.version if previous else "none",
+            reason,
+        )
+
+    def _check_memory(
+        self, name: str, version: str, estimate: int, old: ServedVersion | None
+    ) -> bool:
+        """True when the old version must be unloaded first; raises if the policy refuses."""
+        available = psutil.virtual_memory().available - self.config.memory_reserve_bytes
+        in_use = sum(
+            e.slot.current.memory_estimate_bytes
+            for e in self._entries.values()
+            if e.slot.current is not None
+        )
+        limit = self.config.memory_limit_bytes
+        headroom = available if not limit else min(available, limit - in_use)
+        if estimate <= headroom:
+            return False
+        freed = old.memory_estimate_bytes if old is not None else 0
+        need = f"version {version} of {name} needs about {estimate // MiB} MiB"
+        have = f"{max(headroom, 0) // MiB} MiB is free for models"
+        if (
+            self.config.memory_policy == "unload-first"
+            and old is not None
+            and estimate <= headroom + freed
+        ):
+            return True
+        keep = f"; version {old.version} keeps serving" if old is not None else ""
+        raise InsufficientMemoryError(
+            f"{need} but {have} (policy {self.config.memory_policy}){keep}"
+        )
+
+    async def unload(self, name: str) -> None:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ModelNotFoundError(f"model {name!r} is not loaded")
+        async with entry.lock:
+            entry.slot.swap(None)
+            entry.state = "UNAVAILABLE"
+            entry.last_error = "unloaded"
+
+    # --- inference ------------------------------------------------------------------------
+
+    def serving(self, name: str, version: str | None = None) -> ServedVersion:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ModelNotFoundError(f"unknown model {name!r}")
+        current = entry.slot.current
+        if current is None:
+            reason = f": {entry.last_error}" if entry.last_error else ""
+            raise ModelNotReadyError(f"model {name!r} has no version serving{reason}")
+        if version is not None and version != current.version:
+            raise ModelNotFoundError(
+                f"version {version} of model {name!r} is not serving (serving {current.version})"
+            )
+        return current
+
+    async def infer(
+        self,
+        name: str,
+        inputs: dict[str, Array],
+        *,
+        version: str | None = None,
+        priority: int = 0,
+        timeout_s: float | None = None,
+    ) -> InferenceResult:
+        if self._closing:
+            raise ShuttingDownError("the daemon is shutting down; retry on restart")
+        current = self.serving(name, version)
+        entry = self._entries[name]
+        batching = current.config.batching
+        if priority == 0:
+            priority = batching.default_priority
+        elif not 1 <= priority <= batching.priority_levels:
+            raise InvalidRequestError(
+                f"priority {priority} is outside 1..{batching.priority_levels} for model {name!r}"
+            )
+        dynamic = current.model.dynamic_batch
+        rows, signature = validate_inputs(
+            name, current.model.inputs, inputs, dynamic, batching.max_batch_size if dynamic else 1
+        )
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        cache = entry.cache
+        if cache is None:
+            future = entry.scheduler.submit(inputs, rows, signature, priority, deadline)
+            return await _await_result(future, timeout_s)
+        key = input_key(inputs)
+        hit = cache.get(key)
+        if hit is not None and hit.model_version == current.version:
+            return hit
+        shared = cache.inflight.get(key)
+        if shared is not None:
+            cache.coalesced += 1
+            return await _await_result(asyncio.shield(shared), timeout_s)
+        future = entry.scheduler.submit(inputs, rows, signature, priority, deadline)
+        cache.inflight[key] = future
+        try:
+            result = await _await_result(asyncio.shield(future), timeout_s)
+        finally:
+            cache.inflight.pop(key, None)
+        cache.put(key, result)
+        return result
+
+    # --- introspection --------------------------------------------------------------------
+
+    def model_names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def entry(self, name: str) -> ModelEntry:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ModelNotFoundError(f"unknown model {name!r}")
+        return entry
+
+    @property
+    def ready(self) -> bool:
+        return not self._closing and all(e.slot.current is not None for e in self._entries.values())
+
+    def index(self) -> list[dict[str, Any]]:
+        """The repository index (Open Inference Protocol repository extension)."""
+        rows: list[dict[str, Any]] = []
+        for name, model in repository.scan(self.repository).items():
+            entry = self._entries.get(name)
+            serving = entry.slot.current if entry else None
+            for version in model.versions:
+                is_serving = serving is not None and serving.version == version
+                row: dict[str, Any] = {
+                    "name": name,
+                    "version": version,
+                    "state": "READY" if is_serving else "UNAVAILABLE",
+                }
+                if (
+                    not is_serving
+                    and entry is not None
+                    and entry.last_error
+                    and version == model.current
+                ):
+                    row["reason"] = entry.last_error
+                rows.append(row)
+        return rows
+
+    def status(self) -> dict[str, Any]:
+        models = []
+        for name in sorted(self._entries):
+            entry = self._entries[name]
+            current = entry.slot.current
+            models.append(
+                {
+                    "name": name,
+                    "state": entry.state,
+                    "version": current.version if current else None,
+                    "runtime": current.model.description if current else None,
+                    "dynamic_batch": current.model.dynamic_batch if current else None,
+                    "queue_depth": entry.scheduler.queue_depth,
+                    "last_error": entry.last_error,
+                }
+            )
+        events = [
+            {
+                "at": e.at,
+                "model": e.model,
+                "from": e.from_version,
+                "to": e.to_version,
+                "ok": e.ok,
+                "reason": e.reason,
+            }
+            for e in self.events
+        ]
+        return {"ready": self.ready, "models": models, "events": events}
+
+    def worker_busy_s(self) -> dict[str, float]:
+        """How long each model's worker has been inside one run (0 when idle)."""
+        return {name: e.scheduler.busy_for_s() for name, e in self._entries.items()}
+
+
+async def _await_result(
+    future: asyncio.Future[InferenceResult], timeout_s: float | None
+) -> InferenceResult:
+    if timeout_s is None:
+        return await future
+    try:
+        return await asyncio.wait_for(future, timeout_s)
+    except TimeoutError as exc:
+        from edged.errors import DeadlineExceededError
+
+        raise DeadlineExceededError(
+            f"request deadline of {timeout_s * 1000:.0f} ms passed"
+        ) from exc

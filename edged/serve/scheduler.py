@@ -1,0 +1,292 @@
+"""Per-model scheduler: a bounded priority queue drained by one inference worker thread.
+
+Batching adds no delay when the worker is idle: a request runs at once, and whatever arrives
+while the worker is busy forms the next batch (up to ``max_batch_size`` rows). So one caller
+sees raw latency and a crowd gets batches. ``max_queue_delay_us`` > 0 additionally waits that
+long for a batch to fill, trading latency for batch size. Models without a dynamic batch
+dimension get one request per run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from edged.errors import (
+    DeadlineExceededError,
+    EdgedError,
+    InferenceFailedError,
+    ModelNotReadyError,
+    QueueFullError,
+    ShuttingDownError,
+)
+from edged.runtime.base import Array
+from edged.serve.modelconfig import BatchingConfig
+from edged.serve.slot import ModelSlot
+
+log = logging.getLogger(__name__)
+
+# Rows of each input, with the non-batch shape and dtype: requests batch together only when
+# these match.
+BatchSignature = tuple[tuple[str, tuple[int, ...], str], ...]
+
+# A new version may change its priority levels; the queues exist for every level allowed.
+MAX_PRIORITY_LEVELS = 16
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    outputs: dict[str, Array]
+    model_version: str
+    batch_rows: int
+
+
+class BatchObserver(Protocol):
+    """Telemetry hook, called from the worker thread; must not block."""
+
+    def on_batch(
+        self,
+        version: str,
+        rows: int,
+        queue_s: list[float],
+        compute_start: float,
+        compute_end: float,
+    ) -> None: ...
+
+    def on_outcome(self, outcome: str, count: int = 1) -> None:
+        """``outcome``: rejected | timeout | dropped | error."""
+        ...
+
+
+class NullObserver:
+    def on_batch(
+        self, version: str, rows: int, queue_s: list[float], start: float, end: float
+    ) -> None:
+        pass
+
+    def on_outcome(self, outcome: str, count: int = 1) -> None:
+        pass
+
+
+class PendingRequest:
+    __slots__ = ("deadline", "enqueued_at", "future", "inputs", "rows", "signature")
+
+    def __init__(
+        self,
+        inputs: dict[str, Array],
+        rows: int,
+        signature: BatchSignature,
+        deadline: float | None,
+        future: asyncio.Future[InferenceResult],
+    ) -> None:
+        self.inputs = inputs
+        self.rows = rows
+        self.signature = signature
+        self.deadline = deadline
+        self.future = future
+        self.enqueued_at = time.monotonic()
+
+
+Completion = tuple[asyncio.Future[InferenceResult], "InferenceResult | BaseException"]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        slot: ModelSlot,
+        batching: BatchingConfig,
+        loop: asyncio.AbstractEventLoop,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self.slot = slot
+        self.batching = batching
+        self.observer: BatchObserver = observer or NullObserver()
+        self._loop = loop
+        self._cond = threading.Condition(threading.Lock())
+        # Index 0 is the highest priority (protocol priority 1).
+        self._queues: list[deque[PendingRequest]] = [deque() for _ in range(MAX_PRIORITY_LEVELS)]
+        self._count = 0
+        self._stopping = False
+        self._busy_since: float | None = None
+        self._last_progress = time.monotonic()
+        self._thread = threading.Thread(
+            target=self._work, name=f"edged-worker-{slot.name}", daemon=True
+        )
+
+    # --- event-loop side ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._count
+
+    def busy_for_s(self) -> float:
+        """How long the current run has taken so far (0 when idle): a hung worker grows it."""
+        started = self._busy_since
+        return 0.0 if started is None else time.monotonic() - started
+
+    def submit(
+        self,
+        inputs: dict[str, Array],
+        rows: int,
+        signature: BatchSignature,
+        priority: int,
+        deadline: float | None,
+    ) -> asyncio.Future[InferenceResult]:
+        future: asyncio.Future[InferenceResult] = self._loop.create_future()
+        item = PendingRequest(inputs, rows, signature, deadline, future)
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDownError(f"model {self.slot.name!r} is shutting down")
+            if self._count >= self.batching.max_queue_size:
+                self.observer.on_outcome("rejected")
+                raise QueueFullError(
+                    f"queue of model {self.slot.name!r} is full "
+                    f"({self.batching.max_queue_size} requests waiting); retry later"
+                )
+            self._queues[priority - 1].append(item)
+            self._count += 1
+            self._cond.notify()
+        return future
+
+    def stop(self) -> None:
+        """Stop taking new work; the worker drains what is queued, then exits."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    def join(self, timeout_s: float) -> bool:
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def _complete(self, completions: list[Completion]) -> None:
+        for future, outcome in completions:
+            if future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+    # --- worker thread --------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._count and not self._stopping:
+                    self._cond.wait()
+                if not self._count:
+                    return
+                batch = self._take_batch_locked()
+            try:
+                completions = self._run(batch)
+            except BaseException as exc:  # never let the worker die silently
+                log.exception("worker of %s failed", self.slot.name)
+                completions = [(item.future, exc) for item in batch]
+            if completions:
+                self._loop.call_soon_threadsafe(self._complete, completions)
+
+    def _take_batch_locked(self) -> list[PendingRequest]:
+        current = self.slot.current
+        dynamic = current is not None and current.model.dynamic_batch
+        max_rows = self.batching.max_batch_size if dynamic else 1
+        batch: list[PendingRequest] = []
+        rows = 0
+        signature: BatchSignature | None = None
+        delay_s = self.batching.max_queue_delay_us / 1e6
+        fill_deadline: float | None = None
+        while True:
+            for queue in self._queues:
+                while queue:
+                    item = queue[0]
+                    if signature is None:
+                        signature = item.signature
+                        fill_deadline = item.enqueued_at + delay_s
+                    elif item.signature != signature or rows + item.rows > max_rows:
+                        break
+                    queue.popleft()
+                    self._count -= 1
+                    batch.append(item)
+                    rows += item.rows
+                    if rows >= max_rows:
+                        return batch
+                if batch and queue:
+                    return batch  # next item is incompatible: keep FIFO order
+            if not delay_s or fill_deadline is None:
+                return batch
+            remaining = fill_deadline - time.monotonic()
+            if remaining <= 0 or self._stopping:
+                return batch
+            self._cond.wait(remaining)
+
+    def _run(self, batch: list[PendingRequest]) -> list[Completion]:
+        now = time.monotonic()
+        completions: list[Completion] = []
+        live: list[PendingRequest] = []
+        for item in batch:
+            if item.future.cancelled():  # the caller went away or timed out
+                self.observer.on_outcome("dropped")
+            elif item.deadline is not None and now > item.deadline:
+                self.observer.on_outcome("timeout")
+                completions.append(
+                    (item.future, DeadlineExceededError("deadline passed while queued"))
+                )
+            else:
+                live.append(item)
+        if not live:
+            return completions
+        version = self.slot.acquire()
+        if version is None:
+            error = ModelNotReadyError(
+                f"model {self.slot.name!r} has no version serving right now (being replaced)"
+            )
+            completions.extend((item.future, error) for item in live)
+            return completions
+        try:
+            feeds = _concat([item.inputs for item in live])
+            self._busy_since = start = time.monotonic()
+            try:
+                outputs = version.model.run(feeds)
+            finally:
+                self._busy_since = None
+            end = self._last_progress = time.monotonic()
+        except EdgedError as exc:
+            self.observer.on_outcome("error", len(live))
+            completions.extend((item.future, exc) for item in live)
+            return completions
+        except Exception as exc:
+            self.observer.on_outcome("error", len(live))
+            failure = InferenceFailedError(f"inference failed: {exc}")
+            completions.extend((item.future, failure) for item in live)
+            return completions
+        finally:
+            self.slot.release(version)
+        total_rows = sum(item.rows for item in live)
+        self.observer.on_batch(
+            version.version, total_rows, [start - item.enqueued_at for item in live], start, end
+        )
+        offset = 0
+        for item in live:
+            part = (
+                outputs
+                if len(live) == 1
+                else {k: v[offset : offset + item.rows] for k, v in outputs.items()}
+            )
+            offset += item.rows
+            completions.append((item.future, InferenceResult(part, version.version, total_rows)))
+        return completions
+
+
+def _concat(feeds: list[dict[str, Array]]) -> dict[str, Array]:
+    if len(feeds) == 1:
+        return feeds[0]
+    return {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}

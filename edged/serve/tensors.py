@@ -1,0 +1,232 @@
+"""Open Inference Protocol (KServe v2) tensor encoding: JSON tensors and the binary tensor
+extension (``Inference-Header-Content-Length``). Pure functions, no I/O."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from edged.errors import InvalidRequestError
+from edged.runtime.base import DATATYPE_TO_NUMPY, NUMPY_TO_DATATYPE, Array
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+@dataclass(frozen=True)
+class OutputRequest:
+    name: str
+    binary: bool
+    shm_region: str | None = None
+    shm_offset: int = 0
+    shm_byte_size: int = 0
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    inputs: dict[str, Array]
+    outputs: list[OutputRequest]  # empty: all outputs, as JSON unless binary_data_output
+    binary_output: bool
+    priority: int
+    timeout_s: float | None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+class SharedMemoryReader(Protocol):
+    """Resolves shared-memory input references (the shared-memory registry)."""
+
+    def read(self, region: str, offset: int, byte_size: int) -> memoryview: ...
+
+
+def _int_param(params: dict[str, Any], key: str, where: str, default: int = 0) -> int:
+    value = params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequestError(f"{where}: parameter {key!r} must be a non-negative integer")
+    return value
+
+
+def parse_infer_request(
+    body: bytes, header_length: int | None, shm: SharedMemoryReader | None = None
+) -> InferRequest:
+    if header_length is None:
+        json_part, binary = body, b""
+    else:
+        if header_length < 0 or header_length > len(body):
+            raise InvalidRequestError(
+                f"{HEADER_LENGTH} is {header_length} but the body has {len(body)} bytes"
+            )
+        json_part, binary = body[:header_length], body[header_length:]
+    try:
+        doc = json.loads(json_part)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise InvalidRequestError("request body must be a JSON object with an 'inputs' list")
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidRequestError("request needs a non-empty 'inputs' list")
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidRequestError("'parameters' must be an object")
+    view = memoryview(binary)
+    offset = 0
+    inputs: dict[str, Array] = {}
+    for i, raw in enumerate(raw_inputs):
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise InvalidRequestError(f"inputs[{i}] must be an object with a 'name'")
+        name = raw["name"]
+        if name in inputs:
+            raise InvalidRequestError(f"input tensor {name!r} is given twice")
+        array, used = _decode_input(raw, view, offset, shm)
+        offset += used
+        inputs[name] = array
+    if offset != len(binary):
+        raise InvalidRequestError(
+            f"the binary part has {len(binary)} bytes but the inputs declare {offset}"
+        )
+    outputs: list[OutputRequest] = []
+    binary_output = bool(params.get("binary_data_output", False))
+    for i, raw in enumerate(doc.get("outputs") or []):
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise InvalidRequestError(f"outputs[{i}] must be an object with a 'name'")
+        oparams = raw.get("parameters") or {}
+        region = oparams.get("shared_memory_region")
+        outputs.append(
+            OutputRequest(
+                raw["name"],
+                bool(oparams.get("binary_data", binary_output)),
+                region if isinstance(region, str) else None,
+                _int_param(oparams, "shared_memory_offset", f"output {raw['name']!r}"),
+                _int_param(oparams, "shared_memory_byte_size", f"output {raw['name']!r}"),
+            )
+        )
+    timeout_us = params.get("timeout")
+    if timeout_us is not None and (
+        isinstance(timeout_us, bool) or not isinstance(timeout_us, int) or timeout_us <= 0
+    ):
+        raise InvalidRequestError("parameter 'timeout' must be a positive integer (microseconds)")
+    priority = _int_param(params, "priority", "request")
+    request_id = doc.get("id")
+    return InferRequest(
+        id=str(request_id) if request_id is not None else None,
+        inputs=inputs,
+        outputs=outputs,
+        binary_output=binary_output,
+        priority=priority,
+        timeout_s=timeout_us / 1e6 if timeout_us else None,
+        parameters=params,
+    )
+
+
+def _decode_input(
+    raw: dict[str, Any], binary: memoryview, offset: int, shm: SharedMemoryReader | None
+) -> tuple[Array, int]:
+    name = raw["name"]
+    datatype = raw.get("datatype")
+    shape = raw.get("shape")
+    if not isinstance(datatype, str):
+        raise InvalidRequestError(f"input tensor {name!r}: 'datatype' is missing")
+    dtype = DATATYPE_TO_NUMPY.get(datatype)
+    if dtype is None:
+        raise InvalidRequestError(
+            f"input tensor {name!r}: datatype {datatype} is not supported "
+            f"(supported: {', '.join(DATATYPE_TO_NUMPY)})"
+        )
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise InvalidRequestError(f"input tensor {name!r}: 'shape' must be a list of sizes >= 0")
+    count = int(np.prod(shape)) if shape else 1
+    nbytes = count * dtype.itemsize
+    params = raw.get("parameters") or {}
+    where = f"input tensor {name!r}"
+    if "shared_memory_region" in params:
+        if shm is None:
+            raise InvalidRequestError(f"{where}: shared memory is disabled on this server")
+        size = _int_param(params, "shared_memory_byte_size", where)
+        if size != nbytes:
+            raise InvalidRequestError(
+                f"{where}: shared_memory_byte_size {size} != {nbytes} bytes for shape {shape}"
+            )
+        region = shm.read(
+            str(params["shared_memory_region"]),
+            _int_param(params, "shared_memory_offset", where),
+            size,
+        )
+        return np.frombuffer(region, dtype=dtype).reshape(shape), 0
+    if "binary_data_size" in params:
+        size = _int_param(params, "binary_data_size", where)
+        if size != nbytes:
+            raise InvalidRequestError(
+                f"{where}: binary_data_size is {size} bytes but shape {shape} of {datatype} "
+                f"needs {nbytes}"
+            )
+        if offset + size > len(binary):
+            raise InvalidRequestError(f"{where}: the binary part ends before this tensor's data")
+        return np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape), size
+    data = raw.get("data")
+    if data is None:
+        raise InvalidRequestError(f"{where}: no 'data' and no binary_data_size")
+    try:
+        array = np.asarray(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidRequestError(
+            f"{where}: data is not a list of {datatype} values: {exc}"
+        ) from exc
+    if array.size != count:
+        raise InvalidRequestError(
+            f"{where}: data has {array.size} values but shape {shape} needs {count}"
+        )
+    return array.reshape(shape), 0
+
+
+def encode_infer_response(
+    model_name: str,
+    model_version: str,
+    request: InferRequest,
+    outputs: dict[str, Array],
+    shm_writer: Any = None,
+) -> tuple[bytes, int | None]:
+    """Returns (body, header_length or None when the body is plain JSON)."""
+    wanted = request.outputs or [OutputRequest(n, request.binary_output) for n in outputs]
+    doc_outputs: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for want in wanted:
+        value = outputs.get(want.name)
+        if value is None:
+            raise InvalidRequestError(
+                f"model {model_name!r} has no output tensor {want.name!r} "
+                f"(outputs: {', '.join(outputs)})"
+            )
+        entry: dict[str, Any] = {
+            "name": want.name,
+            "datatype": NUMPY_TO_DATATYPE.get(value.dtype, str(value.dtype)),
+            "shape": list(value.shape),
+        }
+        if want.shm_region is not None and shm_writer is not None:
+            shm_writer.write(want.shm_region, want.shm_offset, want.shm_byte_size, value)
+            entry["parameters"] = {
+                "shared_memory_region": want.shm_region,
+                "shared_memory_byte_size": value.nbytes,
+            }
+        elif want.binary:
+            data = np.ascontiguousarray(value).tobytes()
+            entry["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        else:
+            entry["data"] = value.ravel().tolist()
+        doc_outputs.append(entry)
+    doc: dict[str, Any] = {
+        "model_name": model_name,
+        "model_version": model_version,
+        "outputs": doc_outputs,
+    }
+    if request.id is not None:
+        doc["id"] = request.id
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)
