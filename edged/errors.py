@@ -24,6 +24,7 @@ where it helps, what to do.
     ├── BundleError                      signed bundles, trust store, crash-safe store
     │   ├── LimitExceededError           a size/count limit (archive, file, manifest, entries)
     │   ├── UnsafePathError              absolute path, "..", or characters bundles forbid
+    │   ├── KeyFileError                 key file unreadable, wrong type, exists already
     │   ├── ArchiveError                 the uncompressed ustar container
     │   │   ├── CompressedArchiveError   gzip/xz/... input (bundles are plain tar)
     │   │   ├── TruncatedArchiveError    ends inside a header, file data or before end marker
@@ -158,6 +159,10 @@ class LimitExceededError(BundleError):
 
 class UnsafePathError(BundleError):
     """A path is absolute, climbs out with ``..``, or has characters bundles do not allow."""
+
+
+class KeyFileError(BundleError):
+    """A key file cannot be read, parsed or written (signer's machine)."""
 
 
 class ArchiveError(BundleError):
