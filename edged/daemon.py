@@ -19,7 +19,7 @@ from pathlib import Path
 from aiohttp import web
 
 from edged.aio import TaskGroup
-from edged.config import DaemonConfig, load_config
+from edged.config import DaemonConfig
 from edged.errors import EdgedError
 from edged.sdnotify import Notifier, Watchdog, watchdog_interval_s
 from edged.serve.api import build_app
@@ -31,9 +31,14 @@ log = logging.getLogger(__name__)
 Service = Callable[[], Awaitable[None]]
 
 
+ConfigLoader = Callable[[], DaemonConfig]
+
+
 class Daemon:
-    def __init__(self, config: DaemonConfig) -> None:
+    def __init__(self, config: DaemonConfig, reload_config: ConfigLoader | None = None) -> None:
+        """``reload_config`` re-reads the config on SIGHUP (with command-line overrides)."""
         self.config = config
+        self._reload_config = reload_config
         self.manager = ModelManager(config.models)
         self.notifier = Notifier.from_environment()
         self.watchdog = Watchdog(self.notifier, watchdog_interval_s())
@@ -98,8 +103,8 @@ class Daemon:
             self._reload.clear()
             self.notifier.reloading("reloading config and model repository")
             try:
-                if self.config.source is not None:
-                    new = load_config(self.config.source)
+                if self._reload_config is not None:
+                    new = self._reload_config()
                     self.manager.repository = new.models.repository
                     self.manager.config = new.models
                     self.config = new
@@ -159,8 +164,9 @@ class Daemon:
                 socket_path.unlink()
 
 
-def run_daemon(config: DaemonConfig) -> int:
-    return asyncio.run(Daemon(config).run())
+def run_daemon(load: ConfigLoader) -> int:
+    """Load the config (an invalid one fails here, before anything starts) and run."""
+    return asyncio.run(Daemon(load(), load).run())
 
 
 def socket_default() -> Path:

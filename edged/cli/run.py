@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edged.config import DEFAULT_CONFIG_PATH, load_config
+from edged.config import DEFAULT_CONFIG_PATH, DaemonConfig, load_config
 from edged.daemon import run_daemon, socket_default
 
 
@@ -28,6 +28,11 @@ def register(subparsers: Any) -> None:
 
 
 def handle_run(args: argparse.Namespace) -> int:
+    return run_daemon(lambda: load_with_overrides(args))
+
+
+def load_with_overrides(args: argparse.Namespace) -> DaemonConfig:
+    """The config file with the command line's overrides applied (again on every SIGHUP)."""
     config_path = args.config
     if config_path is None and DEFAULT_CONFIG_PATH.exists():
         config_path = DEFAULT_CONFIG_PATH
@@ -49,4 +54,4 @@ def handle_run(args: argparse.Namespace) -> int:
     state = config.state
     if args.state_dir is not None:
         state = replace(state, directory=args.state_dir)
-    return run_daemon(replace(config, server=server, models=models, state=state))
+    return replace(config, server=server, models=models, state=state)

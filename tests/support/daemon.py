@@ -1,0 +1,118 @@
+"""Start a real ``edged run`` process for a test and stop it cleanly, even on failure."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SAMPLE_MODELS = REPO_ROOT / "models"
+SHARED_MODELS = REPO_ROOT.parent / "shared" / "models"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class DaemonProcess:
+    process: subprocess.Popen[bytes]
+    port: int
+    socket_path: Path
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def wait_ready(
+    url: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 60.0
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"daemon exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as response:  # noqa: S310
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"daemon not ready after {timeout_s}s:\n{log_path.read_text()}")
+
+
+@contextlib.contextmanager
+def running_daemon(
+    repo: Path,
+    workdir: Path,
+    config_text: str = "",
+    extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+) -> Iterator[DaemonProcess]:
+    """``edged run --models repo`` on a free port and a socket in ``workdir``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    socket_path = workdir / "edged.sock"
+    config = workdir / "edged.toml"
+    config.write_text(config_text)
+    log_path = workdir / "daemon.log"
+    args = [
+        sys.executable,
+        "-m",
+        "edged.cli.main",
+        "run",
+        "--models",
+        str(repo),
+        "--port",
+        str(port),
+        "--socket",
+        str(socket_path),
+        "--config",
+        str(config),
+        "--state-dir",
+        str(workdir / "state"),
+        *extra_args,
+    ]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    daemon = DaemonProcess(process, port, socket_path, log_path)
+    try:
+        if wait:
+            wait_ready(daemon.url, process, log_path)
+        yield daemon
+    finally:
+        daemon.stop()
