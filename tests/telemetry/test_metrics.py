@@ -8,13 +8,7 @@ import pytest
 
 from edged.telemetry.metrics import Counters, MetricsRegistry, ModelKey
 
-
-class FakeClock:
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from .helpers import FakeClock
 
 
 def test_interval_reports_counts_latencies_and_qps_for_the_window() -> None:
