@@ -1,0 +1,462 @@
+"""Verified hot install: bundle -> staged, verified, durable version -> self-tested and swapped
+in by the serving side -> CURRENT pointer and high-water mark -> old versions pruned.
+
+Any failure leaves the serving version and the high-water mark untouched, removes what the
+attempt created, and is recorded in ``<state>/install-log.jsonl`` and ``Installer.last_result``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO, NoReturn, Protocol, TypeVar
+
+from edged.bundle.archive import ArchiveReader
+from edged.bundle.fsutil import Checkpoint, no_checkpoint
+from edged.bundle.limits import DEFAULT_LIMITS, BundleLimits
+from edged.bundle.manifest import Manifest
+from edged.bundle.reader import read_files, read_head
+from edged.bundle.store import HeldVersion, ModelStore, RecoveryReport, StagingSink
+from edged.bundle.trust import TrustState
+from edged.bundle.truststore import TrustStore
+from edged.bundle.verify import DeviceFacts, VerifiedManifest, verify_manifest
+from edged.errors import (
+    BundleConfigError,
+    ConfigError,
+    EdgedError,
+    LimitExceededError,
+    StoreError,
+    VersionConflictError,
+    VersionNotHeldError,
+)
+from edged.serve.modelconfig import load_model_config, load_test_vectors
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_KEEP_PREVIOUS = 2
+MAX_LOG_BYTES = 1024 * 1024
+
+
+class SwapTarget(Protocol):
+    async def load_version(self, model: str, version_dir: Path) -> None:
+        """Load ``version_dir`` beside the serving version, run its test vectors and a
+        warm-up, then switch to it atomically. Raise an ``EdgedError`` (e.g.
+        ``SelfTestFailedError``, ``ModelLoadError``) on failure; the old version keeps serving.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    action: str  # "install" | "rollback"
+    # installed | reinstalled | already-installed | rolled-back | rejected | load-failed
+    outcome: str
+    model: str | None
+    version: int | None
+    counter: int | None
+    previous_version: int | None  # what served before (None: nothing)
+    manifest_sha256: str | None
+    source: str  # file name, "<bytes>", or "operator"
+    at: int  # Unix seconds
+    error: str | None = None  # the error class name on failure
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class _AlreadyInstalled(Exception):
+    """Internal: the bundle is the one serving now; stop reading it."""
+
+    def __init__(self, verified: VerifiedManifest) -> None:
+        self.verified = verified
+
+
+@dataclass(frozen=True)
+class _Staged:
+    verified: VerifiedManifest
+    staging: Path | None  # None: an identical version is already held, nothing staged
+
+
+class Installer:
+    """Installs bundles into ``<state>`` and hands new versions to a ``SwapTarget``.
+
+    One operation at a time per process (an asyncio lock) and per state directory (a file
+    lock). Blocking work (reading, hashing, fsync) runs in worker threads.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        target: SwapTarget,
+        device: DeviceFacts,
+        *,
+        keep_previous: int = DEFAULT_KEEP_PREVIOUS,
+        limits: BundleLimits = DEFAULT_LIMITS,
+        clock: Callable[[], float] = time.time,
+        checkpoint: Checkpoint = no_checkpoint,
+    ) -> None:
+        if keep_previous < 1:
+            raise ValueError("keep_previous must be at least 1 (the previous version is kept)")
+        self.store = ModelStore(state_dir, limits, checkpoint)
+        self.trust = TrustStore(self.store.trust_dir, limits)
+        self.target = target
+        self.device = device
+        self.keep_previous = keep_previous
+        self.limits = limits
+        self.clock = clock
+        self._checkpoint = checkpoint
+        self._lock = asyncio.Lock()
+        self.last_result: InstallResult | None = None
+
+    # --- public API -----------------------------------------------------------------------
+
+    def recover(self, *, deep: bool = False) -> RecoveryReport:
+        """Call once at start, before serving: repairs whatever a crash interrupted."""
+        with self.store.locked():
+            report = self.store.recover(deep=deep)
+        for model, rec in report.models.items():
+            log.info("model %s: current version %s, held %s", model, rec.current, list(rec.held))
+        return report
+
+    async def install_file(self, path: Path) -> InstallResult:
+        """Install a bundle file (USB stick, finished download). Raises on rejection."""
+
+        def opener() -> BinaryIO:
+            try:
+                size = path.stat().st_size
+            except OSError as exc:
+                raise BundleConfigError(f"cannot read bundle {path}: {exc.strerror}") from exc
+            if size > self.limits.max_archive_bytes:
+                raise LimitExceededError(
+                    f"{path} is {size} bytes, the limit is {self.limits.max_archive_bytes}"
+                )
+            return path.open("rb")
+
+        return await self._install(opener, path.name)
+
+    async def install_bytes(self, data: bytes, source: str = "<bytes>") -> InstallResult:
+        if len(data) > self.limits.max_archive_bytes:
+            raise LimitExceededError(
+                f"bundle is {len(data)} bytes, the limit is {self.limits.max_archive_bytes}"
+            )
+        return await self._install(lambda: io.BytesIO(data), source)
+
+    async def rollback(self, model: str, to_version: int | None = None) -> InstallResult:
+        """Operator action: serve an older version still held in the store.
+
+        Default target: the held version with the highest release counter below the current
+        one. The high-water mark is not lowered, so the fleet can still only push newer
+        bundles (or re-push the newest one).
+        """
+        async with self._lock:
+            with self.store.locked():
+                return await self._rollback(model, to_version)
+
+    def held_versions(self, model: str) -> list[HeldVersion]:
+        return self.store.held_versions(model)
+
+    def current_version(self, model: str) -> int | None:
+        return self.store.current_version(model)
+
+    def load_trust(self) -> TrustState:
+        return self.trust.load()
+
+    def apply_signers_update(self, data: bytes) -> TrustState:
+        """A root-signed signers document from the fleet channel or a USB stick."""
+        return self.trust.apply_signers_update(data, int(self.clock()))
+
+    def history(self, limit: int = 50) -> list[dict[str, object]]:
+        """The newest ``limit`` install-log entries, oldest first."""
+        try:
+            lines = self.store.log_path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        entries: list[dict[str, object]] = []
+        for line in lines[-limit:]:
+            with contextlib.suppress(ValueError):
+                entries.append(json.loads(line))
+        return entries
+
+    # --- install --------------------------------------------------------------------------
+
+    async def _install(self, opener: Callable[[], BinaryIO], source: str) -> InstallResult:
+        async with self._lock:
+            with self.store.locked():
+                return await self._install_locked(opener, source)
+
+    async def _install_locked(self, opener: Callable[[], BinaryIO], source: str) -> InstallResult:
+        now = int(self.clock())
+        manifest: Manifest | None = None
+        previous: int | None = None
+        try:
+            staged = await _in_thread(self._stage, opener, now)
+        except _AlreadyInstalled as done:
+            m = done.verified.manifest
+            return self._record(
+                "install",
+                "already-installed",
+                m,
+                done.verified.digest,
+                m.version,
+                source,
+                now,
+                message=f"{m.model} version {m.version} (counter {m.counter}) is already serving",
+            )
+        except EdgedError as exc:
+            self._fail("install", "rejected", None, None, None, source, now, exc)
+        except OSError as exc:
+            error = StoreError(f"disk error while staging {source}: {exc}")
+            error.__cause__ = exc
+            self._fail("install", "rejected", None, None, None, source, now, error)
+        verified = staged.verified
+        manifest = verified.manifest
+        previous = self.store.current_version(manifest.model)
+        version_dir = self.store.version_dir(manifest.model, manifest.version)
+        if staged.staging is not None:
+            try:
+                await _in_thread(
+                    self.store.publish, staged.staging, manifest.model, manifest.version
+                )
+            except BaseException:
+                await _in_thread(self.store.discard, staged.staging)
+                raise
+        try:
+            await self.target.load_version(manifest.model, version_dir)
+        except EdgedError as exc:
+            if staged.staging is not None:
+                await _in_thread(self.store.discard, version_dir)
+            self._fail(
+                "install", "load-failed", manifest, verified.digest, previous, source, now, exc
+            )
+        await _in_thread(self._switch, manifest, verified.digest, previous)
+        outcome = "installed" if staged.staging is not None else "reinstalled"
+        return self._record(
+            "install",
+            outcome,
+            manifest,
+            verified.digest,
+            previous,
+            source,
+            now,
+            message=f"{manifest.model} now serves version {manifest.version} "
+            f"(counter {manifest.counter}, was {previous})",
+        )
+
+    def _stage(self, opener: Callable[[], BinaryIO], now: int) -> _Staged:
+        """Read, verify and durably stage a bundle (worker thread)."""
+        trust = self.trust.load()
+        marks = self.store.read_high_water()
+        with opener() as stream:
+            reader = ArchiveReader(stream, self.limits)
+            head, pending = read_head(reader, self.limits)
+            verified = verify_manifest(
+                head.manifest_bytes, head.signatures, trust, marks, self.device, now, self.limits
+            )
+            manifest = verified.manifest
+            existing = self._existing(manifest, verified)
+            if existing is not None:
+                return _Staged(verified, None)
+            staging = self.store.new_staging_dir()
+            sink = StagingSink(staging, manifest, self._checkpoint)
+            try:
+                read_files(reader, pending, manifest, sink)
+                sink.close()
+                _check_config(staging, manifest)
+                self.store.seal_staged(staging, verified.manifest_bytes)
+            except BaseException:
+                sink.close()
+                self.store.discard(staging)
+                raise
+        return _Staged(verified, staging)
+
+    def _existing(self, manifest: Manifest, verified: VerifiedManifest) -> HeldVersion | None:
+        """An identical version already held (re-install), or None to stage a new one."""
+        path = self.store.version_dir(manifest.model, manifest.version)
+        if not path.exists():
+            return None
+        held = self.store.inspect_version(path)
+        current = self.store.current_version(manifest.model)
+        if held is not None and held.manifest_sha256 == verified.digest:
+            if current == manifest.version:
+                raise _AlreadyInstalled(verified)
+            return held
+        if current == manifest.version or held is not None:
+            raise VersionConflictError(
+                f"the store already holds {manifest.model} version {manifest.version} with "
+                "other contents; sign the new build with a new version number"
+            )
+        log.warning("removing unverified leftover %s before installing over it", path)
+        self.store.discard(path)
+        return None
+
+    def _switch(self, manifest: Manifest, digest: str, previous: int | None) -> None:
+        """After a successful swap: pointer, then high-water mark, then pruning."""
+        self.store.set_current(manifest.model, manifest.version)
+        self.store.advance_high_water(manifest.model, manifest.counter, digest)
+        protect = {manifest.version} | ({previous} if previous is not None else set())
+        self.store.prune(manifest.model, self.keep_previous, protect)
+
+    # --- rollback -------------------------------------------------------------------------
+
+    async def _rollback(self, model: str, to_version: int | None) -> InstallResult:
+        now = int(self.clock())
+        current = self.store.current_version(model)
+        try:
+            held = await _in_thread(self.store.held_versions, model)
+            target = _rollback_target(model, current, held, to_version)
+        except EdgedError as exc:
+            self._fail("rollback", "rejected", None, None, current, "operator", now, exc, model)
+        try:
+            await self.target.load_version(model, target.path)
+        except EdgedError as exc:
+            self._fail(
+                "rollback",
+                "load-failed",
+                target.manifest,
+                target.manifest_sha256,
+                current,
+                "operator",
+                now,
+                exc,
+            )
+        await _in_thread(self.store.set_current, model, target.version)
+        return self._record(
+            "rollback",
+            "rolled-back",
+            target.manifest,
+            target.manifest_sha256,
+            current,
+            "operator",
+            now,
+            message=f"{model} rolled back from version {current} to {target.version}",
+        )
+
+    # --- results --------------------------------------------------------------------------
+
+    def _record(
+        self,
+        action: str,
+        outcome: str,
+        manifest: Manifest | None,
+        digest: str | None,
+        previous: int | None,
+        source: str,
+        now: int,
+        *,
+        error: EdgedError | None = None,
+        message: str = "",
+        model: str | None = None,
+    ) -> InstallResult:
+        result = InstallResult(
+            action=action,
+            outcome=outcome,
+            model=manifest.model if manifest else model,
+            version=manifest.version if manifest else None,
+            counter=manifest.counter if manifest else None,
+            previous_version=previous,
+            manifest_sha256=digest,
+            source=source,
+            at=now,
+            error=type(error).__name__ if error else None,
+            message=message or (str(error) if error else ""),
+        )
+        self.last_result = result
+        self._append_log(result)
+        level = logging.INFO if error is None else logging.WARNING
+        log.log(level, "%s %s: %s", action, outcome, result.message)
+        return result
+
+    def _fail(
+        self,
+        action: str,
+        outcome: str,
+        manifest: Manifest | None,
+        digest: str | None,
+        previous: int | None,
+        source: str,
+        now: int,
+        exc: EdgedError,
+        model: str | None = None,
+    ) -> NoReturn:
+        self._record(
+            action, outcome, manifest, digest, previous, source, now, error=exc, model=model
+        )
+        raise exc
+
+    def _append_log(self, result: InstallResult) -> None:
+        path = self.store.log_path
+        line = json.dumps(result.to_json(), sort_keys=True) + "\n"
+        try:
+            if path.exists() and path.stat().st_size > MAX_LOG_BYTES:
+                os.replace(path, path.with_name(path.name + ".1"))
+            with path.open("a", encoding="utf-8") as f:
+                f.write(line)
+        except OSError as exc:
+            log.error("cannot write the install log %s: %s", path, exc)
+
+
+def _check_config(staging: Path, manifest: Manifest) -> None:
+    """The bundle's config.toml must parse, and the version must have test vectors."""
+    try:
+        config = load_model_config(staging / "config.toml")
+        vectors = load_test_vectors(config, staging)
+    except ConfigError as exc:
+        raise BundleConfigError(f"{manifest.config_path}: {exc}") from exc
+    if not vectors:
+        raise BundleConfigError(
+            f"{manifest.model} version {manifest.version} has no test vectors: list an .npz "
+            "in the manifest or inline [[test_vectors]] in config.toml"
+        )
+
+
+def _rollback_target(
+    model: str, current: int | None, held: list[HeldVersion], to_version: int | None
+) -> HeldVersion:
+    if current is None:
+        raise VersionNotHeldError(f"model {model} has no current version to roll back from")
+    by_version = {h.version: h for h in held}
+    others = sorted(v for v in by_version if v != current)
+    if to_version is not None:
+        if to_version == current:
+            raise VersionNotHeldError(f"model {model} already serves version {to_version}")
+        if to_version not in by_version:
+            raise VersionNotHeldError(
+                f"model {model} version {to_version} is not held in the store "
+                f"(held: {', '.join(map(str, others)) or 'none besides the current one'})"
+            )
+        return by_version[to_version]
+    cur = by_version.get(current)
+    older = [h for h in held if h.version != current and (cur is None or h.counter < cur.counter)]
+    if not older:
+        raise VersionNotHeldError(
+            f"model {model} holds no version older than the current {current} to roll back to"
+        )
+    return older[-1]
+
+
+async def _in_thread(fn: Callable[..., T], *args: object) -> T:
+    """Run blocking disk work in a thread. A cancelled caller still waits for the step to end
+    (a half-done fsync or rename cannot be interrupted), then the cancellation propagates."""
+    future = asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await future
+        raise
