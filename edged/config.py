@@ -23,6 +23,9 @@ class ServerConfig:
     max_body_bytes: int = 64 * 1024 * 1024
     shared_memory_enabled: bool = False
     drain_timeout_s: float = 10.0
+    # After SIGTERM, keep answering new requests with 503 + Retry-After this long before the
+    # listeners close, so clients learn to go elsewhere instead of finding a reset connection.
+    drain_grace_s: float = 0.5
     # A worker inside one run for longer than this counts as hung: watchdog pings stop.
     worker_stuck_after_s: float = 60.0
 
@@ -59,6 +62,14 @@ class MqttConfig:
     download_stall_timeout_s: float = 60.0
     max_bundle_bytes: int = 512 * 1024 * 1024
     command_max_age_s: float = 300.0
+    # How long the broker keeps this device's session (subscriptions, queued QoS 1 messages).
+    session_expiry_s: int = 7 * 24 * 3600
+    # Every broker operation (connect, publish, subscribe) gives up after this long.
+    operation_timeout_s: float = 10.0
+    # Free space that must remain on the state directory's file system after a download.
+    download_reserve_bytes: int = 64 * 1024 * 1024
+    # Received-% progress reports are sent at most this often.
+    progress_interval_s: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,7 @@ def _server(t: Table, base: Path) -> ServerConfig:
         max_body_bytes=t.integer("max_body_bytes", d.max_body_bytes, 1024),
         shared_memory_enabled=t.boolean("shared_memory", d.shared_memory_enabled),
         drain_timeout_s=t.number("drain_timeout_s", d.drain_timeout_s, 0.0),
+        drain_grace_s=t.number("drain_grace_s", d.drain_grace_s, 0.0),
         worker_stuck_after_s=t.number("worker_stuck_after_s", d.worker_stuck_after_s, 0.1),
     )
     t.reject_unknown()
@@ -157,6 +169,10 @@ def _mqtt(t: Table, base: Path) -> MqttConfig:
         ),
         max_bundle_bytes=t.integer("max_bundle_bytes", d.max_bundle_bytes, 1024),
         command_max_age_s=t.number("command_max_age_s", d.command_max_age_s, 1.0),
+        session_expiry_s=t.integer("session_expiry_s", d.session_expiry_s, 0, 2**32 - 1),
+        operation_timeout_s=t.number("operation_timeout_s", d.operation_timeout_s, 0.1),
+        download_reserve_bytes=t.integer("download_reserve_bytes", d.download_reserve_bytes, 0),
+        progress_interval_s=t.number("progress_interval_s", d.progress_interval_s, 0.0),
     )
     t.reject_unknown()
     if cfg.enabled:

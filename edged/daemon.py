@@ -22,7 +22,7 @@ from edged.aio import TaskGroup
 from edged.config import DaemonConfig
 from edged.errors import EdgedError
 from edged.sdnotify import Notifier, Watchdog, watchdog_interval_s
-from edged.serve.api import build_app
+from edged.serve.api import GATE, build_app
 from edged.serve.manager import ModelManager
 
 log = logging.getLogger(__name__)
@@ -154,10 +154,18 @@ class Daemon:
         return 0
 
     async def _shutdown(self) -> None:
-        # The runner stops listening, then waits (up to drain_timeout_s) for running handlers.
+        timeout_s = self.config.server.drain_timeout_s
         if self._runner is not None:
+            # New requests now get 503 + Retry-After; admitted ones finish. Only then do the
+            # listeners close, so no admitted request is cut off.
+            gate = self._runner.app[GATE]
+            gate.start_draining()
+            grace_s = min(self.config.server.drain_grace_s, timeout_s)
+            await asyncio.sleep(grace_s)
+            if not await gate.drained(timeout_s - grace_s):
+                log.warning("%d request(s) still running after %.1fs", gate.inflight, timeout_s)
             await self._runner.cleanup()
-        await self.manager.close(self.config.server.drain_timeout_s)
+        await self.manager.close(timeout_s)
         socket_path = self.config.server.socket_path
         if socket_path is not None:
             with contextlib.suppress(FileNotFoundError):

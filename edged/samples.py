@@ -472,3 +472,67 @@ def make_bench_mlp(version_dir: Path, seed: int = 0) -> None:
     Generate it at benchmark time into a temporary directory; it is never committed.
     """
     write_onnx_mlp(version_dir, BENCH_MLP_LAYERS, seed)
+
+
+def write_counting_loop(version_dir: Path) -> None:
+    """An ONNX model whose run time is set by its input: ``y = x + iterations`` computed by a
+    ``Loop`` adding 1 per step. A request with a huge ``iterations`` keeps its inference worker
+    busy for as long as a hung runtime would (used by the watchdog tests).
+
+    Inputs ``x`` float32 ``[1]`` and ``iterations`` int64 ``[1]``; output ``y`` float32 ``[1]``.
+    The test vector runs 3 iterations.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    one = numpy_helper.from_array(np.ones(1, np.float32), "one")
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["acc_in", "one"], ["acc_out"]),
+        ],
+        "count",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [1]),
+        ],
+        initializer=[one],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Squeeze", ["iterations"], ["trip_count"]),
+            helper.make_node(
+                "Constant",
+                [],
+                ["keep_going"],
+                value=helper.make_tensor("t", TensorProto.BOOL, [], [True]),
+            ),
+            helper.make_node("Loop", ["trip_count", "keep_going", "x"], ["y"], body=body),
+        ],
+        "counting_loop",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]),
+            helper.make_tensor_value_info("iterations", TensorProto.INT64, [1]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
+        ir_version=ONNX_IR_VERSION,
+        producer_name="edged.samples",
+    )
+    onnx.checker.check_model(model, full_check=True)
+    with _staged(version_dir) as staging:
+        onnx.save_model(model, str(staging / ONNX_MODEL_FILE))
+        x = np.array([0.5], np.float32)
+        write_test_vectors(
+            staging / TEST_VECTORS_FILE,
+            {"x": x, "iterations": np.array([3], np.int64)},
+            {"y": x + np.float32(3)},
+        )

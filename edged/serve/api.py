@@ -7,6 +7,7 @@ infer, as Triton does), not ready 503, queue full 429 with Retry-After, deadline
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -38,6 +39,31 @@ SHM: web.AppKey[SharedMemoryRegistry | None] = web.AppKey("shm", SharedMemoryReg
 MAX_BODY: web.AppKey[int] = web.AppKey("max_body", int)
 
 
+class AdmissionGate:
+    """Counts admitted requests; once draining, new requests get 503 and ``drained()`` waits
+    for the admitted ones to finish. Listeners close only after that, so no request the daemon
+    admitted is cut off."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def start_draining(self) -> None:
+        self.draining = True
+
+    async def drained(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+
+GATE: web.AppKey[AdmissionGate] = web.AppKey("gate", AdmissionGate)
+
+
 def error_response(
     status: int, message: str, headers: dict[str, str] | None = None
 ) -> web.Response:
@@ -62,6 +88,15 @@ def _status_for(exc: EdgedError, infer: bool) -> tuple[int, dict[str, str] | Non
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    gate = request.app[GATE]
+    if gate.draining:
+        return error_response(
+            503,
+            "edged is shutting down; retry shortly",
+            {"Retry-After": "1", "Connection": "close"},
+        )
+    gate.inflight += 1
+    gate._idle.clear()
     try:
         return await handler(request)
     except EdgedError as exc:
@@ -69,6 +104,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if status >= 500 and status != 503:
             log.warning("%s %s -> %d: %s", request.method, request.path, status, exc)
         return error_response(status, str(exc), headers)
+    finally:
+        gate.inflight -= 1
+        if not gate.inflight:
+            gate._idle.set()
 
 
 async def _read_body(request: web.Request) -> bytes:
@@ -268,6 +307,7 @@ def build_app(manager: ModelManager, max_body_bytes: int, shared_memory: bool) -
     app[MANAGER] = manager
     app[SHM] = SharedMemoryRegistry() if shared_memory else None
     app[MAX_BODY] = max_body_bytes
+    app[GATE] = AdmissionGate()
     r = app.router
     r.add_get("/v2", server_metadata)
     r.add_get("/v2/health/live", health_live)

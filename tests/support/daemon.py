@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -63,7 +64,7 @@ def wait_ready(
         if process.poll() is not None:
             raise RuntimeError(f"daemon exited with {process.returncode}:\n{log_path.read_text()}")
         try:
-            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as response:  # noqa: S310
+            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -84,7 +85,8 @@ def running_daemon(
     """``edged run --models repo`` on a free port and a socket in ``workdir``."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    socket_path = workdir / "edged.sock"
+    # AF_UNIX paths are limited to 107 bytes; pytest's tmp_path can be longer.
+    socket_path = Path(tempfile.mkdtemp(prefix="edged-")) / "edged.sock"
     config = workdir / "edged.toml"
     config.write_text(config_text)
     log_path = workdir / "daemon.log"
