@@ -16,6 +16,7 @@ from edged.errors import EdgedError
 COMMAND_MODULES = (
     "edged.cli.run",
     "edged.cli.client",
+    "edged.cli.configcmd",
 )
 
 Handler = Callable[[argparse.Namespace], int]
