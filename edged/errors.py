@@ -51,6 +51,20 @@ where it helps, what to do.
     │   └── StoreError                   StoreCorruptError, VersionConflictError,
     │                                    VersionNotHeldError, InstallBusyError
     ├── TransportError                   MQTT fleet channel
+    │   ├── TlsSetupError                CA/cert/key file unusable
+    │   │   └── InsecureKeyFileError     client key readable by group or others
+    │   ├── ConnectFailedError           broker unreachable
+    │   │   ├── TlsHandshakeError        certificate or hostname check failed
+    │   │   └── BrokerRefusedError       CONNACK refused (not authorised, ...)
+    │   ├── ConnectionLostError          disconnected during an operation
+    │   ├── MqttTimeoutError             no broker answer within timeout=
+    │   ├── SubscribeDeniedError         SUBACK refused a topic (ACL)
+    │   ├── FleetMessageError            malformed fleet message (schema, encoding)
+    │   ├── CommandRejectedError         StaleCommandError, ReplayedCommandError,
+    │   │                                WrongTargetError
+    │   ├── DownloadError                TooLargeError, InsufficientSpaceError,
+    │   │                                ChunkHashMismatchError, DownloadStalledError
+    │   └── PushFailedError              (CLI) devices failed or did not answer
     ├── TelemetryError                   metrics, power sources, spool
     └── DeviceError                      lifecycle, systemd, doctor
         └── NotifyError                  $NOTIFY_SOCKET / $WATCHDOG_USEC unusable, or a send failed
@@ -330,6 +344,86 @@ class InstallBusyError(StoreError):
 
 class TransportError(EdgedError):
     """The MQTT fleet channel."""
+
+
+class TlsSetupError(TransportError):
+    """The CA, client certificate or key file cannot be used for TLS."""
+
+
+class InsecureKeyFileError(TlsSetupError):
+    """The client key file is readable by its group or by others."""
+
+
+class ConnectFailedError(TransportError):
+    """The broker could not be reached or the connection could not be set up."""
+
+
+class TlsHandshakeError(ConnectFailedError):
+    """TLS failed: the broker's certificate or hostname did not verify, or ours was refused."""
+
+
+class BrokerRefusedError(ConnectFailedError):
+    """The broker answered CONNECT with a refusal (not authorised, bad identifier, ...)."""
+
+
+class ConnectionLostError(TransportError):
+    """The connection to the broker dropped during an operation."""
+
+
+class MqttTimeoutError(TransportError):
+    """The broker did not acknowledge an operation within its timeout."""
+
+
+class SubscribeDeniedError(TransportError):
+    """The broker refused a subscription (usually its ACL)."""
+
+    def __init__(self, message: str, topics: tuple[str, ...] = ()) -> None:
+        self.topics = topics
+        super().__init__(message)
+
+
+class FleetMessageError(TransportError):
+    """A fleet message is malformed: not canonical JSON, or a field is missing or wrong."""
+
+
+class CommandRejectedError(TransportError):
+    """A signed command is valid but must not run here (stale, replayed, not for us)."""
+
+
+class StaleCommandError(CommandRejectedError):
+    """A command's timestamp is older than the allowed age, or too far in the future."""
+
+
+class ReplayedCommandError(CommandRejectedError):
+    """A command's nonce was seen before within the allowed age."""
+
+
+class WrongTargetError(CommandRejectedError):
+    """A command was signed for another device or group."""
+
+
+class DownloadError(TransportError):
+    """A bundle download failed."""
+
+
+class TooLargeError(DownloadError):
+    """The announced bundle is larger than ``mqtt.max_bundle_bytes``."""
+
+
+class InsufficientSpaceError(DownloadError):
+    """The state directory's file system has too little free space for the bundle."""
+
+
+class ChunkHashMismatchError(DownloadError):
+    """A chunk's (or the whole bundle's) SHA-256 differs from the signed announcement."""
+
+
+class DownloadStalledError(DownloadError):
+    """No new chunk arrived within ``mqtt.download_stall_timeout_s``."""
+
+
+class PushFailedError(TransportError):
+    """(CLI) A push or command did not succeed on every targeted device."""
 
 
 # --- telemetry -----------------------------------------------------------------------------

@@ -1,0 +1,318 @@
+"""One MQTT v5 connection over mutual TLS, on aiomqtt, speaking edged's error family.
+
+``MqttClient`` is an ``async with`` client that can be reused but not re-entered (like
+aiomqtt's own); every operation takes ``timeout=`` (default: ``ClientSettings.timeout_s``) and
+every aiomqtt / paho / OS error leaves it as the most specific ``TransportError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edged.errors import (
+    BrokerRefusedError,
+    ConnectFailedError,
+    ConnectionLostError,
+    MqttTimeoutError,
+    SubscribeDeniedError,
+    TlsHandshakeError,
+    TransportError,
+)
+
+log = logging.getLogger(__name__)
+
+_TIMED_OUT = "Operation timed out"
+
+
+@dataclass(frozen=True)
+class Will:
+    """The message the broker publishes for us when we vanish without a DISCONNECT."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    host: str
+    port: int
+    client_id: str
+    tls_context: ssl.SSLContext
+    keepalive_s: int = 30
+    timeout_s: float = 10.0  # default for every operation, connecting included
+    # A persistent session (clean_start False, expiry > 0) keeps our subscriptions and the
+    # QoS 1 messages sent to them while we are away.
+    clean_start: bool = True
+    session_expiry_s: int = 0
+    will: Will | None = None
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+def _is_tls_problem(text: str) -> bool:
+    return any(
+        marker in text
+        for marker in ("SSL", "TLS", "certificate", "CERTIFICATE", "Hostname mismatch", "handshake")
+    )
+
+
+def map_error(exc: BaseException, doing: str) -> TransportError:
+    """The edged error for an aiomqtt/paho/OS error raised while ``doing`` something."""
+    if isinstance(exc, TransportError):
+        return exc
+    if isinstance(exc, MqttConnectError):
+        return BrokerRefusedError(
+            f"the broker refused the connection while {doing}: {exc} (is this certificate's "
+            "CN allowed by the broker, and is its CA the one the broker requires?)"
+        )
+    text = str(exc)
+    cause = exc.__cause__
+    if cause is not None:
+        text = f"{text} ({cause})" if text else str(cause)
+    if isinstance(exc, ssl.SSLError) or _is_tls_problem(text):
+        return TlsHandshakeError(
+            f"TLS failed while {doing}: {text} (check mqtt.ca_file against the broker's "
+            "certificate, that the certificate names the host, and that the broker accepts "
+            "this client certificate)"
+        )
+    if text.startswith(_TIMED_OUT):
+        return MqttTimeoutError(f"the broker did not answer in time while {doing}")
+    if isinstance(exc, OSError):
+        return ConnectFailedError(f"cannot reach the broker while {doing}: {text}")
+    return ConnectionLostError(f"connection lost while {doing}: {text or type(exc).__name__}")
+
+
+class _ErrorMemory(logging.Handler):
+    """Keeps paho's last error line (e.g. the TLS alert that closed the socket)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.last = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.last = record.getMessage()
+        log.debug("paho: %s", self.last)
+
+
+class _AioClient(aiomqtt.Client):
+    """aiomqtt's client, failing the connect at once when the socket closes before CONNACK
+    (instead of waiting for the timeout): a broker that rejects our certificate under TLS 1.3
+    does so only after the handshake has completed on our side."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.errors = _ErrorMemory()
+        logger = logging.Logger(f"{__name__}.paho", logging.WARNING)
+        logger.addHandler(self.errors)
+        logger.propagate = False
+        super().__init__(*args, logger=logger, **kwargs)
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None = None,
+    ) -> None:
+        if not self._connected.done():
+            detail = self.errors.last or str(reason_code)
+            self._connected.set_exception(
+                aiomqtt.MqttError(f"the broker closed the connection before CONNACK: {detail}")
+            )
+            return
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
+
+
+class MqttClient:
+    def __init__(self, settings: ClientSettings) -> None:
+        self.settings = settings
+        self._client: aiomqtt.Client | None = None
+
+    @property
+    def client_id(self) -> str:
+        return self.settings.client_id
+
+    def _make_client(self) -> aiomqtt.Client:
+        s = self.settings
+        connect_properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        connect_properties.SessionExpiryInterval = s.session_expiry_s
+        will = None
+        if s.will is not None:
+            will = aiomqtt.Will(s.will.topic, s.will.payload, s.will.qos, s.will.retain)
+        return _AioClient(
+            s.host,
+            s.port,
+            identifier=s.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            will=will,
+            clean_start=s.clean_start,
+            keepalive=s.keepalive_s,
+            timeout=s.timeout_s,
+            properties=connect_properties,
+            tls_context=s.tls_context,
+            tls_insecure=False,
+        )
+
+    async def __aenter__(self) -> MqttClient:
+        if self._client is not None:
+            raise TransportError("MqttClient is reusable but not reentrant")
+        client = self._make_client()
+        where = f"connecting to {self.settings.host}:{self.settings.port}"
+        try:
+            await client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            if str(exc).startswith(_TIMED_OUT):
+                raise ConnectFailedError(
+                    f"no CONNACK within {self.settings.timeout_s:g}s while {where}"
+                ) from exc
+            raise map_error(exc, where) from exc
+        except OSError as exc:
+            raise map_error(exc, where) from exc
+        self._client = client
+        log.debug(
+            "connected to %s:%d as %s", self.settings.host, self.settings.port, self.client_id
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            await client.__aexit__(exc_type, exc, tb)
+        except aiomqtt.MqttError as error:
+            if exc is None:
+                raise map_error(error, "disconnecting") from error
+            log.debug("error while disconnecting after %r: %s", exc, error)
+
+    def _connected(self) -> aiomqtt.Client:
+        if self._client is None:
+            raise ConnectionLostError("not connected to the broker")
+        return self._client
+
+    def _timeout(self, timeout: float | None) -> float:
+        return self.settings.timeout_s if timeout is None else timeout
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish and, for QoS 1, wait for the broker's PUBACK."""
+        properties = None
+        if response_topic is not None or correlation_data is not None:
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            if response_topic is not None:
+                properties.ResponseTopic = response_topic
+            if correlation_data is not None:
+                properties.CorrelationData = correlation_data
+        try:
+            await self._connected().publish(
+                topic,
+                payload,
+                qos=qos,
+                retain=retain,
+                properties=properties,
+                timeout=self._timeout(timeout),
+            )
+        except (aiomqtt.MqttError, OSError) as exc:
+            raise map_error(exc, f"publishing to {topic}") from exc
+
+    async def subscribe(
+        self, topics: Sequence[str], *, qos: int = 1, timeout: float | None = None
+    ) -> None:
+        """Subscribe to every topic in one SUBSCRIBE; ``SubscribeDeniedError`` names the
+        topics the broker refused (the others stay subscribed)."""
+        if not topics:
+            return
+        try:
+            codes = await self._connected().subscribe(
+                [(t, qos) for t in topics], timeout=self._timeout(timeout)
+            )
+        except (aiomqtt.MqttError, OSError) as exc:
+            raise map_error(exc, f"subscribing to {', '.join(topics)}") from exc
+        results: list[int | ReasonCode] = list(codes)
+        denied = tuple(t for t, code in zip(topics, results, strict=True) if _refused(code))
+        if denied:
+            raise SubscribeDeniedError(
+                f"the broker refused the subscription to {', '.join(denied)} (not allowed by "
+                "its ACL for this certificate's CN?)",
+                denied,
+            )
+
+    async def unsubscribe(self, topics: Sequence[str], *, timeout: float | None = None) -> None:
+        if not topics:
+            return
+        try:
+            await self._connected().unsubscribe(list(topics), timeout=self._timeout(timeout))
+        except (aiomqtt.MqttError, OSError) as exc:
+            raise map_error(exc, f"unsubscribing from {', '.join(topics)}") from exc
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Incoming messages until the connection drops (``ConnectionLostError``)."""
+        iterator = self._connected().messages
+        while True:
+            try:
+                message = await iterator.__anext__()
+            except (aiomqtt.MqttError, OSError) as exc:
+                raise map_error(exc, "waiting for messages") from exc
+            yield _convert(message)
+
+    def pending_messages(self) -> int:
+        return len(self._connected().messages)
+
+
+def _refused(code: int | ReasonCode) -> bool:
+    value = code.value if isinstance(code, ReasonCode) else code
+    return value >= 0x80
+
+
+def _convert(message: aiomqtt.Message) -> Message:
+    response_topic: str | None = None
+    correlation: bytes | None = None
+    properties = message.properties
+    if properties is not None:
+        response_topic = getattr(properties, "ResponseTopic", None)
+        raw = getattr(properties, "CorrelationData", None)
+        correlation = bytes(raw) if raw is not None else None
+    return Message(
+        str(message.topic),
+        bytes(message.payload),
+        message.qos,
+        message.retain,
+        response_topic,
+        correlation,
+    )

@@ -1,0 +1,152 @@
+"""A real Mosquitto broker for tests: mutual TLS on a free loopback port, the edged ACL,
+persistence in a temporary directory (a restart keeps retained messages and sessions)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edged.transport.acl import render_acl
+from edged.transport.topics import Topics
+from tests.support.daemon import free_port
+from tests.support.pki import FLEET_MANAGER, FleetPki
+
+MOSQUITTO = Path("/usr/sbin/mosquitto")
+
+
+def mosquitto_missing_reason() -> str | None:
+    if MOSQUITTO.exists() or shutil.which("mosquitto"):
+        return None
+    return (
+        "mosquitto is not installed (/usr/sbin/mosquitto); 'scripts/dev test' installs it "
+        "with apt-get"
+    )
+
+
+def _mosquitto_binary() -> str:
+    return str(MOSQUITTO) if MOSQUITTO.exists() else (shutil.which("mosquitto") or "mosquitto")
+
+
+@dataclass
+class Broker:
+    directory: Path
+    pki: FleetPki
+    groups_by_device: Mapping[str, Sequence[str]]
+    topics: Topics = field(default_factory=Topics)
+    host: str = "127.0.0.1"
+    port: int = field(default_factory=free_port)
+    # A second listener whose certificate names another host (hostname checks must refuse it).
+    wrong_host_port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    @property
+    def conf_file(self) -> Path:
+        return self.directory / "mosquitto.conf"
+
+    @property
+    def acl_file(self) -> Path:
+        return self.directory / "acl"
+
+    @property
+    def log_file(self) -> Path:
+        return self.directory / "mosquitto.log"
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def write_config(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / "data").mkdir(exist_ok=True)
+        self.acl_file.write_text(render_acl(self.topics, self.groups_by_device, [FLEET_MANAGER]))
+        user = pwd.getpwuid(os.getuid()).pw_name
+        tls = f"cafile {self.pki.ca_file}\nrequire_certificate true\nuse_identity_as_username true\n"
+        self.conf_file.write_text(
+            f"""# written by tests/support/broker.py
+user {user}
+allow_anonymous false
+acl_file {self.acl_file}
+persistence true
+persistence_location {self.directory / "data"}/
+autosave_interval 1
+log_dest file {self.log_file}
+log_type error
+log_type warning
+log_type notice
+log_type information
+connection_messages true
+
+listener {self.port} {self.host}
+certfile {self.pki.server_cert}
+keyfile {self.pki.server_key}
+{tls}
+listener {self.wrong_host_port} {self.host}
+certfile {self.pki.wrong_host_cert}
+keyfile {self.pki.wrong_host_key}
+{tls}"""
+        )
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        assert self.process is None or self.process.poll() is not None, "already running"
+        self.write_config()
+        with open(self.directory / "stdout.log", "ab") as out:
+            self.process = subprocess.Popen(
+                [_mosquitto_binary(), "-c", str(self.conf_file)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.starts += 1
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"mosquitto exited with {self.process.returncode}:\n{self.log()}\n"
+                    + (self.directory / "stdout.log").read_text(errors="replace")
+                )
+            if self._accepting(self.port) and self._accepting(self.wrong_host_port):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not listen within {timeout_s}s:\n{self.log()}")
+
+    def _accepting(self, port: int) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection((self.host, port), 0.2):
+            return True
+        return False
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM (Mosquitto saves its persistence file), then SIGKILL if it hangs."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def restart(self, down_s: float = 0.0) -> None:
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
+
+@contextlib.contextmanager
+def running_broker(
+    directory: Path, pki: FleetPki, groups_by_device: Mapping[str, Sequence[str]]
+) -> Iterator[Broker]:
+    broker = Broker(directory, pki, groups_by_device)
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.stop()
