@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edged import __version__
+from edged import __version__, tomlcompat
 from edged.bundle.archive import ArchiveReader, write_archive
 from edged.bundle.keys import CONTEXT_MANIFEST, Signature, sign_payload
 from edged.bundle.limits import DEFAULT_LIMITS, BundleLimits
@@ -36,7 +36,8 @@ from edged.bundle.manifest import (
 )
 from edged.bundle.reader import read_head
 from edged.bundle.verify import release_tuple
-from edged.errors import BundleConfigError, ManifestSchemaError, UnsafePathError
+from edged.errors import BundleConfigError, ConfigError, ManifestSchemaError, UnsafePathError
+from edged.serve.modelconfig import TEST_VECTORS_FILE, parse_model_config
 
 DAY_S = 86_400
 DEFAULT_EXPIRES_IN_DAYS = 90
@@ -130,6 +131,22 @@ def collect_version_files(
     return files
 
 
+def _test_vector_paths(spec: BundleSpec, files: Mapping[str, Content]) -> tuple[str, ...]:
+    """The vector files the bundle's config.toml makes the self-test read, as bundle paths."""
+    config_path = f"{spec.model}/{CONFIG_NAME}"
+    content = files.get(config_path, b"")
+    try:
+        text = content.decode("utf-8") if isinstance(content, bytes) else content.read_text("utf-8")
+        config = parse_model_config(tomlcompat.loads(text), config_path)
+    except (UnicodeDecodeError, tomlcompat.TOMLDecodeError, ConfigError) as exc:
+        raise BundleConfigError(f"{config_path}: {exc}") from exc
+    prefix = f"{spec.model}/{spec.version}/"
+    used = [prefix + v.file for v in config.test_vectors if v.file is not None]
+    if not config.test_vectors and prefix + TEST_VECTORS_FILE in files:
+        used = [prefix + TEST_VECTORS_FILE]
+    return tuple(sorted(set(used)))
+
+
 def make_manifest(
     spec: BundleSpec, files: Mapping[str, Content], limits: BundleLimits = DEFAULT_LIMITS
 ) -> Manifest:
@@ -150,7 +167,7 @@ def make_manifest(
         check_relative_path(path, limits, "bundle file")
         size, sha256 = _sha256(files[path])
         entries.append(FileEntry(path, size, sha256))
-    vectors = tuple(p for p in sorted(files) if p.startswith(prefix) and p.endswith(".npz"))
+    vectors = _test_vector_paths(spec, files)
     manifest = Manifest(
         model=spec.model,
         version=spec.version,

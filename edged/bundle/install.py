@@ -23,7 +23,7 @@ from typing import BinaryIO, NoReturn, Protocol, TypeVar
 from edged.bundle.archive import ArchiveReader
 from edged.bundle.fsutil import Checkpoint, no_checkpoint
 from edged.bundle.limits import DEFAULT_LIMITS, BundleLimits
-from edged.bundle.manifest import Manifest
+from edged.bundle.manifest import CONFIG_NAME, Manifest
 from edged.bundle.reader import read_files, read_head
 from edged.bundle.store import HeldVersion, ModelStore, RecoveryReport, StagingSink
 from edged.bundle.trust import TrustState
@@ -38,7 +38,7 @@ from edged.errors import (
     VersionConflictError,
     VersionNotHeldError,
 )
-from edged.serve.modelconfig import load_model_config, load_test_vectors
+from edged.serve.modelconfig import TEST_VECTORS_FILE, load_model_config, load_test_vectors
 
 log = logging.getLogger(__name__)
 
@@ -412,16 +412,32 @@ class Installer:
 
 
 def _check_config(staging: Path, manifest: Manifest) -> None:
-    """The bundle's config.toml must parse, and the version must have test vectors."""
+    """The bundle's config.toml must parse, and its self-test must read exactly the vector
+    files the manifest lists (so the signed manifest says what the self-test checks)."""
     try:
-        config = load_model_config(staging / "config.toml")
-        vectors = load_test_vectors(config, staging)
+        config = load_model_config(staging / CONFIG_NAME)
     except ConfigError as exc:
         raise BundleConfigError(f"{manifest.config_path}: {exc}") from exc
+    specs = config.test_vectors
+    if specs:
+        used = {s.file for s in specs if s.file is not None}
+    else:
+        used = {TEST_VECTORS_FILE} if (staging / TEST_VECTORS_FILE).is_file() else set()
+    listed = {manifest.version_relpath(p) for p in manifest.test_vectors}
+    if used != listed:
+        raise BundleConfigError(
+            f"{manifest.model} version {manifest.version}: config.toml's self-test reads "
+            f"{sorted(used) or 'no files'}, the manifest's test_vectors lists "
+            f"{sorted(listed) or 'none'}"
+        )
+    try:
+        vectors = load_test_vectors(config, staging)
+    except ConfigError as exc:
+        raise BundleConfigError(f"{manifest.model} version {manifest.version}: {exc}") from exc
     if not vectors:
         raise BundleConfigError(
-            f"{manifest.model} version {manifest.version} has no test vectors: list an .npz "
-            "in the manifest or inline [[test_vectors]] in config.toml"
+            f"{manifest.model} version {manifest.version} has no test vectors: add "
+            f"{TEST_VECTORS_FILE} or [[test_vectors]] to config.toml"
         )
 
 
