@@ -236,14 +236,17 @@ class Installer:
             except BaseException:
                 await _in_thread(self.store.discard, staged.staging)
                 raise
+        self._checkpoint("load_version")
         try:
             await self.target.load_version(manifest.model, version_dir)
         except EdgedError as exc:
+            self._checkpoint("load_version failed")
             if staged.staging is not None:
                 await _in_thread(self.store.discard, version_dir)
             self._fail(
                 "install", "load-failed", manifest, verified.digest, previous, source, now, exc
             )
+        self._checkpoint("load_version done")
         await _in_thread(self._switch, manifest, verified.digest, previous)
         outcome = "installed" if staged.staging is not None else "reinstalled"
         return self._record(
@@ -269,6 +272,7 @@ class Installer:
                 head.manifest_bytes, head.signatures, trust, marks, self.device, now, self.limits
             )
             manifest = verified.manifest
+            self._checkpoint("manifest verified")
             existing = self._existing(manifest, verified)
             if existing is not None:
                 return _Staged(verified, None)
@@ -322,6 +326,7 @@ class Installer:
             target = _rollback_target(model, current, held, to_version)
         except EdgedError as exc:
             self._fail("rollback", "rejected", None, None, current, "operator", now, exc, model)
+        self._checkpoint("load_version")
         try:
             await self.target.load_version(model, target.path)
         except EdgedError as exc:
@@ -335,6 +340,7 @@ class Installer:
                 now,
                 exc,
             )
+        self._checkpoint("load_version done")
         await _in_thread(self.store.set_current, model, target.version)
         return self._record(
             "rollback",
