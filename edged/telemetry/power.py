@@ -30,7 +30,7 @@ from edged.telemetry.powersources import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PowerMonitor", "PowerReading", "discover_power_sources"]
+__all__ = ["PowerMonitor", "PowerReading", "average_readings", "discover_power_sources"]
 
 _INA238_NAMES = ("ina238", "ina237")
 _BOARD_INPUT_LABELS = ("VIN",)
@@ -50,6 +50,37 @@ class PowerReading:
     """board, module, system, platform, cpu-package or configured."""
     total_interval_average: bool = False
     """True when the total is a mean since the previous read (energy counters)."""
+
+
+def average_readings(readings: Sequence[PowerReading]) -> PowerReading | None:
+    """The mean of several readings (a reporting interval's samples), rail by rail.
+
+    A rail or the total is averaged over the readings that had it; the total keeps the
+    source of the latest reading that had one. None for no readings.
+    """
+    if not readings:
+        return None
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for reading in readings:
+        for rail, watts in reading.rails.items():
+            sums[rail] = sums.get(rail, 0.0) + watts
+            counts[rail] = counts.get(rail, 0) + 1
+    with_total = [r for r in readings if r.total_watts is not None]
+    latest = with_total[-1] if with_total else readings[-1]
+    total = (
+        sum(r.total_watts for r in with_total if r.total_watts is not None) / len(with_total)
+        if with_total
+        else None
+    )
+    return PowerReading(
+        t=readings[-1].t,
+        rails={rail: sums[rail] / counts[rail] for rail in sums},
+        total_watts=total,
+        total_source=latest.total_source,
+        total_scope=latest.total_scope,
+        total_interval_average=latest.total_interval_average,
+    )
 
 
 class PowerMonitor:

@@ -10,7 +10,12 @@ import pytest
 
 from edged.errors import PowerSourceError
 from edged.telemetry import power as power_module
-from edged.telemetry.power import PowerMonitor, discover_power_sources
+from edged.telemetry.power import (
+    PowerMonitor,
+    PowerReading,
+    average_readings,
+    discover_power_sources,
+)
 from edged.telemetry.powersources import TotalClaim
 
 from .helpers import FakeClock
@@ -276,3 +281,21 @@ def test_a_failing_source_is_skipped_and_logged_once(caplog: pytest.LogCaptureFi
 def test_colliding_rail_names_from_two_sources_are_qualified() -> None:
     monitor = PowerMonitor([_FixedSource("a", {"usb": 1.0}), _FixedSource("b", {"usb": 2.0})])
     assert monitor.read().rails == {"usb": 1.0, "usb@b": 2.0}
+
+
+def test_average_readings_averages_each_rail_and_the_total_where_present() -> None:
+    readings = [
+        PowerReading(1.0, {"VDD_IN": 6.0, "VDD_SOC": 2.0}, 6.0, "VDD_IN (x)", "module"),
+        PowerReading(2.0, {"VDD_IN": 8.0}, None, "VDD_IN (x)", "module"),
+        PowerReading(3.0, {"VDD_IN": 10.0, "VDD_SOC": 4.0}, 10.0, "VDD_IN (x)", "module"),
+    ]
+    average = average_readings(readings)
+    assert average is not None
+    assert average.t == 3.0
+    assert average.rails == pytest.approx({"VDD_IN": 8.0, "VDD_SOC": 3.0})
+    assert average.total_watts == pytest.approx(8.0)
+    assert average.total_source == "VDD_IN (x)"
+    assert average_readings([]) is None
+    unavailable = average_readings([PowerReading(1.0)])
+    assert unavailable is not None
+    assert unavailable.total_watts is None
