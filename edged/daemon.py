@@ -24,6 +24,7 @@ from edged.errors import EdgedError
 from edged.sdnotify import Notifier, Watchdog, watchdog_interval_s
 from edged.serve.api import GATE, build_app
 from edged.serve.manager import ModelManager
+from edged.transport.agent import FleetAgent, build_fleet_agent
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,11 @@ class Daemon:
         self.notifier = Notifier.from_environment()
         self.watchdog = Watchdog(self.notifier, watchdog_interval_s())
         self.services: list[tuple[str, Service]] = []
+        # The MQTT fleet channel (signed deployments and commands); telemetry may publish on it.
+        self.fleet: FleetAgent | None = None
+        if config.mqtt.enabled:
+            self.fleet = build_fleet_agent(config, self.manager)
+            self.services.append(("fleet", self.fleet.run))
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._sigint_count = 0

@@ -39,8 +39,12 @@ def render_acl(
     ]
     for manager in managers:
         check_name(manager, "fleet manager CN")
-        lines += ["", "# Fleet manager: deploys, commands, reads every device's reports.",
-                  f"user {manager}", f"topic readwrite {p}/#"]
+        lines += [
+            "",
+            "# Fleet manager: deploys, commands, reads every device's reports.",
+            f"user {manager}",
+            f"topic readwrite {p}/#",
+        ]
     for device in sorted(groups_by_device):
         check_name(device, "device id")
         names = sorted(set(groups_by_device[device]))
