@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "edged.cli.run",
     "edged.cli.client",
     "edged.cli.configcmd",
+    "edged.cli.fleet",
 )
 
 Handler = Callable[[argparse.Namespace], int]
