@@ -252,6 +252,12 @@ def _parse_files(
             )
         total += size
         entries.append(FileEntry(path, size, sha256))
+    directories = {
+        "/".join(e.path.split("/")[:i]) for e in entries for i in range(1, e.path.count("/") + 1)
+    }
+    clash = sorted(directories & {e.path for e in entries})
+    if clash:
+        raise ManifestSchemaError(f"manifest file {clash[0]!r} is also a directory of other files")
     if total > limits.max_total_file_bytes:
         raise LimitExceededError(
             f"manifest files total {total} bytes, the limit is {limits.max_total_file_bytes}"
@@ -282,7 +288,7 @@ def manifest_from_json(value: Json, limits: BundleLimits = DEFAULT_LIMITS) -> Ma
         )
     tf = _Fields(root.get("targets"), "targets")
     runtime = tf.get("runtime")
-    if runtime not in RUNTIME_MODEL_FILES:
+    if not isinstance(runtime, str) or runtime not in RUNTIME_MODEL_FILES:
         raise ManifestSchemaError(
             f"manifest field targets.runtime must be one of {', '.join(RUNTIME_MODEL_FILES)}, "
             f"got {runtime!r}"
