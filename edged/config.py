@@ -79,6 +79,9 @@ class TelemetryConfig:
     spool_max_bytes: int = 16 * 1024 * 1024
     backfill_per_s: float = 20.0
     sysfs_root: Path = Path("/sys")
+    power_sample_s: float = 0.5
+    # Rails whose sum is the board total, when the automatic choice does not fit the board.
+    total_rails: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,8 @@ def _telemetry(t: Table, base: Path) -> TelemetryConfig:
         spool_max_bytes=t.integer("spool_max_bytes", d.spool_max_bytes, 4096),
         backfill_per_s=t.number("backfill_per_s", d.backfill_per_s, 0.1),
         sysfs_root=t.path("sysfs_root", d.sysfs_root, base),
+        power_sample_s=t.number("power_sample_s", d.power_sample_s, 0.01),
+        total_rails=t.strings("total_rails"),
     )
     t.reject_unknown()
     return cfg

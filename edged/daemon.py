@@ -24,6 +24,7 @@ from edged.errors import EdgedError
 from edged.sdnotify import Notifier, Watchdog, watchdog_interval_s
 from edged.serve.api import GATE, build_app
 from edged.serve.manager import ModelManager
+from edged.telemetry.hub import TelemetryHub
 from edged.transport.agent import FleetAgent, build_fleet_agent
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,9 @@ class Daemon:
         """``reload_config`` re-reads the config on SIGHUP (with command-line overrides)."""
         self.config = config
         self._reload_config = reload_config
-        self.manager = ModelManager(config.models)
+        self.telemetry = TelemetryHub(config.telemetry, config.state.directory)
+        self.manager = ModelManager(config.models, self.telemetry.observer)
+        self.telemetry.queue_depths = self.manager.queue_depths
         self.notifier = Notifier.from_environment()
         self.watchdog = Watchdog(self.notifier, watchdog_interval_s())
         self.services: list[tuple[str, Service]] = []
@@ -75,7 +78,9 @@ class Daemon:
 
     async def _start_api(self) -> list[str]:
         server = self.config.server
-        app = build_app(self.manager, server.max_body_bytes, server.shared_memory_enabled)
+        app = build_app(
+            self.manager, server.max_body_bytes, server.shared_memory_enabled, self.telemetry
+        )
         self._runner = web.AppRunner(
             app,
             handler_cancellation=True,
@@ -147,6 +152,8 @@ class Daemon:
                     tg.create_task(self.watchdog.run(), name="watchdog"),
                     tg.create_task(self._reload_loop(), name="reload"),
                 ]
+                if self.config.telemetry.enabled:
+                    tasks.append(tg.create_task(self.telemetry.run(), name="telemetry"))
                 tasks += [tg.create_task(svc(), name=name) for name, svc in self.services]
                 await self._stop.wait()
                 log.info("stopping: draining in-flight requests")

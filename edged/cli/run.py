@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edged.config import DEFAULT_CONFIG_PATH, DaemonConfig, load_config
+from edged.config import DEFAULT_CONFIG_PATH, DaemonConfig, StateConfig, load_config
 from edged.daemon import run_daemon, socket_default
 
 
@@ -29,6 +30,19 @@ def register(subparsers: Any) -> None:
 
 def handle_run(args: argparse.Namespace) -> int:
     return run_daemon(lambda: load_with_overrides(args))
+
+
+def default_state_dir(configured: Path) -> Path:
+    """systemd's ``$STATE_DIRECTORY``, else the configured one when usable, else a per-user one
+    (so ``edged run`` works for a developer without root)."""
+    from_systemd = os.environ.get("STATE_DIRECTORY")
+    if from_systemd:
+        return Path(from_systemd.split(":")[0])
+    probe = configured if configured.exists() else configured.parent
+    if os.access(probe, os.W_OK):
+        return configured
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "edged"
 
 
 def load_with_overrides(args: argparse.Namespace) -> DaemonConfig:
@@ -54,4 +68,6 @@ def load_with_overrides(args: argparse.Namespace) -> DaemonConfig:
     state = config.state
     if args.state_dir is not None:
         state = replace(state, directory=args.state_dir)
+    elif config.source is None or state.directory == StateConfig().directory:
+        state = replace(state, directory=default_state_dir(state.directory))
     return replace(config, server=server, models=models, state=state)

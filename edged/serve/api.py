@@ -29,6 +29,7 @@ from edged.errors import (
 from edged.serve.manager import ModelManager
 from edged.serve.shm import SharedMemoryRegistry
 from edged.serve.tensors import HEADER_LENGTH, encode_infer_response, parse_infer_request
+from edged.telemetry.hub import TelemetryHub
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class AdmissionGate:
 
 
 GATE: web.AppKey[AdmissionGate] = web.AppKey("gate", AdmissionGate)
+TELEMETRY: web.AppKey[TelemetryHub | None] = web.AppKey("telemetry", TelemetryHub)
 
 
 def error_response(
@@ -301,13 +303,37 @@ async def edged_status(request: web.Request) -> web.Response:
     return web.json_response(request.app[MANAGER].status())
 
 
-def build_app(manager: ModelManager, max_body_bytes: int, shared_memory: bool) -> web.Application:
+def _hub(request: web.Request) -> TelemetryHub:
+    hub = request.app[TELEMETRY]
+    if hub is None:
+        raise ModelNotFoundError("telemetry is disabled ([telemetry] enabled = false)")
+    return hub
+
+
+async def edged_telemetry(request: web.Request) -> web.Response:
+    return web.json_response(_hub(request).snapshot())
+
+
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    from edged.telemetry.prometheus import render_metrics
+
+    body, content_type = render_metrics(_hub(request), request.app[MANAGER])
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def build_app(
+    manager: ModelManager,
+    max_body_bytes: int,
+    shared_memory: bool,
+    telemetry: TelemetryHub | None = None,
+) -> web.Application:
     # aiohttp's own limit sits above ours so that we answer with a clear 400 instead.
     app = web.Application(client_max_size=max_body_bytes + 1, middlewares=[errors_middleware])
     app[MANAGER] = manager
     app[SHM] = SharedMemoryRegistry() if shared_memory else None
     app[MAX_BODY] = max_body_bytes
     app[GATE] = AdmissionGate()
+    app[TELEMETRY] = telemetry
     r = app.router
     r.add_get("/v2", server_metadata)
     r.add_get("/v2/health/live", health_live)
@@ -326,4 +352,6 @@ def build_app(manager: ModelManager, max_body_bytes: int, shared_memory: bool) -
     r.add_post("/v2/systemsharedmemory/region/{region}/unregister", shm_unregister)
     r.add_post("/v2/systemsharedmemory/unregister", shm_unregister)
     r.add_get("/edged/v1/status", edged_status)
+    r.add_get("/edged/v1/telemetry", edged_telemetry)
+    r.add_get("/metrics", prometheus_metrics)
     return app

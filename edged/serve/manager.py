@@ -23,6 +23,7 @@ import psutil
 
 from edged.config import ModelsConfig
 from edged.errors import (
+    DeadlineExceededError,
     EdgedError,
     InsufficientMemoryError,
     InvalidRequestError,
@@ -404,7 +405,7 @@ class ModelManager:
         cache = entry.cache
         if cache is None:
             future = entry.scheduler.submit(inputs, rows, signature, priority, deadline)
-            return await _await_result(future, timeout_s)
+            return await self._await_result(entry, future, timeout_s)
         key = input_key(inputs)
         hit = cache.get(key)
         if hit is not None and hit.model_version == current.version:
@@ -412,17 +413,38 @@ class ModelManager:
         shared = cache.inflight.get(key)
         if shared is not None:
             cache.coalesced += 1
-            return await _await_result(asyncio.shield(shared), timeout_s)
+            return await self._await_result(entry, asyncio.shield(shared), timeout_s)
         future = entry.scheduler.submit(inputs, rows, signature, priority, deadline)
         cache.inflight[key] = future
         try:
-            result = await _await_result(asyncio.shield(future), timeout_s)
+            result = await self._await_result(entry, asyncio.shield(future), timeout_s)
         finally:
             cache.inflight.pop(key, None)
         cache.put(key, result)
         return result
 
+    @staticmethod
+    async def _await_result(
+        entry: ModelEntry, future: asyncio.Future[InferenceResult], timeout_s: float | None
+    ) -> InferenceResult:
+        if timeout_s is None:
+            return await future
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError as exc:
+            entry.scheduler.observer.on_outcome("timeout")
+            raise DeadlineExceededError(
+                f"request deadline of {timeout_s * 1000:.0f} ms passed"
+            ) from exc
+
     # --- introspection --------------------------------------------------------------------
+
+    def queue_depths(self) -> dict[str, tuple[str | None, int]]:
+        """Per model: the serving version and how many requests wait."""
+        return {
+            name: (e.slot.current.version if e.slot.current else None, e.scheduler.queue_depth)
+            for name, e in self._entries.items()
+        }
 
     def model_names(self) -> list[str]:
         return sorted(self._entries)
