@@ -8,6 +8,7 @@ every aiomqtt / paho / OS error leaves it as the most specific ``TransportError`
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -127,6 +128,29 @@ class _AioClient(aiomqtt.Client):
         logger.addHandler(self.errors)
         logger.propagate = False
         super().__init__(*args, logger=logger, **kwargs)
+        context: ssl.SSLContext | None = kwargs.get("tls_context")
+        if context is not None:
+            self._close_socket_on_failed_handshake(context)
+
+    def _close_socket_on_failed_handshake(self, context: ssl.SSLContext) -> None:
+        # paho's _ssl_wrap_socket leaves the socket open when the handshake fails (a refused
+        # broker certificate leaks a descriptor per reconnect attempt). The same steps for a
+        # context that checks the hostname itself, closing the socket on failure.
+        paho_client = self._client
+
+        def wrap(tcp_sock: socket.socket) -> ssl.SSLSocket:
+            ssl_sock = context.wrap_socket(
+                tcp_sock, server_hostname=paho_client._host, do_handshake_on_connect=False
+            )
+            try:
+                ssl_sock.settimeout(paho_client._connect_timeout)
+                ssl_sock.do_handshake()
+            except BaseException:
+                ssl_sock.close()
+                raise
+            return ssl_sock
+
+        paho_client._ssl_wrap_socket = wrap  # type: ignore[method-assign]
 
     def _on_disconnect(
         self,

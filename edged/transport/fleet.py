@@ -26,6 +26,7 @@ from edged.bundle.reader import read_head
 from edged.errors import (
     ConnectionLostError,
     FleetMessageError,
+    MqttTimeoutError,
     PushFailedError,
     TransportError,
 )
@@ -499,3 +500,27 @@ async def wait_online(
                 )
             await fleet.wait_change(min(left, 1.0))
     return FleetView(dict(fleet.statuses), dict(fleet.progress))
+
+
+async def wait_progress(
+    settings: ManagerSettings,
+    device: str,
+    until: Callable[[Progress], bool],
+    *,
+    timeout_s: float = 30.0,
+) -> Progress:
+    """Follow a device's (retained) progress topic until ``until(progress)`` holds."""
+    async with _connected(settings) as (client, fleet):
+        await client.subscribe([settings.topics.progress(device)])
+        deadline = time.monotonic() + timeout_s
+        while True:
+            progress = fleet.progress.get(device)
+            if progress is not None and until(progress):
+                return progress
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MqttTimeoutError(
+                    f"{device}: progress did not reach the awaited state within {timeout_s:g}s "
+                    f"(last: {progress})"
+                )
+            await fleet.wait_change(min(left, 1.0))

@@ -44,8 +44,11 @@ class Broker:
     topics: Topics = field(default_factory=Topics)
     host: str = "127.0.0.1"
     port: int = field(default_factory=free_port)
-    # A second listener whose certificate names another host (hostname checks must refuse it).
+    # A second listener whose certificate names another host (hostname checks must refuse it);
+    # 0: none.
     wrong_host_port: int = field(default_factory=free_port)
+    # A complete mosquitto.conf to run instead of the generated one (e.g. the shipped example).
+    config_text: str | None = None
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -67,9 +70,15 @@ class Broker:
     def write_config(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / "data").mkdir(exist_ok=True)
-        self.acl_file.write_text(render_acl(self.topics, self.groups_by_device, [FLEET_MANAGER]))
         user = pwd.getpwuid(os.getuid()).pw_name
-        tls = f"cafile {self.pki.ca_file}\nrequire_certificate true\nuse_identity_as_username true\n"
+        if self.config_text is not None:
+            logging = f"log_dest file {self.log_file}\nuser {user}\n"
+            self.conf_file.write_text(self.config_text + logging)
+            return
+        self.acl_file.write_text(render_acl(self.topics, self.groups_by_device, [FLEET_MANAGER]))
+        tls = (
+            f"cafile {self.pki.ca_file}\nrequire_certificate true\nuse_identity_as_username true\n"
+        )
         self.conf_file.write_text(
             f"""# written by tests/support/broker.py
 user {user}
@@ -112,7 +121,8 @@ keyfile {self.pki.wrong_host_key}
                     f"mosquitto exited with {self.process.returncode}:\n{self.log()}\n"
                     + (self.directory / "stdout.log").read_text(errors="replace")
                 )
-            if self._accepting(self.port) and self._accepting(self.wrong_host_port):
+            ports = [p for p in (self.port, self.wrong_host_port) if p]
+            if all(self._accepting(p) for p in ports):
                 return
             time.sleep(0.05)
         raise RuntimeError(f"mosquitto did not listen within {timeout_s}s:\n{self.log()}")

@@ -28,13 +28,9 @@ class FleetPki:
     def __post_init__(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.ca_file.write_bytes(self.ca.cert_pem)
-        issue_server(self.ca, ("localhost", "127.0.0.1")).write(
-            self.server_cert, self.server_key
-        )
+        issue_server(self.ca, ("localhost", "127.0.0.1")).write(self.server_cert, self.server_key)
         # A broker certificate that names another host: clients must refuse it.
-        issue_server(self.ca, ("wrong.example",)).write(
-            self.wrong_host_cert, self.wrong_host_key
-        )
+        issue_server(self.ca, ("wrong.example",)).write(self.wrong_host_cert, self.wrong_host_key)
 
     @property
     def ca_file(self) -> Path:
