@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "edged.cli.client",
     "edged.cli.configcmd",
     "edged.cli.fleet",
+    "edged.cli.bundle",
 )
 
 Handler = Callable[[argparse.Namespace], int]
