@@ -74,11 +74,17 @@ class BundleSpec:
         *,
         expires_in_days: float = DEFAULT_EXPIRES_IN_DAYS,
         now: float | None = None,
-        **kwargs: object,
+        arch: tuple[str, ...] = DEFAULT_ARCH,
+        runtime: str | None = None,
+        providers: tuple[str, ...] = (),
+        min_edged_version: str = "",
     ) -> BundleSpec:
+        """A spec created now (or at ``now``) that expires ``expires_in_days`` later."""
         created = int(time.time() if now is None else now)
         expires = created + int(expires_in_days * DAY_S)
-        return cls(model, version, counter, created, expires, **kwargs)  # type: ignore[arg-type]
+        return cls(
+            model, version, counter, created, expires, arch, runtime, providers, min_edged_version
+        )
 
 
 def sign_manifest(manifest_bytes: bytes, key: Ed25519PrivateKey) -> Signature:

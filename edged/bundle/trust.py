@@ -15,6 +15,7 @@ file I/O.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,8 +78,9 @@ class TrustState:
         """Refuse to trust a signers list past its expiry (freeze protection)."""
         if now >= self.signers.expires:
             raise TrustExpiredError(
-                f"signers.json version {self.signers.version} expired at {self.signers.expires} "
-                f"(now {now}); apply a newer root-signed signers document"
+                f"signers.json version {self.signers.version} expired at "
+                f"{utc_text(self.signers.expires)} (now {utc_text(now)}); apply a newer "
+                "root-signed signers document"
             )
 
     def verify_command(
@@ -104,6 +106,14 @@ class TrustState:
             revoked=self.signers.revoked,
             what=what,
         )
+
+
+def utc_text(epoch: int) -> str:
+    """Unix seconds as ``YYYY-MM-DD HH:MM:SSZ`` (for messages)."""
+    try:
+        return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return f"{epoch} (Unix seconds)"
 
 
 # --- parsing -----------------------------------------------------------------------------
@@ -295,7 +305,8 @@ def apply_signers_update(
         )
     if now >= new.expires:
         raise TrustExpiredError(
-            f"signers.json version {new.version} already expired at {new.expires} (now {now})"
+            f"signers.json version {new.version} already expired at {utc_text(new.expires)} "
+            f"(now {utc_text(now)})"
         )
     return TrustState(state.root, new, state.root_bytes, new_bytes)
 

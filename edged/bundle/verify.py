@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from edged.bundle.keys import CONTEXT_MANIFEST, Signature, verify_payload
 from edged.bundle.limits import DEFAULT_LIMITS, BundleLimits
 from edged.bundle.manifest import Manifest, manifest_digest, parse_manifest
-from edged.bundle.trust import TrustState
+from edged.bundle.trust import TrustState, utc_text
 from edged.errors import (
     ArchitectureMismatchError,
     BundleError,
@@ -101,7 +101,7 @@ def check_expiry(manifest: Manifest, now: int) -> None:
     if now >= manifest.expires:
         raise ExpiredBundleError(
             f"bundle {manifest.model} version {manifest.version} (counter {manifest.counter}) "
-            f"expired at {manifest.expires}, now is {now}"
+            f"expired at {utc_text(manifest.expires)}, now is {utc_text(now)}"
         )
 
 
@@ -223,7 +223,9 @@ def explain_manifest(
         skip("signatures", "no trust store given")
     else:
         run(
-            "signers list fresh", lambda: trust.check_fresh(now), f"expires {trust.signers.expires}"
+            "signers list fresh",
+            lambda: trust.check_fresh(now),
+            f"expires {utc_text(trust.signers.expires)}",
         )
         signed: list[frozenset[str]] = []
         run(
@@ -250,7 +252,7 @@ def explain_manifest(
         return results, None
     manifest = parsed[0]
     digest = manifest_digest(manifest_bytes)
-    run("not expired", lambda: check_expiry(manifest, now), f"expires {manifest.expires}")
+    run("not expired", lambda: check_expiry(manifest, now), f"expires {utc_text(manifest.expires)}")
     mark = high_water.get(manifest.model)
     run(
         "release counter",

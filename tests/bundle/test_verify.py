@@ -116,7 +116,7 @@ def test_the_clock_is_injected(vkeys: Keys, trust: TrustState) -> None:
     sigs = [sign_manifest(data, vkeys.signers[0])]
     expires = NOW + 30 * 86_400
     verify_manifest(data, sigs, trust, {}, DEVICE, expires - 1)
-    with pytest.raises(ExpiredBundleError, match=str(expires)):
+    with pytest.raises(ExpiredBundleError, match=r"expired at 2027-"):
         verify_manifest(data, sigs, trust, {}, DEVICE, expires)
     with pytest.raises(TrustExpiredError):
         verify_manifest(data, sigs, trust, {}, DEVICE, NOW + 366 * 86_400)
