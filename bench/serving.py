@@ -38,8 +38,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -132,17 +133,42 @@ def decode_output(data: bytes, header_length: int) -> Array:
     return array
 
 
+# --- measuring on a shared machine ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Patience:
+    """How hard to try for measurements that other processes did not disturb."""
+
+    quiet_wait_s: float  # before each phase, wait up to this long for the machine to go idle
+    retries: int  # a noisy phase is measured again up to this many times; the quietest counts
+
+
+def quietest(measure: Callable[[], Row], patience: Patience, pids: Sequence[int] = ()) -> Row:
+    best: Row | None = None
+    for attempt in range(patience.retries + 1):
+        if attempt:
+            print(f"bench: {best.key if best else ''} was noisy "
+                  f"({best.other_load_cores if best else 0:.2f} cores of other load); "
+                  "measuring again", flush=True)  # fmt: skip
+        wait_for_quiet(patience.quiet_wait_s, pids)
+        row = measure()
+        if best is None or row.other_load_cores < best.other_load_cores:
+            best = row
+        if not best.noisy:
+            break
+    assert best is not None
+    return best
+
+
 # --- (a), (b): the raw runtime ------------------------------------------------------------
 
 
-def raw_row(
-    model: LoadedModel, x: Array, duration_s: float, key: str, label: str, quiet_wait_s: float
-) -> Row:
+def raw_row(model: LoadedModel, x: Array, duration_s: float, key: str, label: str) -> Row:
     """Back-to-back ``model.run`` calls for ``duration_s``: samples/s and per-call latency."""
     feeds = {"input": x}
     for _ in range(RAW_WARMUP_RUNS):
         model.run(feeds)
-    wait_for_quiet(quiet_wait_s)
     load = OtherLoad()
     times: list[float] = []
     start = time.perf_counter()
@@ -300,11 +326,9 @@ def http_row(
     work: Workload,
     load: tuple[int, int, float],
     settings: dict[str, Any],
-    quiet_wait_s: float,
 ) -> Row:
     """One wrk run against a server; ``load`` is (wrk threads, connections, seconds)."""
     threads, connections, duration_s = load
-    wait_for_quiet(quiet_wait_s, [server_pid])
     other = OtherLoad([server_pid])
     server0, client0 = ServerCpu.read(server_pid), children_cpu_s()
     result = run_wrk(port, work, threads, connections, duration_s)
@@ -343,14 +367,17 @@ def ratios(a: Row, b: Row, c: Row, d: Row, d1: Row) -> dict[str, float]:
     }
 
 
-def verdicts(values: dict[str, float]) -> list[dict[str, Any]]:
+def verdicts(values: dict[str, float], inputs: dict[str, list[Row]]) -> list[dict[str, Any]]:
+    """PASS/MISS per target; ``noisy`` when a row the ratio is made of was disturbed."""
     out = []
     for name, key, op, bound in TARGETS:
         value = values[key]
         ok = value >= bound if op == ">=" else value <= bound
+        noisy = any(r.noisy for r in inputs[key])
         out.append(
-            {"name": name, "key": key, "value": value, "target": f"{op} {bound:g}", "pass": ok}
-        )
+            {"name": name, "key": key, "value": value, "target": f"{op} {bound:g}", "pass": ok,
+             "noisy": noisy}
+        )  # fmt: skip
     return out
 
 
@@ -381,7 +408,7 @@ def print_report(rows: list[Row], checks: list[dict[str, Any]], notes: list[str]
         )
     print()
     for check in checks:
-        verdict = "PASS" if check["pass"] else "MISS"
+        verdict = ("PASS" if check["pass"] else "MISS") + (" (noisy)" if check["noisy"] else "")
         print(f"  {check['name']:32} {check['value']:7.2f}   target {check['target']:7} {verdict}")
     print()
     for note in notes:
@@ -445,6 +472,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=20.0,
         help="before each phase, wait up to this long for other processes to go idle",
     )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="measure a phase again this many times while other processes disturb it",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return parser.parse_args(argv)
 
@@ -454,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         print("bench: wrk is missing; install it with `apt-get install -y wrk`", file=sys.stderr)
         return 2
+    patience = Patience(args.quiet_wait_s, args.retries)
     load = (args.wrk_threads, args.connections, args.duration_s)
     single = (1, 1, args.single_duration_s)
 
@@ -478,10 +512,11 @@ def main(argv: list[str] | None = None) -> int:
         work = Workload(tmp / "request.bin", body, header_length, expected)
         work.body_file.write_bytes(body)
         print(f"bench: (a) raw batch 1 for {args.raw_duration_s:g}s", flush=True)
-        a = raw_row(model, x1, args.raw_duration_s, "a", "raw runtime, batch 1", args.quiet_wait_s)
+        label = "raw runtime, batch 1"
+        a = quietest(partial(raw_row, model, x1, args.raw_duration_s, "a", label), patience)
         print(f"bench: (b) raw batch {MAX_BATCH} for {args.raw_duration_s:g}s", flush=True)
         label = f"raw runtime, batch {MAX_BATCH}"
-        b = raw_row(model, xb, args.raw_duration_s, "b", label, args.quiet_wait_s)
+        b = quietest(partial(raw_row, model, xb, args.raw_duration_s, "b", label), patience)
         a.settings = b.settings = raw_settings
         model.close()
         del model
@@ -497,11 +532,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bench: (d) edged intra_op_threads={threads}, {args.connections} clients "
                       f"for {args.duration_s:g}s", flush=True)  # fmt: skip
                 label = f"edged, {args.connections} clients, intra_op={threads}"
-                d = http_row("d", label, port, pid, work, load, settings, args.quiet_wait_s)
+                measure = partial(http_row, "d", label, port, pid, work, load, settings)
+                d = quietest(measure, patience, [pid])
                 print(f"bench: (d1) edged intra_op_threads={threads}, 1 client "
                       f"for {args.single_duration_s:g}s", flush=True)  # fmt: skip
                 label = f"edged, 1 client, intra_op={threads}"
-                d1 = http_row("d1", label, port, pid, work, single, settings, args.quiet_wait_s)
+                measure = partial(http_row, "d1", label, port, pid, work, single, settings)
+                d1 = quietest(measure, patience, [pid])
             candidates.append((d, d1))
         d, d1 = max(candidates, key=lambda pair: pair[0].throughput)
 
@@ -516,14 +553,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"for {args.duration_s:g}s", flush=True)  # fmt: skip
             label = f"ThreadingHTTPServer, {args.connections} clients"
             settings = {**raw_settings, "via": "bench/thread_server.py"}
-            c = http_row("c", label, port, pid, work, load, settings, args.quiet_wait_s)
+            measure = partial(http_row, "c", label, port, pid, work, load, settings)
+            c = quietest(measure, patience, [pid])
 
     rows = [a, b, c, d, d1]
     others = [row for pair in candidates if pair[0] is not d for row in pair]
     for row in others:
         row.key = f"({row.key})"
     values = ratios(a, b, c, d, d1)
-    checks = verdicts(values)
+    checks = verdicts(values, {"d_over_c": [d, c], "d_over_b": [d, b], "d1_over_a_p50": [d1, a]})
     chosen = d.settings["intra_op_threads"]
     notes = [
         f"(a), (b), (c): intra_op_threads={baseline.intra_op_threads} (0: one per core); "
