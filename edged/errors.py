@@ -26,6 +26,7 @@ where it helps, what to do.
     │   ├── UnsafePathError              absolute path, "..", or characters bundles forbid
     │   ├── KeyFileError                 key file unreadable, wrong type, exists already
     │   ├── ArchiveError                 the uncompressed ustar container
+    │   │   ├── BundleFileError          the bundle file cannot be opened or read
     │   │   ├── CompressedArchiveError   gzip/xz/... input (bundles are plain tar)
     │   │   ├── TruncatedArchiveError    ends inside a header, file data or before end marker
     │   │   ├── MalformedArchiveError    bad header/checksum, order, data after end marker
@@ -181,6 +182,10 @@ class KeyFileError(BundleError):
 
 class ArchiveError(BundleError):
     """The bundle is not a well-formed uncompressed POSIX ustar archive."""
+
+
+class BundleFileError(ArchiveError):
+    """The bundle file cannot be opened or read."""
 
 
 class CompressedArchiveError(ArchiveError):

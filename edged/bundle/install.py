@@ -31,6 +31,7 @@ from edged.bundle.truststore import TrustStore
 from edged.bundle.verify import DeviceFacts, VerifiedManifest, verify_manifest
 from edged.errors import (
     BundleConfigError,
+    BundleFileError,
     ConfigError,
     EdgedError,
     LimitExceededError,
@@ -140,13 +141,13 @@ class Installer:
         def opener() -> BinaryIO:
             try:
                 size = path.stat().st_size
+                if size > self.limits.max_archive_bytes:
+                    raise LimitExceededError(
+                        f"{path} is {size} bytes, the limit is {self.limits.max_archive_bytes}"
+                    )
+                return path.open("rb")
             except OSError as exc:
-                raise BundleConfigError(f"cannot read bundle {path}: {exc.strerror}") from exc
-            if size > self.limits.max_archive_bytes:
-                raise LimitExceededError(
-                    f"{path} is {size} bytes, the limit is {self.limits.max_archive_bytes}"
-                )
-            return path.open("rb")
+                raise BundleFileError(f"cannot read bundle {path}: {exc.strerror}") from exc
 
         return await self._install(opener, path.name)
 

@@ -74,6 +74,13 @@ def test_round_trip_with_the_writer() -> None:
     assert read_all(out.getvalue()) == ["a.txt", "d/b.bin"]
 
 
+def test_long_paths_use_the_ustar_prefix_field() -> None:
+    long_path = "/".join(["d" * 60] * 3) + "/model.onnx.data"
+    out = io.BytesIO()
+    write_archive(out, [(long_path, b"x")])
+    assert read_all(out.getvalue()) == [long_path]
+
+
 def test_endless_zero_padding_stops_at_the_archive_limit() -> None:
     out = io.BytesIO()
     write_archive(out, [("a.txt", b"hello")])

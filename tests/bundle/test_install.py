@@ -13,6 +13,7 @@ import pytest
 from edged.bundle.offline import install_direct
 from edged.bundle.store import LOCK_FILE
 from edged.errors import (
+    BundleFileError,
     InstallBusyError,
     RollbackError,
     SelfTestFailedError,
@@ -122,3 +123,9 @@ def test_direct_install_without_a_daemon(empty_world: World, tmp_path: Path) -> 
     result = install_direct(empty_world.state, bundle)
     assert result.outcome == "installed"
     empty_world.assert_serves(1)
+
+
+def test_unreadable_bundle_file_is_its_own_error(world: World, tmp_path: Path) -> None:
+    with pytest.raises(BundleFileError, match="No such file"):
+        asyncio.run(world.installer().install_file(tmp_path / "missing.bundle"))
+    world.assert_serves(1)
