@@ -62,6 +62,7 @@ class SwapTarget(Protocol):
 class InstallResult:
     action: str  # "install" | "rollback"
     # installed | reinstalled | already-installed | rolled-back | rejected | load-failed
+    # | record-failed (serving switched, but CURRENT could not be written)
     outcome: str
     model: str | None
     version: int | None
@@ -234,6 +235,15 @@ class Installer:
                 await _in_thread(
                     self.store.publish, staged.staging, manifest.model, manifest.version
                 )
+            except OSError as exc:
+                await _in_thread(self.store.discard, staged.staging)
+                error = StoreError(
+                    f"cannot publish {manifest.model} version {manifest.version}: {exc}"
+                )
+                error.__cause__ = exc
+                self._fail(
+                    "install", "rejected", manifest, verified.digest, previous, source, now, error
+                )
             except BaseException:
                 await _in_thread(self.store.discard, staged.staging)
                 raise
@@ -248,7 +258,17 @@ class Installer:
                 "install", "load-failed", manifest, verified.digest, previous, source, now, exc
             )
         self._checkpoint("load_version done")
-        await _in_thread(self._switch, manifest, verified.digest, previous)
+        try:
+            await _in_thread(self._switch, manifest, verified.digest, previous)
+        except OSError as exc:
+            error = StoreError(
+                f"{manifest.model} version {manifest.version} is serving, but recording it as "
+                f"current failed ({exc}); after a restart version {previous} serves again"
+            )
+            error.__cause__ = exc
+            self._fail(
+                "install", "record-failed", manifest, verified.digest, previous, source, now, error
+            )
         outcome = "installed" if staged.staging is not None else "reinstalled"
         return self._record(
             "install",
@@ -342,7 +362,24 @@ class Installer:
                 exc,
             )
         self._checkpoint("load_version done")
-        await _in_thread(self.store.set_current, model, target.version)
+        try:
+            await _in_thread(self.store.set_current, model, target.version)
+        except OSError as exc:
+            error = StoreError(
+                f"{model} version {target.version} is serving, but recording it as current "
+                f"failed ({exc}); after a restart version {current} serves again"
+            )
+            error.__cause__ = exc
+            self._fail(
+                "rollback",
+                "record-failed",
+                target.manifest,
+                target.manifest_sha256,
+                current,
+                "operator",
+                now,
+                error,
+            )
         return self._record(
             "rollback",
             "rolled-back",

@@ -4,6 +4,7 @@ rollback limited to held versions, the state-directory lock, direct (daemon-less
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -11,12 +12,13 @@ from pathlib import Path
 import pytest
 
 from edged.bundle.offline import install_direct
-from edged.bundle.store import LOCK_FILE
+from edged.bundle.store import LOCK_FILE, ModelStore
 from edged.errors import (
     BundleFileError,
     InstallBusyError,
     RollbackError,
     SelfTestFailedError,
+    StoreError,
     VersionNotHeldError,
 )
 from tests.bundle.conftest import FAILING_VERSION
@@ -128,4 +130,23 @@ def test_direct_install_without_a_daemon(empty_world: World, tmp_path: Path) -> 
 def test_unreadable_bundle_file_is_its_own_error(world: World, tmp_path: Path) -> None:
     with pytest.raises(BundleFileError, match="No such file"):
         asyncio.run(world.installer().install_file(tmp_path / "missing.bundle"))
+    world.assert_serves(1)
+
+
+def test_a_pointer_write_failure_is_reported_not_hidden(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(self: ModelStore, model: str, version: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ModelStore, "set_current", disk_full)
+    installer = world.installer()
+    with pytest.raises(StoreError, match="No space left"):
+        asyncio.run(installer.install_bytes(world.bundle(2)))
+    assert installer.last_result is not None
+    assert installer.last_result.outcome == "record-failed"
+    monkeypatch.undo()
+    assert world.store.current_version(MODEL) == 1
+    assert world.store.read_high_water()[MODEL].counter == 1
+    world.installer().recover()
     world.assert_serves(1)
