@@ -627,65 +627,74 @@ class FleetAgent:
                 return client, self._generation
 
     async def _fetch(self, job: _Job, download: PartialDownload) -> None:
-        d = job.deployment
-        target = job.command.target
-        stall_s = self.settings.mqtt.download_stall_timeout_s
-        interval_s = self.settings.mqtt.progress_interval_s
-        inbox = _Inbox(d.id)
+        """Fetch every missing chunk, across as many reconnects as it takes."""
+        inbox = _Inbox(job.deployment.id)
         self._inbox = inbox
-        subscribed: list[str] = []
         try:
             while not download.complete:
                 client, generation = await self._wait_link()
-                job.fetched = 0
-                last_chunk_at = time.monotonic()
-                last_report_at = 0.0
                 try:
-                    while not download.complete:
-                        window = download.missing[: self.settings.chunk_window]
-                        subscribed = [self.topics.chunk(target, d.id, i) for i in window]
-                        await client.subscribe(subscribed, qos=1)
-                        pending = set(window)
-                        while pending:
-                            if self._generation != generation or not self.connected:
-                                raise ConnectionLostError("reconnected")
-                            left = stall_s - (time.monotonic() - last_chunk_at)
-                            if left <= 0:
-                                raise DownloadStalledError(
-                                    f"no chunk for {stall_s:g}s while connected "
-                                    f"({len(download.have)} of {d.chunk_count} received); "
-                                    "the chunks may have been cleared or never published"
-                                )
-                            try:
-                                index, data = await asyncio.wait_for(
-                                    inbox.queue.get(), min(left, 0.25)
-                                )
-                            except asyncio.TimeoutError:
-                                continue
-                            if await asyncio.to_thread(download.store_chunk, index, data):
-                                job.fetched += 1
-                                last_chunk_at = time.monotonic()
-                            pending.discard(index)
-                            now = time.monotonic()
-                            if download.complete or now - last_report_at >= interval_s:
-                                last_report_at = now
-                                await self._report(
-                                    _progress(
-                                        self.device_id, d, RECEIVED, len(download.have), job.fetched
-                                    )
-                                )
-                        with contextlib.suppress(*_LINK_ERRORS):
-                            await client.unsubscribe(subscribed)
-                        subscribed = []
+                    await self._fetch_connected(job, download, inbox, client, generation)
                 except _LINK_ERRORS as exc:
-                    log.info("deployment %s: %s; resuming after the reconnect", d.id, exc)
-                    await asyncio.sleep(0.05)
+                    log.info(
+                        "deployment %s: %s; resuming after the reconnect", job.deployment.id, exc
+                    )
         finally:
             self._inbox = None
-            current = self._client
-            if subscribed and current is not None:
+
+    async def _fetch_connected(
+        self,
+        job: _Job,
+        download: PartialDownload,
+        inbox: _Inbox,
+        client: MqttClient,
+        generation: int,
+    ) -> None:
+        """Fetch over one connection: subscribe to a window of missing chunk topics (the broker
+        sends their retained chunks), store what arrives, then the next window."""
+        d = job.deployment
+        stall_s = self.settings.mqtt.download_stall_timeout_s
+        interval_s = self.settings.mqtt.progress_interval_s
+        job.fetched = 0
+        last_chunk_at = time.monotonic()
+        reported, last_report_at = -1, 0.0
+
+        async def report_received(force: bool) -> None:
+            nonlocal reported, last_report_at
+            done, now = len(download.have), time.monotonic()
+            if done != reported and (force or now - last_report_at >= interval_s):
+                reported, last_report_at = done, now
+                await self._report(_progress(self.device_id, d, RECEIVED, done, job.fetched))
+
+        while not download.complete:
+            window = download.missing[: self.settings.chunk_window]
+            topics = [self.topics.chunk(job.command.target, d.id, i) for i in window]
+            await client.subscribe(topics, qos=1)
+            try:
+                pending = set(window)
+                while pending:
+                    if self._generation != generation or not self.connected:
+                        raise ConnectionLostError("the connection was replaced")
+                    left = stall_s - (time.monotonic() - last_chunk_at)
+                    if left <= 0:
+                        raise DownloadStalledError(
+                            f"no chunk for {stall_s:g}s while connected ({len(download.have)} "
+                            f"of {d.chunk_count} received); the chunks may have been cleared "
+                            "or never published"
+                        )
+                    try:
+                        index, data = await asyncio.wait_for(inbox.queue.get(), min(left, 0.25))
+                    except asyncio.TimeoutError:
+                        await report_received(force=True)  # what the interval held back
+                        continue
+                    if await asyncio.to_thread(download.store_chunk, index, data):
+                        job.fetched += 1
+                        last_chunk_at = time.monotonic()
+                    pending.discard(index)
+                    await report_received(force=download.complete)
+            finally:
                 with contextlib.suppress(TransportError):
-                    await current.unsubscribe(subscribed)
+                    await client.unsubscribe(topics)
 
 
 def _without_time(status: Mapping[str, Any]) -> dict[str, Any]:

@@ -428,27 +428,28 @@ async def send_command(
     timeout_s: float = 30.0,
     expected: Sequence[str] | None = None,
     discovery_s: float = DEFAULT_DISCOVERY_S,
-    topic: str | None = None,
+    command: Command | None = None,
     payload: bytes | None = None,
-    nonce: str | None = None,
 ) -> CommandResult:
-    """Send one signed command (``ping``, ``status``, ``rollback``, or a prepared ``deploy``)
-    and collect the replies of every expected device until ``timeout_s``.
+    """Send one signed command (``ping``, ``status``, ``rollback``, or ``deploy`` on the deploy
+    topic) and collect the replies of every expected device until ``timeout_s``.
 
-    ``payload`` (with its ``nonce``) sends bytes prepared earlier instead of a new command:
-    a replay, as tests do. ``topic`` overrides the target's command topic.
+    ``command`` sends a command built by the caller (``kind`` and ``args`` are then ignored);
+    ``payload`` sends its wire bytes prepared earlier, e.g. a captured command replayed.
     """
-    command = Command(kind, target, int(time.time()), nonce or new_nonce(), dict(args or {}))
+    if command is None:
+        command = Command(kind, target, int(time.time()), new_nonce(), dict(args or {}))
     if payload is None:
         payload = encode_command(command, signing_keys)
     topics = settings.topics
+    topic = topics.deploy(target) if command.type == "deploy" else topics.cmd(target)
     async with _connected(settings) as (client, fleet):
         devices = list(expected or await _members(client, fleet, target, discovery_s))
         reply_topic = topics.replies(client.client_id)
         await client.subscribe([reply_topic])
         fleet.replies.clear()
         await client.publish(
-            topic or topics.cmd(target),
+            topic,
             payload,
             qos=1,
             response_topic=reply_topic,
