@@ -40,7 +40,7 @@ from edged.errors import (
 )
 from edged.transport.backoff import Backoff
 from edged.transport.client import ClientSettings, Message, MqttClient, Will
-from edged.transport.download import PartialDownload, check_size_and_space, prune_downloads
+from edged.transport.download import PartialDownload, check_size, check_space, prune_downloads
 from edged.transport.protocol import (
     FAILED,
     INSTALLED,
@@ -364,6 +364,9 @@ class FleetAgent:
                 await self._handle_command(message)
             except TransportError as exc:
                 log.warning("command on %s: could not answer: %s", message.topic, exc)
+            except Exception:
+                # A bug in one command must not take the fleet channel (or the daemon) down.
+                log.exception("command on %s failed unexpectedly", message.topic)
 
     def _check_target(self, target: Target, topic: str) -> None:
         mine = target == Target.device(self.device_id) or (
@@ -491,13 +494,17 @@ class FleetAgent:
             atomic_write(self._active_file, encode_json(job.to_json()), mode=0o600)
 
     async def _deployment_worker(self) -> None:
-        resumed = await asyncio.to_thread(self._load_active)
-        if resumed is not None:
-            log.info("resuming deployment %s after a restart", resumed.deployment.id)
-            await self._run_job(resumed)
+        job = await asyncio.to_thread(self._load_active)
+        if job is not None:
+            log.info("resuming deployment %s after a restart", job.deployment.id)
         while True:
-            job = await self._jobs.get()
-            await self._run_job(job)
+            if job is None:
+                job = await self._jobs.get()
+            try:
+                await self._run_job(job)
+            except Exception:
+                log.exception("deployment %s: unexpected error", job.deployment.id)
+            job = None
 
     async def _report(self, progress: Progress) -> None:
         self._last_progress = progress
@@ -536,15 +543,10 @@ class FleetAgent:
         try:
             await asyncio.to_thread(self._save_active, job)
             await asyncio.to_thread(self._preverify, d)
-            check_size_and_space(d, self._downloads, m.max_bundle_bytes, m.download_reserve_bytes)
+            check_size(d, m.max_bundle_bytes)
             download = await asyncio.to_thread(PartialDownload.open, self._downloads, d)
             await asyncio.to_thread(
-                check_size_and_space,
-                d,
-                self._downloads,
-                m.max_bundle_bytes,
-                m.download_reserve_bytes,
-                download.bytes_present,
+                check_space, d, self._downloads, m.download_reserve_bytes, download.bytes_present
             )
             if download.resumed:
                 log.info(

@@ -39,27 +39,27 @@ PART_FILE = "bundle.part"
 BUNDLE_FILE = "bundle"
 
 
-def check_size_and_space(
-    deployment: Deployment,
-    directory: Path,
-    max_bundle_bytes: int,
-    reserve_bytes: int,
-    already_bytes: int = 0,
-) -> None:
-    """Refuse a bundle above the size limit, or one the file system cannot hold: the rest of
-    the download, a staged copy for the installer, and ``reserve_bytes`` left over."""
+def check_size(deployment: Deployment, max_bundle_bytes: int) -> None:
     if deployment.size > max_bundle_bytes:
         raise TooLargeError(
             f"bundle is {deployment.size} bytes, the limit is {max_bundle_bytes} "
             "(mqtt.max_bundle_bytes)"
         )
+
+
+def check_space(
+    deployment: Deployment, directory: Path, reserve_bytes: int, already_bytes: int = 0
+) -> None:
+    """Refuse a bundle the file system cannot hold: the rest of the download, a staged copy
+    for the installer, and ``reserve_bytes`` left over."""
     directory.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(directory).free
     needed = (deployment.size - already_bytes) + deployment.size + reserve_bytes
     if free < needed:
         raise InsufficientSpaceError(
             f"{directory} has {free} bytes free; the {deployment.size}-byte bundle needs "
-            f"{needed} (download, staged install, mqtt.download_reserve_bytes {reserve_bytes})"
+            f"{needed} (rest of the download, staged install, mqtt.download_reserve_bytes "
+            f"{reserve_bytes})"
         )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from edged.errors import ChunkHashMismatchError, InsufficientSpaceError, TooLargeError
-from edged.transport.download import PartialDownload, check_size_and_space
+from edged.transport.download import PartialDownload, check_size, check_space
 from edged.transport.protocol import Deployment
 
 CHUNK = 256
@@ -87,12 +87,20 @@ def test_a_finished_bundle_reopened_is_complete(tmp_path: Path) -> None:
 
 
 def test_size_limit_and_free_space_are_checked_before_downloading(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     d = deployment_of(DATA)
     with pytest.raises(TooLargeError, match="max_bundle_bytes"):
-        check_size_and_space(d, tmp_path, len(DATA) - 1, 0)
-    free = shutil.disk_usage(tmp_path).free
+        check_size(d, len(DATA) - 1)
+    check_size(d, len(DATA))
+    free = shutil.disk_usage(tmp_path).free  # other processes change it: keep wide margins
+    margin = 64 * 1024 * 1024
     with pytest.raises(InsufficientSpaceError, match="download_reserve_bytes"):
-        check_size_and_space(d, tmp_path, len(DATA), free)
-    check_size_and_space(d, tmp_path, len(DATA), 0)
+        check_space(d, tmp_path, free + margin)
+    check_space(d, tmp_path, 0)
+    # What is already on disk counts: a resumed download needs only the rest.
+    big = Deployment(**{**vars(d), "size": margin, "chunk_size": margin, "chunks": ("00" * 32,)})
+    reserve = free - margin - margin // 2
+    with pytest.raises(InsufficientSpaceError):
+        check_space(big, tmp_path, reserve)
+    check_space(big, tmp_path, reserve, already_bytes=margin)
