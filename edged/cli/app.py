@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "edged.cli.configcmd",
     "edged.cli.fleet",
     "edged.cli.bundle",
+    "edged.cli.top",
 )
 
 Handler = Callable[[argparse.Namespace], int]
