@@ -22,6 +22,7 @@ import pytest
 from edged.bundle.keys import generate_key
 from edged.client import Endpoint, LocalClient
 from edged.transport.fleet import (
+    CommandResult,
     DeviceOutcome,
     ManagerSettings,
     PreparedBundle,
@@ -380,8 +381,20 @@ def test_replayed_stale_foreign_and_misdirected_commands_are_rejected(
     view = run(fleet_status(manager, settle_s=0.5))
     assert view.statuses["device-1"].online is False
     assert view.statuses["device-1"].reason == "shutdown"
+
+    # A command sent while the device is away waits in its persistent session.
+    queued: list[CommandResult] = []
+    sender = threading.Thread(
+        target=lambda: queued.append(
+            run(send_command(manager, [signing.signer], DEVICE_1, "ping", timeout_s=30))
+        )
+    )
+    sender.start()
+    time.sleep(1.0)  # published (QoS 1) before the daemon is back
     devices.start("device-1")
-    run(wait_online(manager, ["device-1"], timeout_s=20))
+    sender.join(40)
+    assert queued and queued[0].ok, queued
+
     ok, error = send(ping, captured)
     assert not ok and error.startswith("ReplayedCommandError")
 
@@ -418,6 +431,12 @@ def test_rollback_and_report_commands(
                 *signing_args, *conn)  # fmt: skip
     assert again.returncode == 1
     assert "VersionNotHeldError" in again.stdout
+
+    # The high-water mark stays at 3: re-pushing version 2 is refused before any download.
+    refused = run(push(manager, [signing.signer], bundles.mlp(2).path, DEVICE_1, timeout_s=30))
+    outcome = refused.outcomes["device-1"]
+    assert outcome.state == "failed" and outcome.reason.startswith("RollbackError")
+    assert outcome.chunks_done == 0
 
 
 def test_a_key_readable_by_others_stops_the_daemon_at_start(

@@ -1,0 +1,42 @@
+"""``edged fleet certs`` and ``edged fleet acl``: the offline fleet manager tools."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from edged.cli.app import run_cli
+from edged.transport.tls import TlsFiles, certificate_common_name, client_context
+from tests.support.daemon import REPO_ROOT
+
+
+def test_fleet_certs_makes_a_usable_pki(tmp_path: Path) -> None:
+    out = tmp_path / "pki"
+    assert run_cli(["fleet", "certs", str(out), "--client", "device-1", "--client", "fm"]) == 0
+    for name in ("ca", "server", "device-1", "fm"):
+        assert stat.S_IMODE((out / f"{name}.key").stat().st_mode) == 0o600
+    assert certificate_common_name(out / "device-1.crt") == "device-1"
+    client_context(TlsFiles(out / "ca.crt", out / "device-1.crt", out / "device-1.key"))
+
+
+def test_fleet_acl_prints_the_generated_acl(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    folder = REPO_ROOT / "docs" / "mosquitto"
+    assert run_cli(["fleet", "acl", str(folder / "inventory.toml")]) == 0
+    assert capsys.readouterr().out == (folder / "edged.acl").read_text()
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[groups]\ndevice-1 = "lab"\n')
+    assert run_cli(["fleet", "acl", str(bad)]) == 1
+    assert "groups: must map each device id" in capsys.readouterr().err
+
+
+def test_push_without_certificates_says_what_is_missing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("CA", "CERT", "KEY", "SIGNING_KEY"):
+        monkeypatch.delenv(f"EDGED_FLEET_{name}", raising=False)
+    assert run_cli(["push", str(tmp_path / "x.bundle"), "--device", "device-1"]) == 1
+    assert "--ca-file: is required" in capsys.readouterr().err
