@@ -256,6 +256,7 @@ class ArchiveReader:
                 f"a lone zero block at offset {self._offset - 2 * BLOCK} is followed by data; "
                 "the archive is corrupt"
             )
+        end = self._offset
         while True:
             chunk = self._stream.read(self._limits.read_chunk_bytes)
             if not chunk:
@@ -263,6 +264,11 @@ class ArchiveReader:
             if self._offset + len(chunk) > self._limits.max_archive_bytes:
                 raise LimitExceededError(
                     f"archive is larger than the limit of {self._limits.max_archive_bytes} bytes"
+                )
+            if self._offset + len(chunk) - end > self._limits.max_trailing_padding_bytes:
+                raise LimitExceededError(
+                    f"more than {self._limits.max_trailing_padding_bytes} bytes of padding "
+                    f"after the end-of-archive marker at offset {end}"
                 )
             if chunk.count(0) != len(chunk):
                 first = next(i for i, b in enumerate(chunk) if b)

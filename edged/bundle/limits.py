@@ -21,6 +21,7 @@ class BundleLimits:
     max_manifest_bytes: int = 1 * MiB
     max_files: int = 1000
     max_entries: int = 4000  # tar headers of any kind, directories included
+    max_trailing_padding_bytes: int = 1 * MiB  # zeros after the end marker (tar records)
     max_signatures: int = 16
     max_trust_document_bytes: int = 1 * MiB
     max_trust_keys: int = 64

@@ -90,6 +90,16 @@ def test_endless_zero_padding_stops_at_the_archive_limit() -> None:
     assert stream.consumed <= SMALL.max_archive_bytes + SMALL.read_chunk_bytes
 
 
+def test_trailing_padding_is_bounded_below_the_archive_limit() -> None:
+    out = io.BytesIO()
+    write_archive(out, [("a.txt", b"hello")])
+    limits = BundleLimits(max_trailing_padding_bytes=20 * 1024, read_chunk_bytes=4096)
+    stream = EndlessStream(out.getvalue())
+    with pytest.raises(LimitExceededError, match="padding"):
+        read_all(stream, limits)
+    assert stream.consumed < 64 * 1024
+
+
 def test_endless_file_data_is_refused_from_its_header() -> None:
     stream = EndlessStream(header("big.bin", 10**9), fill=b"\xff")
     with pytest.raises(LimitExceededError, match="big.bin"):
