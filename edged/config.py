@@ -178,9 +178,23 @@ def _mqtt(t: Table, base: Path) -> MqttConfig:
         progress_interval_s=t.number("progress_interval_s", d.progress_interval_s, 0.0),
     )
     t.reject_unknown()
-    if cfg.enabled:
-        from edged.errors import ConfigError
+    from edged.errors import ConfigError
+    from edged.transport.topics import NAME_RE, PREFIX_RE
 
+    if not PREFIX_RE.match(cfg.topic_prefix):
+        raise ConfigError(
+            t.key_path("topic_prefix"),
+            "must be 1-4 levels of letters, digits, '_', '.', '-' separated by '/' "
+            f"(no wildcards); got {cfg.topic_prefix!r}",
+        )
+    for group in cfg.groups:
+        if not NAME_RE.match(group):
+            raise ConfigError(
+                t.key_path("groups"),
+                f"group {group!r} must be 1-64 letters, digits, '_', '.', '-' starting with a "
+                "letter or digit",
+            )
+    if cfg.enabled:
         for key in ("ca_file", "cert_file", "key_file"):
             if getattr(cfg, key) is None:
                 raise ConfigError(t.key_path(key), "required when mqtt.enabled = true")

@@ -16,14 +16,14 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from edged import __version__
 from edged.aio import TaskGroup
 from edged.bundle.device import detect_device_facts
-from edged.bundle.install import Installer
+from edged.bundle.install import Installer, SwapTarget
 from edged.bundle.verify import verify_manifest
 from edged.config import DaemonConfig, MqttConfig
 from edged.errors import (
@@ -76,6 +76,10 @@ class StatusSource(Protocol):
     """What the agent reads from the serving side (``ModelManager``)."""
 
     def status(self) -> dict[str, Any]: ...
+
+
+class ServingSide(StatusSource, SwapTarget, Protocol):
+    """The daemon's ``ModelManager``: reports what serves, and swaps in installed versions."""
 
 
 @dataclass(frozen=True)
@@ -734,18 +738,16 @@ def _progress(
 
 
 def build_fleet_agent(
-    config: DaemonConfig, manager: Any, installer: Installer | None = None
+    config: DaemonConfig, manager: ServingSide, installer: Installer | None = None
 ) -> FleetAgent:
-    """The daemon's fleet agent: checks the TLS files now (key permissions included), takes
-    the device id from the client certificate's CN, and makes an ``Installer`` on the state
-    directory with ``manager`` as its swap target unless one is given."""
-    mqtt = config.mqtt
-    settings = AgentSettings("?", mqtt, config.state.directory / TRANSPORT_DIR)
-    tls = settings.tls
-    client_context(tls)
-    device_id = check_name(certificate_common_name(tls.cert_file), "device id (certificate CN)")
-    for group in mqtt.groups:
-        check_name(group, "mqtt.groups entry")
+    """The daemon's fleet agent. Checks the TLS files now, so that a missing file or a key
+    readable by others stops the daemon at start with a clear message; the device id is the
+    client certificate's CN. Makes an ``Installer`` on the state directory with ``manager`` as
+    its swap target unless one is given."""
+    settings = AgentSettings("", config.mqtt, config.state.directory / TRANSPORT_DIR)
+    client_context(settings.tls)
+    common_name = certificate_common_name(settings.tls.cert_file)
+    device_id = check_name(common_name, "device id (the client certificate's CN)")
     if installer is None:
         installer = Installer(
             config.state.directory,
@@ -753,4 +755,4 @@ def build_fleet_agent(
             detect_device_facts(),
             keep_previous=max(1, config.state.keep_versions - 1),
         )
-    return FleetAgent(AgentSettings(device_id, mqtt, settings.state_dir), manager, installer)
+    return FleetAgent(replace(settings, device_id=device_id), manager, installer)

@@ -10,8 +10,10 @@ import pytest
 
 from edged.bundle.keys import generate_key
 from edged.bundle.trust import load_trust_state
+from edged.config import parse_config
 from edged.errors import (
     BadSignatureError,
+    ConfigError,
     FleetMessageError,
     ReplayedCommandError,
     StaleCommandError,
@@ -207,3 +209,28 @@ def test_acl_grants_devices_their_own_topics_and_groups_by_user_block() -> None:
     assert not any(line.startswith("pattern readwrite") for line in acl)
     assert acl[acl.index("user device-1") + 1] == "topic read edged/groups/lab/cmd"
     assert "user device-2" not in acl
+
+
+# --- config ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mqtt", "key_path"),
+    [
+        ({"groups": ["lab", "a/b"]}, "mqtt.groups"),
+        ({"groups": ["#"]}, "mqtt.groups"),
+        ({"topic_prefix": "edged/+"}, "mqtt.topic_prefix"),
+        ({"enabled": True, "ca_file": "ca.crt"}, "mqtt.cert_file"),
+    ],
+)
+def test_bad_mqtt_config_names_its_key(mqtt: dict[str, object], key_path: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"mqtt": mqtt}, Path("/etc/edged"))
+    assert info.value.key_path == key_path
+
+
+def test_mqtt_config_defaults_are_safe() -> None:
+    cfg = parse_config({"mqtt": {"groups": ["lab"], "session_expiry_s": 60}}, Path("/"))
+    assert cfg.mqtt.groups == ("lab",) and cfg.mqtt.session_expiry_s == 60
+    assert not cfg.mqtt.enabled
+    assert cfg.mqtt.operation_timeout_s == 10.0
