@@ -109,7 +109,6 @@ class _Job:
     command: Command
     deployment: Deployment
     accepted_at: float
-    resumed: bool = False
     fetched: int = 0  # chunks stored since the last (re)connect or resume
 
     def to_json(self) -> dict[str, Any]:
@@ -131,7 +130,7 @@ class _Job:
             str(value["nonce"]),
             {"deployment": deployment.to_json()},
         )
-        return cls(command, deployment, float(value["accepted_at"]), resumed=True)
+        return cls(command, deployment, float(value["accepted_at"]))
 
 
 @dataclass
@@ -260,6 +259,9 @@ class FleetAgent:
             except TransportError as exc:
                 what = "connection lost" if was_connected else "cannot connect"
                 log.warning("%s: %s", what, exc)
+            except Exception:
+                # Whatever went wrong, the fleet channel reconnects rather than stop the daemon.
+                log.exception("fleet connection failed unexpectedly")
             finally:
                 self._client = None
                 self._connected.clear()
@@ -288,13 +290,18 @@ class FleetAgent:
             async for message in client.messages():
                 self._dispatch(message)
         except asyncio.CancelledError:
-            # Shutdown: say goodbye with our current models (a clean DISCONNECT sends no will).
             with contextlib.suppress(TransportError, asyncio.TimeoutError):
-                await asyncio.wait_for(
-                    self._publish_status(client, online=False, reason="shutdown"),
-                    self.settings.shutdown_publish_s,
-                )
+                await asyncio.wait_for(self._goodbye(client), self.settings.shutdown_publish_s)
             raise
+
+    async def _goodbye(self, client: MqttClient) -> None:
+        """The retained "offline" status at shutdown (a clean DISCONNECT sends no will). The
+        daemon has released its models by now: report the last ones published."""
+        status = dict(self._last_status or self._status(True).to_json())
+        status.update(online=False, reason="shutdown", at=int(self.clock()))
+        await client.publish(
+            self.topics.status(self.device_id), encode_json(status), qos=1, retain=True
+        )
 
     def _dispatch(self, message: Message) -> None:
         chunk = self.topics.parse_chunk(message.topic)

@@ -381,6 +381,7 @@ def test_replayed_stale_foreign_and_misdirected_commands_are_rejected(
     view = run(fleet_status(manager, settle_s=0.5))
     assert view.statuses["device-1"].online is False
     assert view.statuses["device-1"].reason == "shutdown"
+    assert ("mlp", "1") in {(m.name, m.version) for m in view.statuses["device-1"].models}
 
     # A command sent while the device is away waits in its persistent session.
     queued: list[CommandResult] = []
