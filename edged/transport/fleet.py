@@ -33,6 +33,8 @@ from edged.errors import (
 from edged.transport.client import ClientSettings, Message, MqttClient
 from edged.transport.protocol import (
     FAILED,
+    MAX_CHUNK_BYTES,
+    MIN_CHUNK_BYTES,
     SERVING,
     Command,
     Deployment,
@@ -108,6 +110,10 @@ def prepare_bundle(
 ) -> PreparedBundle:
     """Split a signed bundle into chunks and describe it for the announcement. The bundle's
     own manifest and signatures travel along, so devices can refuse it before downloading."""
+    if not MIN_CHUNK_BYTES <= chunk_size <= MAX_CHUNK_BYTES:
+        raise FleetMessageError(
+            f"chunk size {chunk_size} is outside [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}] bytes"
+        )
     head, _ = read_head(ArchiveReader(io.BytesIO(data), limits), limits)
     manifest = parse_manifest(head.manifest_bytes, limits)
     chunks = tuple(data[i : i + chunk_size] for i in range(0, len(data), chunk_size))

@@ -3,25 +3,36 @@
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from pathlib import Path
 
+import aiomqtt
 import pytest
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from edged.bundle.keys import generate_key
 from edged.bundle.trust import load_trust_state
 from edged.config import parse_config
 from edged.errors import (
     BadSignatureError,
+    BrokerRefusedError,
     ConfigError,
+    ConnectFailedError,
+    ConnectionLostError,
     FleetMessageError,
+    MqttTimeoutError,
     ReplayedCommandError,
     StaleCommandError,
+    TlsHandshakeError,
     UnknownKeyError,
 )
 from edged.tomlcompat import loads as toml_loads
 from edged.transport.acl import render_acl
 from edged.transport.backoff import Backoff
+from edged.transport.client import map_error
 from edged.transport.protocol import (
     Command,
     Deployment,
@@ -234,3 +245,20 @@ def test_mqtt_config_defaults_are_safe() -> None:
     assert cfg.mqtt.groups == ("lab",) and cfg.mqtt.session_expiry_s == 60
     assert not cfg.mqtt.enabled
     assert cfg.mqtt.operation_timeout_s == 10.0
+
+
+# --- error mapping ---------------------------------------------------------------------------
+
+
+def test_library_errors_become_the_most_specific_transport_error() -> None:
+    refused = map_error(MqttConnectError(ReasonCode(PacketTypes.CONNACK, "Not authorized")), "x")
+    assert isinstance(refused, BrokerRefusedError) and "Not authorized" in str(refused)
+    assert isinstance(map_error(aiomqtt.MqttError("Operation timed out"), "x"), MqttTimeoutError)
+    tls = map_error(
+        ssl.SSLError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"), "x"
+    )
+    assert isinstance(tls, TlsHandshakeError) and "mqtt.ca_file" in str(tls)
+    refused_tcp = map_error(ConnectionRefusedError(111, "Connection refused"), "connecting")
+    assert isinstance(refused_tcp, ConnectFailedError) and "connecting" in str(refused_tcp)
+    lost = map_error(aiomqtt.MqttError("Disconnected during message iteration"), "waiting")
+    assert isinstance(lost, ConnectionLostError)
