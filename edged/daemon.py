@@ -19,6 +19,8 @@ from pathlib import Path
 from aiohttp import web
 
 from edged.aio import TaskGroup
+from edged.bundle import Installer, detect_device_facts
+from edged.bundle.store import MODELS_DIR
 from edged.config import DaemonConfig
 from edged.errors import EdgedError
 from edged.sdnotify import Notifier, Watchdog, watchdog_interval_s
@@ -42,15 +44,25 @@ class Daemon:
         self.config = config
         self._reload_config = reload_config
         self.telemetry = TelemetryHub(config.telemetry, config.state.directory)
-        self.manager = ModelManager(config.models, self.telemetry.observer)
+        # Installed bundles live in the store under the state directory, layered over the
+        # configured (seed) repository: an installed version wins, also after a restart.
+        self.manager = ModelManager(
+            config.models, self.telemetry.observer, store=config.state.directory / MODELS_DIR
+        )
         self.telemetry.queue_depths = self.manager.queue_depths
+        self.installer = Installer(
+            config.state.directory,
+            self.manager,
+            detect_device_facts(),
+            keep_previous=max(1, config.state.keep_versions - 1),
+        )
         self.notifier = Notifier.from_environment()
         self.watchdog = Watchdog(self.notifier, watchdog_interval_s())
         self.services: list[tuple[str, Service]] = []
         # The MQTT fleet channel (signed deployments and commands); telemetry may publish on it.
         self.fleet: FleetAgent | None = None
         if config.mqtt.enabled:
-            self.fleet = build_fleet_agent(config, self.manager)
+            self.fleet = build_fleet_agent(config, self.manager, self.installer)
             self.services.append(("fleet", self.fleet.run))
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
@@ -79,7 +91,11 @@ class Daemon:
     async def _start_api(self) -> list[str]:
         server = self.config.server
         app = build_app(
-            self.manager, server.max_body_bytes, server.shared_memory_enabled, self.telemetry
+            self.manager,
+            server.max_body_bytes,
+            server.shared_memory_enabled,
+            self.telemetry,
+            self.installer,
         )
         self._runner = web.AppRunner(
             app,
@@ -125,6 +141,11 @@ class Daemon:
                 log.error("reload failed, keeping the running config: %s", exc)
             self.notifier.ready(self._status_line())
 
+    def _recover_store(self) -> None:
+        """Repair whatever a crash interrupted in the bundle store, before anything serves."""
+        self.config.state.directory.mkdir(parents=True, exist_ok=True)
+        self.installer.recover()
+
     def _status_line(self) -> str:
         status = self.manager.status()
         serving = [f"{m['name']}@{m['version']}" for m in status["models"] if m["version"]]
@@ -142,6 +163,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
         self.watchdog.add_probe("inference-workers", self._workers_healthy)
+        await asyncio.to_thread(self._recover_store)
         await self.manager.start()
         endpoints = await self._start_api()
         log.info("edged serving %s on %s", self.manager.model_names(), ", ".join(endpoints))

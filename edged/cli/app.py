@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "edged.cli.fleet",
     "edged.cli.bundle",
     "edged.cli.top",
+    "edged.cli.install",
 )
 
 Handler = Callable[[argparse.Namespace], int]

@@ -10,11 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
 from edged import __version__
+from edged.bundle import Installer, InstallResult
 from edged.errors import (
     DeadlineExceededError,
     EdgedError,
@@ -64,6 +68,7 @@ class AdmissionGate:
 
 GATE: web.AppKey[AdmissionGate] = web.AppKey("gate", AdmissionGate)
 TELEMETRY: web.AppKey[TelemetryHub | None] = web.AppKey("telemetry", TelemetryHub)
+INSTALLER: web.AppKey[Installer | None] = web.AppKey("installer", Installer)
 
 
 def error_response(
@@ -321,11 +326,85 @@ async def prometheus_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
+# --- bundles (operator actions: Unix socket only) ---------------------------------------------
+
+
+def _installer(request: web.Request) -> Installer:
+    """Installs and rollbacks change what the device serves: only over the Unix socket, whose
+    file permissions say who may (the bundle itself is verified either way)."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if not isinstance(sockname, str):
+        raise InvalidRequestError("installs and rollbacks are accepted on the Unix socket only")
+    installer = request.app[INSTALLER]
+    if installer is None:
+        raise InvalidRequestError("this daemon has no bundle store")
+    return installer
+
+
+def _result_response(result: InstallResult) -> web.Response:
+    return web.json_response(result.to_json(), status=200 if result.ok else 409)
+
+
+async def install_bundle(request: web.Request) -> web.Response:
+    installer = _installer(request)
+    limit = installer.limits.max_archive_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise InvalidRequestError(f"bundle of {request.content_length} bytes exceeds {limit}")
+    staging = installer.store.state_dir / "uploads"
+    await asyncio.to_thread(staging.mkdir, parents=True, exist_ok=True)
+    fd, name = await asyncio.to_thread(tempfile.mkstemp, ".bundle", "upload-", staging)
+    path = Path(name)
+    try:
+        size = 0
+        with os.fdopen(fd, "wb") as out:
+            async for chunk in request.content.iter_chunked(1 << 20):
+                size += len(chunk)
+                if size > limit:
+                    raise InvalidRequestError(f"bundle exceeds the limit of {limit} bytes")
+                await asyncio.to_thread(out.write, chunk)
+        source = request.headers.get("Edged-Bundle-Name", "upload")
+        try:
+            result = await installer.install_file(path)
+        except EdgedError as exc:
+            failed = installer.last_result
+            if failed is None:
+                raise
+            log.warning("install of %s rejected: %s", source, exc)
+            return _result_response(failed)
+        return _result_response(result)
+    finally:
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+
+
+async def rollback_model(request: web.Request) -> web.Response:
+    installer = _installer(request)
+    to = request.query.get("to")
+    try:
+        to_version = int(to) if to is not None else None
+    except ValueError:
+        raise InvalidRequestError(f"'to' must be a version number, got {to!r}") from None
+    try:
+        result = await installer.rollback(request.match_info["name"], to_version)
+    except EdgedError as exc:
+        failed = installer.last_result
+        if failed is None:
+            raise
+        log.warning("rollback refused: %s", exc)
+        return _result_response(failed)
+    return _result_response(result)
+
+
+async def install_history(request: web.Request) -> web.Response:
+    installer = request.app[INSTALLER]
+    return web.json_response(installer.history() if installer else [])
+
+
 def build_app(
     manager: ModelManager,
     max_body_bytes: int,
     shared_memory: bool,
     telemetry: TelemetryHub | None = None,
+    installer: Installer | None = None,
 ) -> web.Application:
     # aiohttp's own limit sits above ours so that we answer with a clear 400 instead.
     app = web.Application(client_max_size=max_body_bytes + 1, middlewares=[errors_middleware])
@@ -334,6 +413,7 @@ def build_app(
     app[MAX_BODY] = max_body_bytes
     app[GATE] = AdmissionGate()
     app[TELEMETRY] = telemetry
+    app[INSTALLER] = installer
     r = app.router
     r.add_get("/v2", server_metadata)
     r.add_get("/v2/health/live", health_live)
@@ -354,4 +434,7 @@ def build_app(
     r.add_get("/edged/v1/status", edged_status)
     r.add_get("/edged/v1/telemetry", edged_telemetry)
     r.add_get("/metrics", prometheus_metrics)
+    r.add_post("/edged/v1/bundles", install_bundle)
+    r.add_post("/edged/v1/models/{name}/rollback", rollback_model)
+    r.add_get("/edged/v1/installs", install_history)
     return app

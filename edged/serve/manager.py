@@ -188,9 +188,12 @@ class ModelManager:
         self,
         config: ModelsConfig,
         observer_factory: ObserverFactory | None = None,
+        store: Path | None = None,
     ) -> None:
+        """``store``: the bundle store's model repository, layered over ``config.repository``."""
         self.config = config
         self.repository = config.repository
+        self.store = store
         self._observer_factory = observer_factory or (lambda name: NullObserver())
         self._entries: dict[str, ModelEntry] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -204,17 +207,23 @@ class ModelManager:
         self._loop = asyncio.get_running_loop()
         await self.reload_repository()
 
+    @property
+    def repositories(self) -> list[Path]:
+        layers = [self.store] if self.store is not None else []
+        return [*layers, *(r for r in [self.repository] if r not in layers)]
+
     async def reload_repository(self) -> None:
         """Load new models and changed versions, unload models gone from disk (SIGHUP)."""
-        found = repository.scan(self.repository)
+        found = repository.scan_layers(self.repositories)
         for name, model in found.items():
             entry = self._entries.get(name)
             serving = entry.slot.current if entry else None
             if model.current is None:
                 continue
-            if serving is None or serving.version != model.current:
+            wanted = model.version_dir(model.current)
+            if serving is None or serving.version_dir.resolve() != wanted.resolve():
                 try:
-                    await self.load_version(name, model.version_dir(model.current))
+                    await self.load_version(name, wanted)
                 except EdgedError as exc:
                     log.error("model %s: %s", name, exc)
         for name in list(self._entries):
@@ -250,9 +259,8 @@ class ModelManager:
 
     async def load_model(self, name: str) -> str:
         """(Re)load the version the repository names for ``name``; returns that version."""
-        model = repository.read_model(self.repository, name)
-        if model.current is None:
-            raise ModelNotFoundError(f"model {name!r} has no complete version in {self.repository}")
+        model = repository.read_model_layers(self.repositories, name)
+        assert model.current is not None
         await self.load_version(name, model.version_dir(model.current))
         return model.current
 
@@ -462,7 +470,7 @@ class ModelManager:
     def index(self) -> list[dict[str, Any]]:
         """The repository index (Open Inference Protocol repository extension)."""
         rows: list[dict[str, Any]] = []
-        for name, model in repository.scan(self.repository).items():
+        for name, model in repository.scan_layers(self.repositories).items():
             entry = self._entries.get(name)
             serving = entry.slot.current if entry else None
             for version in model.versions:

@@ -50,6 +50,28 @@ def read_model(repo: Path, name: str) -> RepositoryModel:
     return RepositoryModel(name, directory, tuple(versions), current)
 
 
+def scan_layers(repos: list[Path]) -> dict[str, RepositoryModel]:
+    """Several repositories, the first one that has a model winning (the bundle store comes
+    first, so an installed bundle overrides a seed model of the same name)."""
+    merged: dict[str, RepositoryModel] = {}
+    for repo in repos:
+        for name, model in scan(repo).items():
+            if name not in merged and model.current is not None:
+                merged[name] = model
+    return merged
+
+
+def read_model_layers(repos: list[Path], name: str) -> RepositoryModel:
+    for repo in repos:
+        if (repo / name).is_dir():
+            model = read_model(repo, name)
+            if model.current is not None:
+                return model
+    raise ModelNotFoundError(
+        f"model {name!r} is in none of the repositories {', '.join(map(str, repos))}"
+    )
+
+
 def scan(repo: Path) -> dict[str, RepositoryModel]:
     """Every model directory in ``repo`` (hidden and staging directories are skipped)."""
     if not repo.is_dir():

@@ -1,0 +1,175 @@
+"""The operator's path for signed bundles, all through the real CLI and a real daemon:
+``edged keygen``, ``edged trust init``, ``edged bundle build``, ``edged install`` under load,
+a refused tampered bundle, ``edged rollback``, and the store surviving a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+
+from edged.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
+from tests.support.daemon import DaemonProcess, running_daemon
+
+pytestmark = pytest.mark.integration
+
+EDGED = [sys.executable, "-m", "edged.cli.main"]
+X = np.random.default_rng(11).standard_normal((1, 64), dtype=np.float32)
+
+
+def edged(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*EDGED, *args], capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"edged {' '.join(args)} -> {result.returncode}\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    keydir = tmp_path / "keys"
+    keydir.mkdir()
+    edged("keygen", str(keydir / "root"))
+    edged("keygen", str(keydir / "signer"))
+    return keydir
+
+
+def trust_init(keys: Path, state: Path) -> None:
+    edged(
+        "trust", "init", "--out", str(state / "trust"),
+        "--root-key", str(keys / "root.key"), "--signer", str(keys / "signer.pub"),
+    )  # fmt: skip
+
+
+def build(keys: Path, tmp_path: Path, version: int, counter: int, shift: float) -> Path:
+    model_dir = tmp_path / "build" / str(version)
+    write_onnx_mlp(model_dir, SAMPLE_MLP_LAYERS, seed=0, bias_shift=shift)
+    out = tmp_path / f"mlp-{version}.bundle"
+    edged(
+        "bundle", "build", "--model-dir", str(model_dir), "--config", str(tmp_path / "models" / "mlp" / "config.toml"),
+        "--name", "mlp", "--version", str(version), "--counter", str(counter),
+        "--key", str(keys / "signer.key"), "-o", str(out),
+    )  # fmt: skip
+    return out
+
+
+async def _load(url: str, stop: asyncio.Event, results: list[tuple[int, str, list[float]]]) -> None:
+    body = {
+        "inputs": [
+            {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": X.ravel().tolist()}
+        ]
+    }
+    async with aiohttp.ClientSession() as session:
+        while not stop.is_set():
+            async with session.post(f"{url}/v2/models/mlp/infer", json=body) as response:
+                doc: dict[str, Any] = await response.json()
+                if response.status == 200:
+                    results.append((200, doc["model_version"], doc["outputs"][0]["data"]))
+                else:
+                    results.append((response.status, "", []))
+
+
+def install_under_load(
+    daemon: DaemonProcess, bundle: Path
+) -> tuple[subprocess.CompletedProcess[str], list[tuple[int, str, list[float]]]]:
+    results: list[tuple[int, str, list[float]]] = []
+
+    async def scenario() -> subprocess.CompletedProcess[str]:
+        stop = asyncio.Event()
+        clients = [asyncio.ensure_future(_load(daemon.url, stop, results)) for _ in range(8)]
+        await asyncio.sleep(0.5)
+        done = await asyncio.to_thread(
+            edged,
+            "install",
+            str(bundle),
+            "--socket",
+            str(daemon.socket_path),
+            "--json",
+            check=False,
+        )
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*clients)
+        return done
+
+    return asyncio.run(scenario()), results
+
+
+def test_bundle_install_rollback_and_restart_through_the_cli(
+    model_repo: Path, tmp_path: Path, keys: Path
+) -> None:
+    work = tmp_path / "d"
+    trust_init(keys, work / "state")
+    good = build(keys, tmp_path, version=2, counter=1, shift=10.0)
+    with running_daemon(model_repo, work) as daemon:
+        done, results = install_under_load(daemon, good)
+        assert done.returncode == 0, done.stderr
+        outcome = json.loads(done.stdout)
+        assert (outcome["outcome"], outcome["version"], outcome["previous_version"]) == (
+            "installed",
+            2,
+            None,
+        )
+        assert [r for r in results if r[0] != 200] == []
+        versions = {r[1] for r in results}
+        assert versions == {"1", "2"}
+        base = np.asarray(next(r[2] for r in results if r[1] == "1"))
+        for _, version, data in results:
+            np.testing.assert_allclose(
+                np.asarray(data), base + (10.0 if version == "2" else 0.0), atol=1e-3
+            )
+
+        # A tampered copy of the next release: one byte of the weights flipped after signing.
+        newer = build(keys, tmp_path, version=3, counter=2, shift=20.0)
+        tampered = tmp_path / "tampered.bundle"
+        raw = bytearray(newer.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        tampered.write_bytes(bytes(raw))
+        bad = edged("install", str(tampered), "--socket", str(daemon.socket_path), check=False)
+        assert bad.returncode == 1
+        assert "install failed" in bad.stdout
+        status = json.loads(edged("status", "--json", "--socket", str(daemon.socket_path)).stdout)
+        assert next(m for m in status["models"] if m["name"] == "mlp")["version"] == "2"
+        assert not list((work / "state").glob("staging/*"))
+        assert not (work / "state" / "models" / "mlp" / "3").exists()
+
+        assert edged("install", str(newer), "--socket", str(daemon.socket_path)).returncode == 0
+        rolled = edged("rollback", "mlp", "--socket", str(daemon.socket_path), "--json")
+        assert json.loads(rolled.stdout)["version"] == 2
+        history = json.loads(
+            edged("installs", "--json", "--socket", str(daemon.socket_path)).stdout
+        )
+        assert [h["outcome"] for h in history][-1] == "rolled-back"
+    # The store is layered over the seed repository: version 2 still serves after a restart.
+    with running_daemon(model_repo, work) as daemon:
+        status = json.loads(edged("status", "--json", "--socket", str(daemon.socket_path)).stdout)
+        assert next(m for m in status["models"] if m["name"] == "mlp")["version"] == "2"
+
+
+def test_installs_are_refused_over_tcp(model_repo: Path, tmp_path: Path, keys: Path) -> None:
+    work = tmp_path / "d"
+    trust_init(keys, work / "state")
+    good = build(keys, tmp_path, version=2, counter=1, shift=1.0)
+    with running_daemon(model_repo, work) as daemon:
+        refused = edged("install", str(good), "--url", daemon.url, check=False)
+        assert refused.returncode == 1
+        assert "Unix socket only" in refused.stderr
+
+
+def test_offline_install_into_a_state_directory(
+    model_repo: Path, tmp_path: Path, keys: Path
+) -> None:
+    state = tmp_path / "state"
+    trust_init(keys, state)
+    good = build(keys, tmp_path, version=2, counter=1, shift=1.0)
+    done = edged("install", str(good), "--offline", "--state-dir", str(state), "--json")
+    assert json.loads(done.stdout)["outcome"] == "installed"
+    assert (state / "models" / "mlp" / "CURRENT").read_text().strip() == "2"
