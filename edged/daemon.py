@@ -38,6 +38,25 @@ Service = Callable[[], Awaitable[None]]
 ConfigLoader = Callable[[], DaemonConfig]
 
 
+class FleetTelemetrySink:
+    """Telemetry records go out on the device's telemetry topic at QoS 1 over the agent's
+    connection; ``publish`` returns once the broker acknowledged (PUBACK)."""
+
+    def __init__(self, agent: FleetAgent, timeout_s: float = 10.0) -> None:
+        self._agent = agent
+        self._timeout_s = timeout_s
+
+    @property
+    def connected(self) -> bool:
+        return self._agent.connected
+
+    async def wait_connected(self) -> None:
+        await self._agent.wait_connected()
+
+    async def publish_telemetry(self, payload: bytes) -> None:
+        await self._agent.publish("telemetry", payload, qos=1, timeout=self._timeout_s)
+
+
 class Daemon:
     def __init__(self, config: DaemonConfig, reload_config: ConfigLoader | None = None) -> None:
         """``reload_config`` re-reads the config on SIGHUP (with command-line overrides)."""
@@ -64,6 +83,8 @@ class Daemon:
         if config.mqtt.enabled:
             self.fleet = build_fleet_agent(config, self.manager, self.installer)
             self.services.append(("fleet", self.fleet.run))
+            self.telemetry.device_id = self.fleet.device_id
+            self.telemetry.sink = FleetTelemetrySink(self.fleet)
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._sigint_count = 0
