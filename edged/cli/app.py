@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "edged.cli.bundle",
     "edged.cli.top",
     "edged.cli.install",
+    "edged.cli.doctor",
 )
 
 Handler = Callable[[argparse.Namespace], int]
