@@ -10,6 +10,8 @@
 # CPython DISTRO-python on ARCH, downloaded here with `pip download --platform`. Its postinst builds
 # /opt/edged/venv from those wheels with the system python3 and `pip install --no-index`, so the
 # device needs no network and no compiler, and the host needs no emulator for a foreign ARCH.
+# The dependency tree is resolved for the target with `uv pip compile` (uv from PATH, or
+# installed from PyPI into a throw-away venv) and pinned in the wheelhouse's requirements.txt.
 #
 # Environment:
 #   PYTHON             a Python >= 3.10 with pip, used only to build and download (python3)
@@ -18,7 +20,7 @@
 #   EDGED_WHEEL_CACHE  pip's download cache (default: pip's own)
 set -euo pipefail
 
-usage() { sed -n '2,10s/^# \{0,1\}//p' "$0" >&2; exit 2; }
+usage() { sed -n '2,7s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 if [ $# -lt 1 ] || [ $# -gt 2 ]; then usage; fi
 ARCH=$1
 DISTRO=${2:-bookworm}
@@ -68,14 +70,31 @@ pip=("$PYTHON" -m pip --disable-pip-version-check)
 EDGED_WHEEL=$(ls "$WHEELS"/edged-*.whl)
 VERSION=$(basename "$EDGED_WHEEL" | cut -d- -f2)
 
+# Resolve the dependency tree for the target, not for this host: `pip download --python-version`
+# filters wheels by tag but evaluates environment markers (python_version < "3.11": tomli,
+# taskgroup, async-timeout ...) against the interpreter running pip. uv resolves for a given
+# Python version and platform, markers included; pip then fetches exactly those pins.
+UV=$(command -v uv || true)
+if [ -z "$UV" ]; then
+    "$PYTHON" -m venv "$BUILD/tools"
+    "$BUILD/tools/bin/python" -m pip install --quiet --disable-pip-version-check uv
+    UV="$BUILD/tools/bin/uv"
+fi
+echo "edged @ file://$EDGED_WHEEL" >"$BUILD/requirements.in"
+"$UV" --quiet pip compile --no-config --no-header --no-annotate --only-binary :all: \
+    --python-version "$PYTHON_VERSION" --python-platform "$MACHINE-manylinux_2_$GLIBC_MAX" \
+    --output-file "$BUILD/resolved.txt" "$BUILD/requirements.in"
+grep -v '^edged @ ' "$BUILD/resolved.txt" >"$BUILD/dependencies.txt"
+
 platforms=(--platform "manylinux2014_$MACHINE")
 for minor in $(seq 17 "$GLIBC_MAX"); do
     platforms+=(--platform "manylinux_2_${minor}_$MACHINE")
 done
 PYTAG=cp${PYTHON_VERSION/./}
-"${pip[@]}" download --quiet --dest "$WHEELS" --only-binary=:all: \
+"${pip[@]}" download --quiet --no-deps --dest "$WHEELS" --only-binary=:all: \
     --implementation cp --python-version "$PYTHON_VERSION" --abi "$PYTAG" --abi abi3 --abi none \
-    "${platforms[@]}" "$EDGED_WHEEL" pip
+    "${platforms[@]}" --requirement "$BUILD/dependencies.txt" pip
+{ echo "edged==$VERSION"; cat "$BUILD/dependencies.txt"; } >"$WHEELS/requirements.txt"
 
 # Every wheel must be pure or built for this machine; the newest manylinux tag sets libc6.
 GLIBC_MIN=$("$PYTHON" - "$WHEELS" "$MACHINE" <<'PY'
@@ -112,7 +131,7 @@ PYTHON_NEXT="${PYTHON_VERSION%.*}.$(( ${PYTHON_VERSION#*.} + 1 ))"
 install -d "$ROOT/DEBIAN" "$ROOT/usr/bin" "$ROOT/usr/lib/edged/wheelhouse" \
     "$ROOT/usr/lib/systemd/system" "$ROOT/usr/lib/sysusers.d" "$ROOT/usr/lib/tmpfiles.d" \
     "$ROOT/etc/edged" "$ROOT/usr/share/doc/edged/examples" "$ROOT/usr/share/man/man1"
-install -m 0644 "$WHEELS"/*.whl "$ROOT/usr/lib/edged/wheelhouse/"
+install -m 0644 "$WHEELS"/*.whl "$WHEELS/requirements.txt" "$ROOT/usr/lib/edged/wheelhouse/"
 ln -s /opt/edged/venv/bin/edged "$ROOT/usr/bin/edged"
 install -m 0644 "$SRC/systemd/edged.service" "$ROOT/usr/lib/systemd/system/edged.service"
 install -m 0644 "$SRC/systemd/edged.sysusers" "$ROOT/usr/lib/sysusers.d/edged.conf"
