@@ -1,10 +1,7 @@
 """edged: an edge-inference daemon for ARM64 boards and NVIDIA Jetson devices."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("edged")
-except PackageNotFoundError:  # running from a source tree without an install
-    __version__ = "0.0.0+source"
+# The one place the version is written (pyproject reads it); no importlib.metadata lookup at
+# start-up, which costs tens of milliseconds on a small board.
+__version__ = "0.1.0"
 
 __all__ = ["__version__"]

@@ -15,6 +15,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -27,7 +28,9 @@ from edged.sdnotify import Notifier, Watchdog, watchdog_interval_s
 from edged.serve.api import GATE, build_app
 from edged.serve.manager import ModelManager
 from edged.telemetry.hub import TelemetryHub
-from edged.transport.agent import FleetAgent, build_fleet_agent
+
+if TYPE_CHECKING:  # the MQTT stack is imported only when the fleet channel is enabled
+    from edged.transport.agent import FleetAgent
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ class Daemon:
         self.installer = Installer(
             config.state.directory,
             self.manager,
-            detect_device_facts(),
+            detect_device_facts,
             keep_previous=max(1, config.state.keep_versions - 1),
         )
         self.notifier = Notifier.from_environment()
@@ -81,6 +84,8 @@ class Daemon:
         # The MQTT fleet channel (signed deployments and commands); telemetry may publish on it.
         self.fleet: FleetAgent | None = None
         if config.mqtt.enabled:
+            from edged.transport.agent import build_fleet_agent
+
             self.fleet = build_fleet_agent(config, self.manager, self.installer)
             self.services.append(("fleet", self.fleet.run))
             self.telemetry.device_id = self.fleet.device_id

@@ -106,7 +106,7 @@ class Installer:
         self,
         state_dir: Path,
         target: SwapTarget,
-        device: DeviceFacts,
+        device: DeviceFacts | Callable[[], DeviceFacts],
         *,
         keep_previous: int = DEFAULT_KEEP_PREVIOUS,
         limits: BundleLimits = DEFAULT_LIMITS,
@@ -118,13 +118,21 @@ class Installer:
         self.store = ModelStore(state_dir, limits, checkpoint)
         self.trust = TrustStore(self.store.trust_dir, limits)
         self.target = target
-        self.device = device
+        # A callable is asked on first use: detecting the runtimes imports ONNX Runtime, which
+        # a daemon with no bundle to check should not pay for at start-up.
+        self._device = device
         self.keep_previous = keep_previous
         self.limits = limits
         self.clock = clock
         self._checkpoint = checkpoint
         self._lock = asyncio.Lock()
         self.last_result: InstallResult | None = None
+
+    @property
+    def device(self) -> DeviceFacts:
+        if callable(self._device):
+            self._device = self._device()
+        return self._device
 
     # --- public API -----------------------------------------------------------------------
 

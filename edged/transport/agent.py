@@ -759,7 +759,7 @@ def build_fleet_agent(
         installer = Installer(
             config.state.directory,
             manager,
-            detect_device_facts(),
+            detect_device_facts,
             keep_previous=max(1, config.state.keep_versions - 1),
         )
     return FleetAgent(replace(settings, device_id=device_id), manager, installer)
