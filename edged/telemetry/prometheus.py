@@ -9,6 +9,8 @@ left out rather than reported as 0. See docs/telemetry.md.
 
 from __future__ import annotations
 
+import bisect
+import functools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -22,7 +24,7 @@ from prometheus_client.core import (
 )
 
 from edged.telemetry.energy import EnergyStats
-from edged.telemetry.histogram import LATENCY_LAYOUT, HistogramSnapshot
+from edged.telemetry.histogram import LATENCY_LAYOUT, HistogramLayout, HistogramSnapshot
 from edged.telemetry.hub import TelemetryHub
 from edged.telemetry.metrics import BATCH_LAYOUT, Counters, ModelKey, ModelSnapshot
 from edged.telemetry.power import PowerReading
@@ -85,26 +87,41 @@ class MetricsInputs:
     published: int = 0
 
 
+@functools.lru_cache(maxsize=16)
+def _bound_of_slot(
+    layout: HistogramLayout, bounds: tuple[float, ...], scale: float
+) -> tuple[int, ...]:
+    """For each counts slot of ``layout``: the index of the first bound its highest value is
+    within (``len(bounds)`` for none, i.e. only ``+Inf``)."""
+    out = []
+    for slot in range(layout.counts_len):
+        highest = layout.highest_value_at(slot) * scale
+        out.append(bisect.bisect_left(bounds, highest * (1 - 1e-12)))
+    return tuple(out)
+
+
 def cumulative_buckets(
     histogram: HistogramSnapshot, bounds: Sequence[float], scale: float = 1.0
 ) -> list[tuple[str, float]]:
     """Prometheus ``le`` buckets (cumulative, ending with ``+Inf``) of an HDR histogram.
 
-    ``scale`` converts a recorded value into the unit of ``bounds`` (1e-6 for microseconds to
-    seconds). An HDR bucket counts toward a bound only when its highest value is within it,
-    so a bound never claims a request was faster than it was; an HDR bucket is less than 1 %
-    wide, which bounds how much later it may be counted.
+    ``bounds`` ascending; ``scale`` converts a recorded value into their unit (1e-6 for
+    microseconds to seconds). An HDR bucket counts toward a bound only when its highest value
+    is within it, so a bound never claims a request was faster than it was; an HDR bucket is
+    less than 1 % wide, which bounds how much later it may be counted.
     """
-    pairs = list(histogram.buckets())
+    bounds = tuple(bounds)
+    slot_bound = _bound_of_slot(histogram.layout, bounds, scale)
+    per_bound = [0] * (len(bounds) + 1)
+    for count, bound_index in zip(histogram.counts, slot_bound, strict=True):
+        if count:
+            per_bound[bound_index] += count
     out: list[tuple[str, float]] = []
     running = 0
-    index = 0
-    for bound in bounds:
-        while index < len(pairs) and pairs[index][0] * scale <= bound * (1 + 1e-12):
-            running += pairs[index][1]
-            index += 1
+    for bound, count in zip(bounds, per_bound, strict=False):
+        running += count
         out.append((repr(float(bound)), float(running)))
-    out.append(("+Inf", float(histogram.count)))
+    out.append(("+Inf", float(running + per_bound[-1])))
     return out
 
 
