@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "edged.cli.top",
     "edged.cli.install",
     "edged.cli.doctor",
+    "edged.cli.demo",
 )
 
 Handler = Callable[[argparse.Namespace], int]
