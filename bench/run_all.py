@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     benchmarks = [
         [str(BENCH_DIR / "serving.py"), *extra],
         [str(BENCH_DIR / "memory_lean.py")],
+        [str(BENCH_DIR / "telemetry_overhead.py")],
+        [str(BENCH_DIR / "footprint.py")],
     ]
     status = 0
     started = time.monotonic()

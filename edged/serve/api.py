@@ -316,13 +316,17 @@ def _hub(request: web.Request) -> TelemetryHub:
 
 
 async def edged_telemetry(request: web.Request) -> web.Response:
-    return web.json_response(_hub(request).snapshot())
+    # Off the event loop: the spool's lock may be held across an fsync.
+    return web.json_response(await asyncio.to_thread(_hub(request).snapshot))
 
 
 async def prometheus_metrics(request: web.Request) -> web.Response:
     from edged.telemetry.prometheus import render_metrics
 
-    body, content_type = render_metrics(_hub(request), request.app[MANAGER])
+    # A scrape snapshots every histogram (milliseconds of work): not on the event loop.
+    body, content_type = await asyncio.to_thread(
+        render_metrics, _hub(request), request.app[MANAGER]
+    )
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 

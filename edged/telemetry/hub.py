@@ -73,7 +73,8 @@ class ModelObserver:
         for waited in queue_s:
             metrics.observe_request(waited, compute_s, waited + compute_s)
         metrics.observe_batch(rows)
-        self._hub.energy.add_compute(ModelKey(self._model, version), start, end, rows)
+        if self._hub.attributes_energy:
+            self._hub.energy.add_compute(ModelKey(self._model, version), start, end, rows)
 
     def on_outcome(self, outcome: str, count: int = 1) -> None:
         version = self._version
@@ -110,6 +111,9 @@ class TelemetryHub:
             else Interpolation.LINEAR
         )
         self.energy = EnergyAttributor(interpolation=interpolation)
+        # Only the record loop drains the attributor: without it, or without a power sensor,
+        # compute windows would pile up unread.
+        self.attributes_energy = config.enabled and self.power.available
         self.system = SystemSampler(sysfs_root=config.sysfs_root)
         self.spool_dir = state_dir / "telemetry"
         self.spool: Spool | None = None
