@@ -10,7 +10,7 @@
 # CPython DISTRO-python on ARCH, downloaded here with `pip download --platform`. Its postinst builds
 # /opt/edged/venv from those wheels with the system python3 and `pip install --no-index`, so the
 # device needs no network and no compiler, and the host needs no emulator for a foreign ARCH.
-# The dependency tree is resolved for the target with `uv pip compile` (uv from PATH, or
+# The dependency tree is resolved for the target with pip and `uv pip compile` (uv from PATH, or
 # installed from PyPI into a throw-away venv) and pinned in the wheelhouse's requirements.txt.
 #
 # Environment:
@@ -70,31 +70,39 @@ pip=("$PYTHON" -m pip --disable-pip-version-check)
 EDGED_WHEEL=$(ls "$WHEELS"/edged-*.whl)
 VERSION=$(basename "$EDGED_WHEEL" | cut -d- -f2)
 
-# Resolve the dependency tree for the target, not for this host: `pip download --python-version`
-# filters wheels by tag but evaluates environment markers (python_version < "3.11": tomli,
-# taskgroup, async-timeout ...) against the interpreter running pip. uv resolves for a given
-# Python version and platform, markers included; pip then fetches exactly those pins.
+# Resolving for a target Python/platform other than this host's takes two tools, each covering
+# the other's blind spot:
+# - `pip download --python-version --platform` filters wheels by tag and honours Requires-Python,
+#   but evaluates environment markers (python_version < "3.11": tomli, taskgroup,
+#   async-timeout ...; platform_machine) for the interpreter running pip;
+# - `uv pip compile --python-version --python-platform` evaluates markers for the target, but
+#   ignores Requires-Python upper bounds (it picks backports-strenum 1.3.1, <3.11, for 3.11).
+# So uv names the packages the target needs, pip picks their versions and downloads them, and
+# uv then pins the result from the wheelhouse alone, which fails if a wheel is missing.
 UV=$(command -v uv || true)
 if [ -z "$UV" ]; then
     "$PYTHON" -m venv "$BUILD/tools"
     "$BUILD/tools/bin/python" -m pip install --quiet --disable-pip-version-check uv
     UV="$BUILD/tools/bin/uv"
 fi
+uv_compile=("$UV" --quiet pip compile --no-config --no-header --no-annotate --only-binary :all:
+    --python-version "$PYTHON_VERSION" --python-platform "$MACHINE-manylinux_2_$GLIBC_MAX")
 echo "edged @ file://$EDGED_WHEEL" >"$BUILD/requirements.in"
-"$UV" --quiet pip compile --no-config --no-header --no-annotate --only-binary :all: \
-    --python-version "$PYTHON_VERSION" --python-platform "$MACHINE-manylinux_2_$GLIBC_MAX" \
-    --output-file "$BUILD/resolved.txt" "$BUILD/requirements.in"
-grep -v '^edged @ ' "$BUILD/resolved.txt" >"$BUILD/dependencies.txt"
+"${uv_compile[@]}" --output-file "$BUILD/names.txt" "$BUILD/requirements.in"
+mapfile -t needed < <(grep -v '^edged @ ' "$BUILD/names.txt" | sed 's/==.*//')
 
 platforms=(--platform "manylinux2014_$MACHINE")
 for minor in $(seq 17 "$GLIBC_MAX"); do
     platforms+=(--platform "manylinux_2_${minor}_$MACHINE")
 done
 PYTAG=cp${PYTHON_VERSION/./}
-"${pip[@]}" download --quiet --no-deps --dest "$WHEELS" --only-binary=:all: \
+"${pip[@]}" download --quiet --dest "$WHEELS" --only-binary=:all: \
     --implementation cp --python-version "$PYTHON_VERSION" --abi "$PYTAG" --abi abi3 --abi none \
-    "${platforms[@]}" --requirement "$BUILD/dependencies.txt" pip
-{ echo "edged==$VERSION"; cat "$BUILD/dependencies.txt"; } >"$WHEELS/requirements.txt"
+    "${platforms[@]}" "$EDGED_WHEEL" "${needed[@]}" pip
+
+echo "edged==$VERSION" >"$BUILD/edged.in"
+"${uv_compile[@]}" --no-index --find-links "$WHEELS" --output-file "$WHEELS/requirements.txt" \
+    "$BUILD/edged.in"
 
 # Every wheel must be pure or built for this machine; the newest manylinux tag sets libc6.
 GLIBC_MIN=$("$PYTHON" - "$WHEELS" "$MACHINE" <<'PY'
