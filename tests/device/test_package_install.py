@@ -258,19 +258,21 @@ def test_install_creates_user_directories_and_venv(installed_root: Path) -> None
     out = check_in(
         installed_root,
         "getent passwd edged | cut -d: -f6,7;"
-        " stat -c '%n %U %G %a' /etc/edged /var/lib/edged /var/lib/edged/models;"
+        " stat -c '%n %U %G %a' /etc/edged /var/lib/edged /var/lib/edged/models"
+        " /var/lib/edged/seed;"
         " readlink /usr/bin/edged; readlink /opt/edged/venv; ls -d /opt/edged/venv-*;"
         " dpkg-query -W -f='${Conffiles}\\n' edged; dpkg --verify edged && echo verified",
     ).splitlines()
     assert out[0] == "/var/lib/edged:/usr/sbin/nologin"
-    assert out[1:4] == [
+    assert out[1:5] == [
         "/etc/edged root edged 750",
         "/var/lib/edged edged edged 750",
         "/var/lib/edged/models edged edged 750",
+        "/var/lib/edged/seed edged edged 750",
     ]
-    assert out[4] == "/opt/edged/venv/bin/edged"
-    assert out[5].startswith("venv-") and out[6] == f"/opt/edged/{out[5]}"
-    assert out[7].split()[0] == "/etc/edged/edged.toml"
+    assert out[5] == "/opt/edged/venv/bin/edged"
+    assert out[6].startswith("venv-") and out[7] == f"/opt/edged/{out[6]}"
+    assert out[8].split()[0] == "/etc/edged/edged.toml"
     assert out[-1] == "verified"
 
 
@@ -281,7 +283,7 @@ def test_shipped_config_is_what_the_daemon_loads(installed_root: Path) -> None:
         ' load_config; c = load_config(Path("/etc/edged/edged.toml"));'
         " print(c.models.repository, c.state.directory, c.mqtt.enabled)'",
     )
-    assert out.split() == ["/var/lib/edged/models", "/var/lib/edged", "False"]
+    assert out.split() == ["/var/lib/edged/seed", "/var/lib/edged", "False"]
 
 
 def test_runtimes_run_the_sample_models_inside_the_root(installed_root: Path) -> None:
@@ -443,7 +445,7 @@ def test_unit_serves_models_under_systemd_in_a_container(package: Package, tmp_p
         _install(root, package)
         uid = _uid_in(root, "edged")
         for model in ("mlp", "fc"):
-            target = root / "var/lib/edged/models" / model
+            target = root / "var/lib/edged/seed" / model
             shutil.copytree(REPO / "models" / model, target)
             for path in [target, *target.rglob("*")]:
                 os.chown(path, uid, uid)

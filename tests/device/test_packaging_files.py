@@ -20,7 +20,7 @@ SCRIPTS = [PACKAGING / "debian" / name for name in ("postinst", "prerm", "postrm
 
 def test_shipped_config_loads_and_keeps_state_under_var_lib() -> None:
     config = load_config(PACKAGING / "edged.toml")
-    assert config.models.repository == Path("/var/lib/edged/models")
+    assert config.models.repository == Path("/var/lib/edged/seed")  # not the bundle store
     assert config.state.directory == Path("/var/lib/edged")
     assert config.server.host == "127.0.0.1"
     assert not config.mqtt.enabled
