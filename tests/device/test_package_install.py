@@ -250,6 +250,7 @@ def test_edged_doctor_runs(installed_root: Path) -> None:
     result = run_in(installed_root, "edged doctor")
     if "invalid choice: 'doctor'" in result.stderr:
         pytest.skip("`edged doctor` is not implemented yet; only `edged --version` was run")
+    print(result.stdout, result.stderr)  # shown with pytest -s: what doctor says in a chroot
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode in (0, 1), result.stdout + result.stderr
 
