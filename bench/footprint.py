@@ -103,8 +103,18 @@ def main() -> int:
         "rss_mb_with_sample_models": rss_models / 1e6,
     }
     rows = [
-        ("start to READY=1 (no models)", f"{results['ready_s_median']:.2f} s", "<= 1 s", results["ready_s_median"] <= 1.0),
-        ("RSS, no models", f"{results['rss_mb_no_models']:.1f} MB", "<= 80 MB", results["rss_mb_no_models"] <= 80),
+        (
+            "start to READY=1 (no models)",
+            f"{results['ready_s_median']:.2f} s",
+            "<= 1 s",
+            results["ready_s_median"] <= 1.0,
+        ),
+        (
+            "RSS, no models",
+            f"{results['rss_mb_no_models']:.1f} MB",
+            "<= 80 MB",
+            results["rss_mb_no_models"] <= 80,
+        ),
         (
             f"idle CPU over {args.idle_seconds:.0f} s",
             f"{results['idle_cpu_percent_of_one_core']:.3f} % of a core",

@@ -97,9 +97,10 @@ def register_backend(backend: Backend) -> None:
 
 
 def registered_backends() -> dict[str, Backend]:
-    if not _registry:
-        for name in _BACKEND_MODULES:
-            importlib.import_module(name)
+    # Every time, not only while the registry is empty: importing one backend module directly
+    # must not hide the others. Re-imports are dictionary lookups.
+    for name in _BACKEND_MODULES:
+        importlib.import_module(name)
     return dict(_registry)
 
 

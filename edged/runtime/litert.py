@@ -58,6 +58,9 @@ class LiteRtModel:
         self._output_details = interpreter.get_output_details()
         self._inputs = tuple(_spec(d) for d in self._input_details)
         self._outputs = tuple(_spec(d) for d in self._output_details)
+        self._dynamic_batch = all(
+            t.shape and t.shape[0] == -1 for t in (*self._inputs, *self._outputs)
+        )
         self._description = description
 
     @property
@@ -70,7 +73,7 @@ class LiteRtModel:
 
     @property
     def dynamic_batch(self) -> bool:
-        return all(t.shape and t.shape[0] == -1 for t in (*self._inputs, *self._outputs))
+        return self._dynamic_batch
 
     @property
     def description(self) -> str:

@@ -67,6 +67,9 @@ class OnnxModel:
         self._session = session
         self._inputs = tuple(_spec(a) for a in session.get_inputs())
         self._outputs = tuple(_spec(a) for a in session.get_outputs())
+        self._dynamic_batch = all(
+            t.shape and t.shape[0] == -1 for t in (*self._inputs, *self._outputs)
+        )
         self._output_names = [o.name for o in self._outputs]
         self._description = description
 
@@ -80,7 +83,7 @@ class OnnxModel:
 
     @property
     def dynamic_batch(self) -> bool:
-        return all(t.shape and t.shape[0] == -1 for t in (*self._inputs, *self._outputs))
+        return self._dynamic_batch
 
     @property
     def description(self) -> str:
@@ -110,6 +113,9 @@ class OnnxBackend:
             so.intra_op_num_threads = options.intra_op_threads
         if options.inter_op_threads:
             so.inter_op_num_threads = options.inter_op_threads
+        if not options.spin_wait:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if options.memory_lean:
             so.add_session_config_entry("session.disable_prepacking", "1")
             so.enable_cpu_mem_arena = False

@@ -14,3 +14,6 @@ class RuntimeOptions:
     # True: no weight prepacking. Weights stay in the page cache of the mmapped file instead of
     # being copied into private memory; loads are near-instant, large GEMMs run slower.
     memory_lean: bool = False
+    # ONNX Runtime's intra-op threads spin while waiting for work: lower latency, but they burn
+    # CPU (and battery) between batches. false: they sleep.
+    spin_wait: bool = True

@@ -5,6 +5,7 @@
 intra_op_threads = 0          # 0: the runtime's default
 providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 memory_lean = false           # true: no weight prepacking (weights stay in the mmapped file)
+spin_wait = true              # false: ONNX Runtime's threads sleep instead of spinning (less CPU)
 
 [batching]
 max_batch_size = 32           # used only when the model has a dynamic batch dimension
@@ -104,6 +105,7 @@ def parse_model_config(data: dict[str, Any], path: str = "") -> ModelConfig:
         inter_op_threads=rt.integer("inter_op_threads", d_rt.inter_op_threads, 0, 256),
         providers=rt.strings("providers"),
         memory_lean=rt.boolean("memory_lean", d_rt.memory_lean),
+        spin_wait=rt.boolean("spin_wait", d_rt.spin_wait),
     )
     rt.reject_unknown()
     bt = root.table("batching")

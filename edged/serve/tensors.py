@@ -4,6 +4,7 @@ extension (``Inference-Header-Content-Length``). Pure functions, no I/O."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -139,7 +140,7 @@ def _decode_input(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise InvalidRequestError(f"input tensor {name!r}: 'shape' must be a list of sizes >= 0")
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)
     nbytes = count * dtype.itemsize
     params = raw.get("parameters") or {}
     where = f"input tensor {name!r}"
@@ -203,7 +204,7 @@ def encode_infer_response(
             )
         entry: dict[str, Any] = {
             "name": want.name,
-            "datatype": NUMPY_TO_DATATYPE.get(value.dtype, str(value.dtype)),
+            "datatype": NUMPY_TO_DATATYPE.get(value.dtype) or str(value.dtype),
             "shape": list(value.shape),
         }
         if want.shm_region is not None and shm_writer is not None:
