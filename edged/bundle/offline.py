@@ -9,15 +9,14 @@ import asyncio
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from edged.bundle.device import detect_device_facts
 from edged.bundle.install import DEFAULT_KEEP_PREVIOUS, Installer, InstallResult
 from edged.bundle.limits import DEFAULT_LIMITS, BundleLimits
 from edged.bundle.verify import DeviceFacts
-from edged.errors import ConfigError, EdgedError, SelfTestFailedError
+from edged.errors import ConfigError, SelfTestFailedError
 from edged.runtime import load_model
 from edged.serve.modelconfig import config_for_version, load_test_vectors
+from edged.serve.selftest import self_test
 
 log = logging.getLogger(__name__)
 
@@ -38,31 +37,10 @@ def run_self_test(model: str, version_dir: Path) -> str:
         raise SelfTestFailedError(f"{label}: no test vectors")
     loaded = load_model(version_dir, config.runtime)
     try:
-        tol = config.self_test
-        for vector in vectors:
-            try:
-                got = loaded.run(vector.inputs)
-            except (EdgedError, KeyError, ValueError) as exc:
-                raise SelfTestFailedError(f"{label}: {vector.source} failed to run: {exc}") from exc
-            for name, want in vector.outputs.items():
-                value = got.get(name)
-                if value is None or value.shape != want.shape:
-                    shape = None if value is None else list(value.shape)
-                    raise SelfTestFailedError(
-                        f"{label}: {vector.source}: output {name!r} has shape {shape}, "
-                        f"expected {list(want.shape)}"
-                    )
-                if not np.allclose(value, want, atol=tol.atol, rtol=tol.rtol):
-                    err = float(np.max(np.abs(value.astype(np.float64) - want.astype(np.float64))))
-                    raise SelfTestFailedError(
-                        f"{label}: {vector.source}: output {name!r} is off by up to {err:.3g} "
-                        f"(atol={tol.atol}, rtol={tol.rtol})"
-                    )
-        for _ in range(tol.warmup_runs):
-            loaded.run(vectors[0].inputs)
+        summary = self_test(model, version_dir.name, loaded, config, version_dir)
     finally:
         loaded.close()
-    return f"{label}: {len(vectors)} test vector(s) passed"
+    return f"{label}: {summary}"
 
 
 class OfflineSelfTest:

@@ -77,6 +77,19 @@ class LoadedModel(Protocol):
     def close(self) -> None: ...
 
 
+class ModelMetadata:
+    """What every loaded model tells about itself; backends' model classes extend it."""
+
+    def __init__(
+        self, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], description: str
+    ) -> None:
+        self.inputs = inputs
+        self.outputs = outputs
+        self.description = description
+        # Batchable when every input and output has a dynamic leading dimension.
+        self.dynamic_batch = all(t.shape and t.shape[0] == -1 for t in (*inputs, *outputs))
+
+
 class Backend(Protocol):
     kind: str
     model_file: str

@@ -14,7 +14,14 @@ from typing import Any
 import numpy as np
 
 from edged.errors import InferenceFailedError, ModelLoadError
-from edged.runtime.base import NUMPY_TO_DATATYPE, Array, TensorSpec, register_backend, weight_bytes
+from edged.runtime.base import (
+    NUMPY_TO_DATATYPE,
+    Array,
+    ModelMetadata,
+    TensorSpec,
+    register_backend,
+    weight_bytes,
+)
 from edged.runtime.options import RuntimeOptions
 
 log = logging.getLogger(__name__)
@@ -51,33 +58,16 @@ def _spec(detail: dict[str, Any]) -> TensorSpec:
     return TensorSpec(detail["name"], datatype, tuple(int(d) for d in shape))
 
 
-class LiteRtModel:
+class LiteRtModel(ModelMetadata):
     def __init__(self, interpreter: Any, description: str) -> None:
         self._interp = interpreter
         self._input_details = interpreter.get_input_details()
         self._output_details = interpreter.get_output_details()
-        self._inputs = tuple(_spec(d) for d in self._input_details)
-        self._outputs = tuple(_spec(d) for d in self._output_details)
-        self._dynamic_batch = all(
-            t.shape and t.shape[0] == -1 for t in (*self._inputs, *self._outputs)
+        super().__init__(
+            tuple(_spec(d) for d in self._input_details),
+            tuple(_spec(d) for d in self._output_details),
+            description,
         )
-        self._description = description
-
-    @property
-    def inputs(self) -> tuple[TensorSpec, ...]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> tuple[TensorSpec, ...]:
-        return self._outputs
-
-    @property
-    def dynamic_batch(self) -> bool:
-        return self._dynamic_batch
-
-    @property
-    def description(self) -> str:
-        return self._description
 
     def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
         interp = self._interp

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edged.errors import InferenceFailedError, ModelLoadError
-from edged.runtime.base import Array, TensorSpec, register_backend, weight_bytes
+from edged.runtime.base import Array, ModelMetadata, TensorSpec, register_backend, weight_bytes
 from edged.runtime.options import RuntimeOptions
 
 log = logging.getLogger(__name__)
@@ -62,32 +62,15 @@ def _spec(arg: Any) -> TensorSpec:
     return TensorSpec(arg.name, datatype, shape)
 
 
-class OnnxModel:
+class OnnxModel(ModelMetadata):
     def __init__(self, session: Any, description: str) -> None:
-        self._session = session
-        self._inputs = tuple(_spec(a) for a in session.get_inputs())
-        self._outputs = tuple(_spec(a) for a in session.get_outputs())
-        self._dynamic_batch = all(
-            t.shape and t.shape[0] == -1 for t in (*self._inputs, *self._outputs)
+        super().__init__(
+            tuple(_spec(a) for a in session.get_inputs()),
+            tuple(_spec(a) for a in session.get_outputs()),
+            description,
         )
-        self._output_names = [o.name for o in self._outputs]
-        self._description = description
-
-    @property
-    def inputs(self) -> tuple[TensorSpec, ...]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> tuple[TensorSpec, ...]:
-        return self._outputs
-
-    @property
-    def dynamic_batch(self) -> bool:
-        return self._dynamic_batch
-
-    @property
-    def description(self) -> str:
-        return self._description
+        self._session = session
+        self._output_names = [o.name for o in self.outputs]
 
     def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
         try:

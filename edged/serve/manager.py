@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import psutil
 
 from edged.config import ModelsConfig
@@ -32,10 +31,10 @@ from edged.errors import (
     SelfTestFailedError,
     ShuttingDownError,
 )
-from edged.runtime.base import Array, LoadedModel, TensorSpec, estimate_memory_bytes, load_model
+from edged.runtime.base import Array, TensorSpec, estimate_memory_bytes, load_model
 from edged.serve import repository
 from edged.serve.cache import ResultCache, input_key
-from edged.serve.modelconfig import ModelConfig, config_for_version, load_test_vectors
+from edged.serve.modelconfig import ModelConfig, config_for_version
 from edged.serve.scheduler import (
     BatchObserver,
     BatchSignature,
@@ -43,6 +42,7 @@ from edged.serve.scheduler import (
     NullObserver,
     Scheduler,
 )
+from edged.serve.selftest import self_test
 from edged.serve.slot import ModelSlot, ServedVersion
 
 log = logging.getLogger(__name__)
@@ -126,61 +126,6 @@ def _datatype_name(value: Array) -> str:
     from edged.runtime.base import NUMPY_TO_DATATYPE
 
     return NUMPY_TO_DATATYPE.get(value.dtype, str(value.dtype))
-
-
-def self_test(
-    name: str, version: str, model: LoadedModel, config: ModelConfig, version_dir: Path
-) -> str:
-    """Run the test vectors and a warm-up on a freshly loaded model (in a worker thread).
-
-    Returns a one-line summary; raises ``SelfTestFailedError`` with the reason.
-    """
-    label = f"{name} version {version}"
-    try:
-        vectors = load_test_vectors(config, version_dir)
-    except EdgedError as exc:
-        raise SelfTestFailedError(f"{label}: cannot read test vectors: {exc}") from exc
-    tol = config.self_test
-    for vector in vectors:
-        try:
-            got = model.run(vector.inputs)
-        except (EdgedError, KeyError, ValueError) as exc:
-            raise SelfTestFailedError(
-                f"{label}: test vector {vector.source} failed to run: {exc}"
-            ) from exc
-        for out_name, want in vector.outputs.items():
-            if out_name not in got:
-                raise SelfTestFailedError(
-                    f"{label}: test vector {vector.source}: no output {out_name!r}"
-                )
-            value = got[out_name]
-            if value.shape != want.shape:
-                raise SelfTestFailedError(
-                    f"{label}: test vector {vector.source}: output {out_name!r} has shape "
-                    f"{list(value.shape)}, expected {list(want.shape)}"
-                )
-            if not np.allclose(value, want, atol=tol.atol, rtol=tol.rtol):
-                err = float(np.max(np.abs(value.astype(np.float64) - want.astype(np.float64))))
-                raise SelfTestFailedError(
-                    f"{label}: test vector {vector.source}: output {out_name!r} differs from the "
-                    f"expected values (max abs error {err:.3g}; atol={tol.atol}, rtol={tol.rtol})"
-                )
-    warm = vectors[0].inputs if vectors else _zeros(model)
-    for _ in range(tol.warmup_runs):
-        model.run(warm)
-    if model.dynamic_batch and config.batching.max_batch_size > 1:
-        model.run(
-            {k: np.repeat(v[:1], config.batching.max_batch_size, axis=0) for k, v in warm.items()}
-        )
-    if not vectors:
-        log.warning("%s has no test vectors: only warmed up", label)
-    return f"{len(vectors)} test vector(s) passed, {tol.warmup_runs} warm-up run(s)"
-
-
-def _zeros(model: LoadedModel) -> dict[str, Array]:
-    return {
-        s.name: np.zeros([d if d > 0 else 1 for d in s.shape], s.numpy_dtype) for s in model.inputs
-    }
 
 
 class ModelManager:
