@@ -6,7 +6,7 @@ safe for a development machine. An invalid value raises ``ConfigError`` naming i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edged.configreader import Table, load_toml_file
@@ -92,9 +92,6 @@ class DaemonConfig:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     source: Path | None = None
-
-    def with_overrides(self, **sections: object) -> DaemonConfig:
-        return replace(self, **sections)  # type: ignore[arg-type]
 
 
 def _server(t: Table, base: Path) -> ServerConfig:

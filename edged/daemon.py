@@ -69,7 +69,10 @@ class Daemon:
         # Installed bundles live in the store under the state directory, layered over the
         # configured (seed) repository: an installed version wins, also after a restart.
         self.manager = ModelManager(
-            config.models, self.telemetry.observer, store=config.state.directory / MODELS_DIR
+            config.models,
+            self.telemetry.observer,
+            store=config.state.directory / MODELS_DIR,
+            worker_stuck_after_s=config.server.worker_stuck_after_s,
         )
         self.telemetry.queue_depths = self.manager.queue_depths
         self.installer = Installer(
@@ -96,9 +99,6 @@ class Daemon:
         self._runner: web.AppRunner | None = None
 
     # --- signals --------------------------------------------------------------------------
-
-    def request_stop(self) -> None:
-        self._stop.set()
 
     def _on_sigint(self) -> None:
         self._sigint_count += 1
@@ -178,11 +178,9 @@ class Daemon:
         return f"serving {', '.join(serving) or 'no models'}"
 
     def _workers_healthy(self) -> bool:
-        limit = self.config.server.worker_stuck_after_s
-        busy = self.manager.worker_busy_s()
-        stuck = [name for name, seconds in busy.items() if seconds > limit]
-        if stuck:
-            log.error("inference worker(s) stuck for > %.0fs: %s", limit, ", ".join(stuck))
+        stuck = self.manager.stuck_workers()
+        for name, seconds in stuck.items():
+            log.error("inference worker of %s stuck in one run for %.0fs", name, seconds)
         return not stuck
 
     async def run(self) -> int:

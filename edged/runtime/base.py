@@ -92,6 +92,7 @@ class ModelMetadata:
 
 class Backend(Protocol):
     kind: str
+    platform: str
     model_file: str
 
     def load(self, version_dir: Path, options: RuntimeOptions) -> LoadedModel: ...

@@ -94,6 +94,7 @@ class LiteRtModel(ModelMetadata):
 
 class LiteRtBackend:
     kind = "tflite"
+    platform = "tensorflow_lite"  # the name Triton clients know it by
     model_file = "model.tflite"
 
     def load(self, version_dir: Path, options: RuntimeOptions) -> LiteRtModel:

@@ -85,6 +85,7 @@ class OnnxModel(ModelMetadata):
 
 class OnnxBackend:
     kind = "onnx"
+    platform = "onnxruntime_onnx"  # the name Triton clients know it by
     model_file = "model.onnx"
 
     def load(self, version_dir: Path, options: RuntimeOptions) -> OnnxModel:

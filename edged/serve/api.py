@@ -30,6 +30,7 @@ from edged.errors import (
     SelfTestFailedError,
     ShuttingDownError,
 )
+from edged.runtime.base import backend_for
 from edged.serve.manager import ModelManager
 from edged.serve.shm import SharedMemoryRegistry
 from edged.serve.tensors import HEADER_LENGTH, encode_infer_response, parse_infer_request
@@ -158,11 +159,7 @@ async def model_metadata(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
     name = request.match_info["name"]
     current = manager.serving(name, request.match_info.get("version"))
-    platform = (
-        "onnxruntime_onnx"
-        if current.version_dir.joinpath("model.onnx").exists()
-        else "tensorflow_lite"
-    )
+    platform = backend_for(current.version_dir).platform
     return web.json_response(
         {
             "name": name,

@@ -31,7 +31,13 @@ from edged.errors import (
     SelfTestFailedError,
     ShuttingDownError,
 )
-from edged.runtime.base import Array, TensorSpec, estimate_memory_bytes, load_model
+from edged.runtime.base import (
+    NUMPY_TO_DATATYPE,
+    Array,
+    TensorSpec,
+    estimate_memory_bytes,
+    load_model,
+)
 from edged.serve import repository
 from edged.serve.cache import ResultCache, input_key
 from edged.serve.modelconfig import ModelConfig, config_for_version
@@ -123,8 +129,6 @@ def validate_inputs(
 
 
 def _datatype_name(value: Array) -> str:
-    from edged.runtime.base import NUMPY_TO_DATATYPE
-
     return NUMPY_TO_DATATYPE.get(value.dtype, str(value.dtype))
 
 
@@ -134,11 +138,13 @@ class ModelManager:
         config: ModelsConfig,
         observer_factory: ObserverFactory | None = None,
         store: Path | None = None,
+        worker_stuck_after_s: float = 60.0,
     ) -> None:
         """``store``: the bundle store's model repository, layered over ``config.repository``."""
         self.config = config
         self.repository = config.repository
         self.store = store
+        self.worker_stuck_after_s = worker_stuck_after_s
         self._observer_factory = observer_factory or (lambda name: NullObserver())
         self._entries: dict[str, ModelEntry] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -196,7 +202,11 @@ class ModelManager:
             assert self._loop is not None, "ModelManager.start() was not awaited"
             slot = ModelSlot(name)
             scheduler = Scheduler(
-                slot, ModelConfig().batching, self._loop, self._observer_factory(name)
+                slot,
+                ModelConfig().batching,
+                self._loop,
+                self._observer_factory(name),
+                stuck_after_s=self.worker_stuck_after_s,
             )
             scheduler.start()
             entry = self._entries[name] = ModelEntry(name, slot, scheduler)
@@ -464,21 +474,11 @@ class ModelManager:
         ]
         return {"ready": self.ready, "models": models, "events": events}
 
-    def worker_busy_s(self) -> dict[str, float]:
-        """How long each model's worker has been inside one run (0 when idle)."""
-        return {name: e.scheduler.busy_for_s() for name, e in self._entries.items()}
-
-
-async def _await_result(
-    future: asyncio.Future[InferenceResult], timeout_s: float | None
-) -> InferenceResult:
-    if timeout_s is None:
-        return await future
-    try:
-        return await asyncio.wait_for(future, timeout_s)
-    except TimeoutError as exc:
-        from edged.errors import DeadlineExceededError
-
-        raise DeadlineExceededError(
-            f"request deadline of {timeout_s * 1000:.0f} ms passed"
-        ) from exc
+    def stuck_workers(self) -> dict[str, float]:
+        """Models whose worker has been inside one run past ``worker_stuck_after_s``, with
+        how long (the watchdog stops its pings while any is)."""
+        return {
+            name: e.scheduler.stall.busy_for_s()
+            for name, e in self._entries.items()
+            if not e.scheduler.stall()
+        }

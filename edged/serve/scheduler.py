@@ -28,6 +28,7 @@ from edged.errors import (
     ShuttingDownError,
 )
 from edged.runtime.base import Array
+from edged.sdnotify import StallDetector
 from edged.serve.modelconfig import BatchingConfig
 from edged.serve.slot import ModelSlot
 
@@ -104,6 +105,8 @@ class Scheduler:
         batching: BatchingConfig,
         loop: asyncio.AbstractEventLoop,
         observer: BatchObserver | None = None,
+        *,
+        stuck_after_s: float = 60.0,
     ) -> None:
         self.slot = slot
         self.batching = batching
@@ -114,8 +117,8 @@ class Scheduler:
         self._queues: list[deque[PendingRequest]] = [deque() for _ in range(MAX_PRIORITY_LEVELS)]
         self._count = 0
         self._stopping = False
-        self._busy_since: float | None = None
-        self._last_progress = time.monotonic()
+        # Brackets each run: a worker inside one run for too long counts as hung.
+        self.stall = StallDetector(stuck_after_s)
         self._thread = threading.Thread(
             target=self._work, name=f"edged-worker-{slot.name}", daemon=True
         )
@@ -128,11 +131,6 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         return self._count
-
-    def busy_for_s(self) -> float:
-        """How long the current run has taken so far (0 when idle): a hung worker grows it."""
-        started = self._busy_since
-        return 0.0 if started is None else time.monotonic() - started
 
     def submit(
         self,
@@ -253,12 +251,10 @@ class Scheduler:
             return completions
         try:
             feeds = _concat([item.inputs for item in live])
-            self._busy_since = start = time.monotonic()
-            try:
+            start = time.monotonic()
+            with self.stall.working():
                 outputs = version.model.run(feeds)
-            finally:
-                self._busy_since = None
-            end = self._last_progress = time.monotonic()
+            end = time.monotonic()
         except EdgedError as exc:
             self.observer.on_outcome("error", len(live))
             completions.extend((item.future, exc) for item in live)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,6 @@ class ServedVersion:
     model: LoadedModel
     config: ModelConfig
     memory_estimate_bytes: int
-    loaded_at: float = field(default_factory=time.time)
     _refs: int = 0
     _retired: bool = False
     _closed: threading.Event = field(default_factory=threading.Event)
