@@ -73,9 +73,19 @@ class Message:
 
 
 def _is_tls_problem(text: str) -> bool:
+    # "EOF occurred in violation of protocol": under TLS 1.3 a broker that rejects our client
+    # certificate may hang up before its alert reaches us; it is still a TLS refusal.
     return any(
         marker in text
-        for marker in ("SSL", "TLS", "certificate", "CERTIFICATE", "Hostname mismatch", "handshake")
+        for marker in (
+            "SSL",
+            "TLS",
+            "certificate",
+            "CERTIFICATE",
+            "Hostname mismatch",
+            "handshake",
+            "EOF occurred in violation of protocol",
+        )
     )
 
 

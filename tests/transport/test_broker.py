@@ -63,7 +63,9 @@ def test_a_certificate_from_another_ca_is_refused(broker: Broker, pki: FleetPki)
     context = context_of(pki.foreign_client("device-1"))
 
     async def main() -> None:
-        with pytest.raises(TlsHandshakeError, match="unknown ca"):
+        # The broker's "unknown ca" alert can be lost when it hangs up first (TLS 1.3): then the
+        # refusal shows as the TLS connection ending before CONNACK.
+        with pytest.raises(TlsHandshakeError, match="unknown ca|EOF occurred in violation"):
             async with MqttClient(settings(broker, context, "device-1")):
                 pass
 
