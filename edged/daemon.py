@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from edged.aio import TaskGroup
+from edged._compat import TaskGroup
 from edged.bundle import Installer, detect_device_facts
 from edged.bundle.store import MODELS_DIR
 from edged.config import DaemonConfig

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from edged.aio import TaskGroup
+from edged._compat import TaskGroup
 from edged.config import TelemetryConfig
 from edged.errors import EdgedError, TransportError
 from edged.telemetry.energy import EnergyAttributor, EnergyStats, Interpolation

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edged import __version__
-from edged.aio import TaskGroup
+from edged._compat import TaskGroup
 from edged.bundle.device import detect_device_facts
 from edged.bundle.install import Installer, SwapTarget
 from edged.bundle.verify import verify_manifest
