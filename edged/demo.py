@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from edged._compat import TIMEOUT_ERRORS
 from edged.errors import DeviceError, EdgedError
 
 DEVICE = "demo-device"
@@ -422,7 +423,7 @@ class Demo:
 
         try:
             return await asyncio.wait_for(first_record(), 20)
-        except TimeoutError:
+        except TIMEOUT_ERRORS:
             raise DemoStepFailedError(
                 "no telemetry record with requests arrived within 20 s"
             ) from None
