@@ -27,15 +27,11 @@ import numpy as np
 from rich.console import Console
 
 from edged._compat import TIMEOUT_ERRORS
-from edged.errors import DeviceError, EdgedError
+from edged.errors import DemoStepFailedError, EdgedError
 
 DEVICE = "demo-device"
 MANAGER = "fleet-manager"
 GROUP = "demo"
-
-
-class DemoStepFailedError(DeviceError):
-    """A step of ``edged demo`` did not work; the message says which and why."""
 
 
 def free_port(preferred: int = 0) -> int:

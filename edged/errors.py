@@ -46,8 +46,8 @@ where it helps, what to do.
     │   ├── ExpiredBundleError           freeze protection
     │   ├── RollbackError                counter below the high-water mark
     │   ├── ReplayError                  counter equal to it, but another bundle
-    │   ├── TargetMismatchError          Architecture/Runtime/ProviderMismatchError,
-    │   │                                EdgedVersionTooOldError
+    │   ├── TargetMismatchError          ArchitectureMismatchError, RuntimeMismatchError,
+    │   │                                ProviderMismatchError, EdgedVersionTooOldError
     │   ├── FileIntegrityError           FileSizeMismatchError, FileHashMismatchError
     │   ├── BundleConfigError            config.toml or test vectors unusable
     │   ├── TrustStoreError              TrustDocumentError, TrustExpiredError, TrustVersionError
@@ -75,7 +75,8 @@ where it helps, what to do.
     │       ├── SpoolLockedError         another process owns the spool directory
     │       └── SpoolRecordTooLargeError a record exceeds the per-record limit
     └── DeviceError                      lifecycle, systemd, doctor
-        └── NotifyError                  $NOTIFY_SOCKET / $WATCHDOG_USEC unusable, or a send failed
+        ├── NotifyError                  $NOTIFY_SOCKET / $WATCHDOG_USEC unusable, or a send failed
+        └── DemoStepFailedError          (CLI) a step of ``edged demo`` did not work
 """
 
 from __future__ import annotations
@@ -482,3 +483,7 @@ class DeviceError(EdgedError):
 
 class NotifyError(DeviceError):
     """The systemd notification socket or watchdog settings are unusable, or a send failed."""
+
+
+class DemoStepFailedError(DeviceError):
+    """A step of ``edged demo`` did not work; the message says which and why."""
