@@ -10,8 +10,9 @@ import edged
 from edged import errors
 
 
-def _all_subclasses(cls: type) -> set[type]:
-    found = set()
+def _all_subclasses(cls: type[Exception]) -> set[type[Exception]]:
+    found: set[type[Exception]] = set()
+    sub: type[Exception]
     for sub in cls.__subclasses__():
         found.add(sub)
         found |= _all_subclasses(sub)
