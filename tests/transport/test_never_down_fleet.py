@@ -8,6 +8,7 @@ import asyncio
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -68,14 +69,12 @@ def slow_loop_bundle(directory: Path, signing: SigningKeys) -> Path:
     """Version 2 of the counting-loop model, whose self-test runs for seconds."""
     source = directory / "src" / "loop" / "2"
     write_counting_loop(source)
-    np.savez(
-        source / TEST_VECTORS_FILE,
-        **{
-            "input:x": np.zeros(1, np.float32),
-            "input:iterations": np.array([SLOW_ITERATIONS], np.int64),
-            "output:y": np.array([SLOW_ITERATIONS], np.float32),
-        },
-    )
+    vectors: dict[str, np.ndarray[Any, Any]] = {
+        "input:x": np.zeros(1, np.float32),
+        "input:iterations": np.array([SLOW_ITERATIONS], np.int64),
+        "output:y": np.array([SLOW_ITERATIONS], np.float32),
+    }
+    np.savez(source / TEST_VECTORS_FILE, **vectors)
     out = directory / "loop-2.bundle"
     build_bundle_from_dir(source, BundleSpec.starting_now("loop", 2, 2), [signing.signer], out)
     return out
