@@ -8,13 +8,12 @@ import asyncio
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 from edged.bundle.build import BundleSpec, build_bundle_from_dir
-from edged.samples import write_counting_loop
+from edged.samples import write_counting_loop, write_test_vectors
 from edged.serve.modelconfig import TEST_VECTORS_FILE
 from edged.transport.fleet import (
     ManagerSettings,
@@ -69,12 +68,11 @@ def slow_loop_bundle(directory: Path, signing: SigningKeys) -> Path:
     """Version 2 of the counting-loop model, whose self-test runs for seconds."""
     source = directory / "src" / "loop" / "2"
     write_counting_loop(source)
-    vectors: dict[str, np.ndarray[Any, Any]] = {
-        "input:x": np.zeros(1, np.float32),
-        "input:iterations": np.array([SLOW_ITERATIONS], np.int64),
-        "output:y": np.array([SLOW_ITERATIONS], np.float32),
-    }
-    np.savez(source / TEST_VECTORS_FILE, **vectors)
+    write_test_vectors(
+        source / TEST_VECTORS_FILE,
+        {"x": np.zeros(1, np.float32), "iterations": np.array([SLOW_ITERATIONS], np.int64)},
+        {"y": np.array([SLOW_ITERATIONS], np.float32)},
+    )
     out = directory / "loop-2.bundle"
     build_bundle_from_dir(source, BundleSpec.starting_now("loop", 2, 2), [signing.signer], out)
     return out
