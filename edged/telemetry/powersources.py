@@ -112,27 +112,28 @@ def _module_input_claim(
     return None
 
 
-class Ina3221HwmonSource:
-    """TI INA3221 through the mainline hwmon driver (JetPack 5 and later).
+def _discover_channels(
+    directory: Path, prefix: str, suffix: str, usable: Callable[[int], bool]
+) -> dict[str, int]:
+    """Label -> channel number for every ``{prefix}{K}{suffix}`` label file naming a rail that
+    is connected (not ``NC``, not a sum channel) and ``usable``."""
+    channels: dict[str, int] = {}
+    for label_file in sorted(directory.glob(f"{prefix}*{suffix}")):
+        k = _channel_number(label_file.name, prefix, suffix)
+        label = read_text(label_file)
+        if k is None or not label or _skip_label(label) or not usable(k):
+            continue
+        channels[label] = k
+    return channels
 
-    Channels 1-3: ``in{K}_label``, bus voltage ``in{K}_input`` (mV) and ``curr{K}_input``
-    (mA). Channel 7 ("sum of shunt voltages") and channels labelled ``NC`` are skipped.
-    """
 
-    def __init__(self, hwmon_dir: Path, device: str) -> None:
-        self._dir = hwmon_dir
-        self._name = f"ina3221:{device}"
-        self._channels: dict[str, int] = {}
-        for label_file in sorted(hwmon_dir.glob("in*_label")):
-            k = _channel_number(label_file.name, "in", "_label")
-            label = read_text(label_file)
-            if k is None or not label or _skip_label(label):
-                continue
-            if read_text(hwmon_dir / f"in{k}_enable") == "0":
-                continue
-            if not (hwmon_dir / f"curr{k}_input").exists():
-                continue
-            self._channels[label] = k
+class _Ina3221Source:
+    """What both INA3221 drivers share: channels found by label, the module-input claim."""
+
+    def __init__(self, directory: Path, name: str, channels: dict[str, int]) -> None:
+        self._dir = directory
+        self._name = name
+        self._channels = channels
 
     @property
     def name(self) -> str:
@@ -141,6 +142,25 @@ class Ina3221HwmonSource:
     @property
     def rails(self) -> list[str]:
         return list(self._channels)
+
+    def claim_total(self, rails: Mapping[str, float]) -> TotalClaim | None:
+        return _module_input_claim(self._name, list(self._channels), rails)
+
+
+class Ina3221HwmonSource(_Ina3221Source):
+    """TI INA3221 through the mainline hwmon driver (JetPack 5 and later).
+
+    Channels 1-3: ``in{K}_label``, bus voltage ``in{K}_input`` (mV) and ``curr{K}_input``
+    (mA). Channel 7 ("sum of shunt voltages") and channels labelled ``NC`` are skipped.
+    """
+
+    def __init__(self, hwmon_dir: Path, device: str) -> None:
+        def usable(k: int) -> bool:
+            enabled = read_text(hwmon_dir / f"in{k}_enable") != "0"
+            return enabled and (hwmon_dir / f"curr{k}_input").exists()
+
+        channels = _discover_channels(hwmon_dir, "in", "_label", usable)
+        super().__init__(hwmon_dir, f"ina3221:{device}", channels)
 
     def read(self) -> dict[str, float]:
         rails: dict[str, float] = {}
@@ -151,11 +171,8 @@ class Ina3221HwmonSource:
                 rails[label] = millivolts * milliamps / 1e6
         return rails
 
-    def claim_total(self, rails: Mapping[str, float]) -> TotalClaim | None:
-        return _module_input_claim(self._name, list(self._channels), rails)
 
-
-class Ina3221IioSource:
+class Ina3221IioSource(_Ina3221Source):
     """TI INA3221 through NVIDIA's iio driver ``ina3221x`` (JetPack 4 and earlier).
 
     Channels 0-2: ``rail_name_{K}``, ``in_power{K}_input`` (mW), or else
@@ -163,23 +180,8 @@ class Ina3221IioSource:
     """
 
     def __init__(self, iio_dir: Path, device: str) -> None:
-        self._dir = iio_dir
-        self._name = f"ina3221x:{device}"
-        self._channels: dict[str, int] = {}
-        for name_file in sorted(iio_dir.glob("rail_name_*")):
-            k = _channel_number(name_file.name, "rail_name_", "")
-            label = read_text(name_file)
-            if k is None or not label or _skip_label(label):
-                continue
-            self._channels[label] = k
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def rails(self) -> list[str]:
-        return list(self._channels)
+        channels = _discover_channels(iio_dir, "rail_name_", "", lambda k: True)
+        super().__init__(iio_dir, f"ina3221x:{device}", channels)
 
     def read(self) -> dict[str, float]:
         rails: dict[str, float] = {}
@@ -194,9 +196,6 @@ class Ina3221IioSource:
             else:
                 rails[label] = milliwatts / 1e3
         return rails
-
-    def claim_total(self, rails: Mapping[str, float]) -> TotalClaim | None:
-        return _module_input_claim(self._name, list(self._channels), rails)
 
 
 class Ina238Source:
