@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from edged.client import Endpoint, LocalClient
 from tests.support.daemon import running_daemon
+from tests.support.metrics import promtool_check, samples, value
 
 pytestmark = pytest.mark.integration
 
@@ -26,28 +24,6 @@ def scrape(client: LocalClient) -> tuple[bytes, str]:
     status, headers, body = client.request("GET", "/metrics")
     assert status == 200, body
     return body, headers["Content-Type"]
-
-
-def values(body: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            out[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
-    return out
-
-
-def value(body: bytes, name: str, **labels: str) -> float:
-    return values(body)[name, tuple(sorted(labels.items()))]
-
-
-def promtool_check(body: bytes) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (apt-get install prometheus provides it)")
-    done = subprocess.run(
-        [promtool, "check", "metrics"], input=body, capture_output=True, check=False
-    )
-    assert done.returncode == 0, (done.stdout + done.stderr).decode()
 
 
 def test_metrics_count_exactly_the_requests_served_and_pass_promtool(
@@ -78,7 +54,7 @@ def test_metrics_count_exactly_the_requests_served_and_pass_promtool(
     assert value(body, "edged_inference_batch_size_bucket", le="2.0", **mlp) == 0
     assert value(body, "edged_inference_batch_size_bucket", le="4.0", **mlp) == 7
     assert value(body, "edged_queue_depth", model="fc") == 0
-    info = [labels for name, labels in values(body) if name == "edged_model_info"]
+    info = [labels for name, labels in samples(body) if name == "edged_model_info"]
     runtimes = {dict(labels)["model"]: dict(labels)["runtime"] for labels in info}
     assert runtimes["mlp"].startswith("onnxruntime")
     assert "litert" in runtimes["fc"]
@@ -98,7 +74,7 @@ def test_unknown_power_is_left_out_and_system_appears_after_the_first_record(
         body, _ = scrape(client)
         power_available = client.json("GET", "/edged/v1/telemetry")["power_available"]
 
-    names = {name for name, _ in values(body)}
+    names = {name for name, _ in samples(body)}
     assert "edged_memory_available_bytes" in names
     assert "edged_process_resident_memory_bytes" in names
     assert "edged_telemetry_spool_pending_records" in names
@@ -120,7 +96,7 @@ def test_disabled_telemetry_still_counts_requests_but_reports_no_samples(
             client.infer("fc", FC_INPUT)
         body, _ = scrape(client)
     assert value(body, "edged_inference_requests_total", model="fc", version="1") == 5
-    names = {name for name, _ in values(body)}
+    names = {name for name, _ in samples(body)}
     assert "edged_memory_available_bytes" not in names  # never sampled, so not reported
     assert "edged_telemetry_spool_pending_records" not in names
     promtool_check(body)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,20 +31,10 @@ from edged.telemetry.prometheus import (
     metric_families,
     render_metrics,
 )
+from tests.support.metrics import promtool_check, samples, value
 
 from .helpers import FakeClock
 from .sysfs_trees import EMPTY, ORIN_NANO, Tree
-
-
-def promtool_check(body: bytes) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (apt-get install prometheus provides it)")
-    done = subprocess.run(
-        [promtool, "check", "metrics"], input=body, capture_output=True, check=False
-    )
-    problems = (done.stdout + done.stderr).decode()
-    assert done.returncode == 0, f"promtool check metrics failed:\n{problems}\n{body.decode()}"
 
 
 def render(inputs: MetricsInputs) -> bytes:
@@ -61,21 +49,8 @@ def render(inputs: MetricsInputs) -> bytes:
     return generate_latest(registry)
 
 
-def samples(body: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """``{(sample name, sorted labels): value}`` of an exposition body."""
-    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            out[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
-    return out
-
-
 def types(body: bytes) -> dict[str, str]:
     return {f.name: f.type for f in text_string_to_metric_families(body.decode())}
-
-
-def value(body: bytes, name: str, **labels: str) -> float:
-    return samples(body)[name, tuple(sorted(labels.items()))]
 
 
 def names(body: bytes) -> set[str]:
