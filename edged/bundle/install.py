@@ -28,12 +28,14 @@ from edged.bundle.reader import read_files, read_head
 from edged.bundle.store import HeldVersion, ModelStore, RecoveryReport, StagingSink
 from edged.bundle.trust import TrustState
 from edged.bundle.truststore import TrustStore
+from edged.bundle.vectors import check_vector_file
 from edged.bundle.verify import DeviceFacts, VerifiedManifest, verify_manifest
 from edged.errors import (
     BundleConfigError,
     BundleFileError,
     ConfigError,
     EdgedError,
+    InstallFailedError,
     LimitExceededError,
     StoreError,
     VersionConflictError,
@@ -63,6 +65,7 @@ class InstallResult:
     action: str  # "install" | "rollback"
     # installed | reinstalled | already-installed | rolled-back | rejected | load-failed
     # | record-failed (serving switched, but CURRENT could not be written)
+    # | failed (an unexpected error: a bug) | interrupted (cancelled, KeyboardInterrupt)
     outcome: str
     model: str | None
     version: int | None
@@ -87,6 +90,16 @@ class _AlreadyInstalled(Exception):
 
     def __init__(self, verified: VerifiedManifest) -> None:
         self.verified = verified
+
+
+class _Progress:
+    """How far an install got, for the generic guard: what to remove, what to log."""
+
+    def __init__(self) -> None:
+        self.verified: VerifiedManifest | None = None
+        self.created: Path | None = None  # a staged or published directory of this attempt
+        self.previous: int | None = None
+        self.switched = False  # the serving side switched: the new version is no leftover
 
 
 @dataclass(frozen=True)
@@ -127,6 +140,7 @@ class Installer:
         self._checkpoint = checkpoint
         self._lock = asyncio.Lock()
         self.last_result: InstallResult | None = None
+        self._recorded: EdgedError | None = None  # the error _fail logged last
 
     @property
     def device(self) -> DeviceFacts:
@@ -212,6 +226,54 @@ class Installer:
 
     async def _install_locked(self, opener: Callable[[], BinaryIO], source: str) -> InstallResult:
         now = int(self.clock())
+        progress = _Progress()
+        try:
+            return await self._install_steps(opener, source, now, progress)
+        except EdgedError as exc:
+            if exc is self._recorded:
+                raise
+            self._fail(
+                "install",
+                "rejected",
+                progress.verified.manifest if progress.verified else None,
+                progress.verified.digest if progress.verified else None,
+                progress.previous,
+                source,
+                now,
+                exc,
+            )
+        except BaseException as exc:
+            # The generic guard: whatever escaped (a bug, a cancellation) leaves no new
+            # version behind and an install-log entry saying what happened.
+            if progress.created is not None and not progress.switched:
+                with contextlib.suppress(BaseException):
+                    await _in_thread(self.store.discard, progress.created)
+            m = progress.verified.manifest if progress.verified else None
+            digest = progress.verified.digest if progress.verified else None
+            if not isinstance(exc, Exception):
+                self._record(
+                    "install",
+                    "interrupted",
+                    m,
+                    digest,
+                    progress.previous,
+                    source,
+                    now,
+                    error_name=type(exc).__name__,
+                    message=f"install of {source} interrupted ({type(exc).__name__}); "
+                    "nothing was installed",
+                )
+                raise
+            error = InstallFailedError(
+                f"install of {source} failed unexpectedly ({type(exc).__name__}: {exc}); "
+                "nothing was installed"
+            )
+            error.__cause__ = exc
+            self._fail("install", "failed", m, digest, progress.previous, source, now, error)
+
+    async def _install_steps(
+        self, opener: Callable[[], BinaryIO], source: str, now: int, progress: _Progress
+    ) -> InstallResult:
         manifest: Manifest | None = None
         previous: int | None = None
         try:
@@ -236,7 +298,9 @@ class Installer:
             self._fail("install", "rejected", None, None, None, source, now, error)
         verified = staged.verified
         manifest = verified.manifest
-        previous = self.store.current_version(manifest.model)
+        progress.verified = verified
+        progress.created = staged.staging
+        previous = progress.previous = self.store.current_version(manifest.model)
         version_dir = self.store.version_dir(manifest.model, manifest.version)
         if staged.staging is not None:
             try:
@@ -245,6 +309,7 @@ class Installer:
                 )
             except OSError as exc:
                 await _in_thread(self.store.discard, staged.staging)
+                progress.created = None
                 error = StoreError(
                     f"cannot publish {manifest.model} version {manifest.version}: {exc}"
                 )
@@ -252,9 +317,7 @@ class Installer:
                 self._fail(
                     "install", "rejected", manifest, verified.digest, previous, source, now, error
                 )
-            except BaseException:
-                await _in_thread(self.store.discard, staged.staging)
-                raise
+            progress.created = version_dir
         self._checkpoint("load_version")
         try:
             await self.target.load_version(manifest.model, version_dir)
@@ -262,13 +325,15 @@ class Installer:
             self._checkpoint("load_version failed")
             if staged.staging is not None:
                 await _in_thread(self.store.discard, version_dir)
+                progress.created = None
             self._fail(
                 "install", "load-failed", manifest, verified.digest, previous, source, now, exc
             )
         self._checkpoint("load_version done")
+        progress.switched = True
         try:
-            await _in_thread(self._switch, manifest, verified.digest, previous)
-        except OSError as exc:
+            await _in_thread(self._switch, manifest, verified, previous)
+        except (OSError, EdgedError) as exc:
             error = StoreError(
                 f"{manifest.model} version {manifest.version} is serving, but recording it as "
                 f"current failed ({exc}); after a restart version {previous} serves again"
@@ -310,7 +375,7 @@ class Installer:
             try:
                 read_files(reader, pending, manifest, sink)
                 sink.close()
-                _check_config(staging, manifest)
+                _check_config(staging, manifest, self.limits)
                 self.store.seal_staged(staging, verified.manifest_bytes)
             except BaseException:
                 sink.close()
@@ -338,10 +403,10 @@ class Installer:
         self.store.discard(path)
         return None
 
-    def _switch(self, manifest: Manifest, digest: str, previous: int | None) -> None:
+    def _switch(self, manifest: Manifest, verified: VerifiedManifest, previous: int | None) -> None:
         """After a successful swap: pointer, then high-water mark, then pruning."""
         self.store.set_current(manifest.model, manifest.version)
-        self.store.advance_high_water(manifest.model, manifest.counter, digest)
+        self.store.advance_high_water(manifest.model, manifest.counter, verified.digest)
         protect = {manifest.version} | ({previous} if previous is not None else set())
         self.store.prune(manifest.model, self.keep_previous, protect)
 
@@ -412,6 +477,7 @@ class Installer:
         now: int,
         *,
         error: EdgedError | None = None,
+        error_name: str | None = None,
         message: str = "",
         model: str | None = None,
     ) -> InstallResult:
@@ -425,12 +491,12 @@ class Installer:
             manifest_sha256=digest,
             source=source,
             at=now,
-            error=type(error).__name__ if error else None,
+            error=type(error).__name__ if error else error_name,
             message=message or (str(error) if error else ""),
         )
         self.last_result = result
         self._append_log(result)
-        level = logging.INFO if error is None else logging.WARNING
+        level = logging.INFO if result.error is None else logging.WARNING
         log.log(level, "%s %s: %s", action, outcome, result.message)
         return result
 
@@ -449,6 +515,7 @@ class Installer:
         self._record(
             action, outcome, manifest, digest, previous, source, now, error=exc, model=model
         )
+        self._recorded = exc
         raise exc
 
     def _append_log(self, result: InstallResult) -> None:
@@ -463,7 +530,7 @@ class Installer:
             log.error("cannot write the install log %s: %s", path, exc)
 
 
-def _check_config(staging: Path, manifest: Manifest) -> None:
+def _check_config(staging: Path, manifest: Manifest, limits: BundleLimits) -> None:
     """The bundle's config.toml must parse, and its self-test must read exactly the vector
     files the manifest lists (so the signed manifest says what the self-test checks)."""
     try:
@@ -482,6 +549,9 @@ def _check_config(staging: Path, manifest: Manifest) -> None:
             f"{sorted(used) or 'no files'}, the manifest's test_vectors lists "
             f"{sorted(listed) or 'none'}"
         )
+    budget = limits.max_vector_bytes
+    for path in manifest.test_vectors:
+        budget -= check_vector_file(staging / manifest.version_relpath(path), path, limits, budget)
     try:
         vectors = load_test_vectors(config, staging)
     except ConfigError as exc:

@@ -120,3 +120,15 @@ def test_root_threshold_collects_signatures(
     assert run_cli(["trust", "sign", "trust/root.json", "--key", "root2.key"]) == 0
     assert run_cli(["trust", "sign", "trust/signers.json", "--key", "root2.key"]) == 0
     assert TrustStore(workdir / "trust").load().root.threshold == 2
+
+
+def test_a_non_json_daemon_answer_is_one_api_error_line() -> None:
+    from edged.cli.install import _result_document
+    from edged.errors import ApiError
+
+    with pytest.raises(
+        ApiError, match=r"daemon answered 500: 500 Internal Server Error \(not JSON\)"
+    ):
+        _result_document(500, b"500 Internal Server Error\n\nServer got itself in trouble")
+    doc = {"outcome": "rejected", "error": "VectorFileError"}
+    assert _result_document(409, json.dumps(doc).encode()) == doc
