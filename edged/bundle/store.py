@@ -52,6 +52,7 @@ from edged.bundle.manifest import (
     Manifest,
     manifest_digest,
     parse_manifest,
+    parse_version_name,
 )
 from edged.bundle.verify import HighWaterMark
 from edged.errors import (
@@ -268,7 +269,12 @@ class ModelStore:
         except (OSError, UnicodeDecodeError) as exc:
             log.warning("model %s: unreadable %s: %s", model, CURRENT_POINTER, exc)
             return None
-        return int(text) if text.isdigit() and len(text) < 16 else None
+        version = parse_version_name(text)
+        if version is None:
+            log.warning(
+                "model %s: %s holds %r, not a version number", model, CURRENT_POINTER, text[:40]
+            )
+        return version
 
     def set_current(self, model: str, version: int) -> None:
         atomic_write(
@@ -344,7 +350,7 @@ class ModelStore:
             (
                 p
                 for p in directory.iterdir()
-                if p.name.isdigit() and p.is_dir() and not p.is_symlink()
+                if parse_version_name(p.name) is not None and p.is_dir() and not p.is_symlink()
             ),
             key=lambda p: int(p.name),
         )
