@@ -280,6 +280,13 @@ class Installer:
             staged = await _in_thread(self._stage, opener, now)
         except _AlreadyInstalled as done:
             m = done.verified.manifest
+            if not done.verified.reinstall:
+                # Serving, but its mark was never recorded (a crash before the mark update, or
+                # a mark set aside by a revocation): record it now.
+                v = done.verified
+                await _in_thread(
+                    self.store.advance_high_water, m.model, m.counter, v.digest, v.signed_by
+                )
             return self._record(
                 "install",
                 "already-installed",
@@ -406,7 +413,9 @@ class Installer:
     def _switch(self, manifest: Manifest, verified: VerifiedManifest, previous: int | None) -> None:
         """After a successful swap: pointer, then high-water mark, then pruning."""
         self.store.set_current(manifest.model, manifest.version)
-        self.store.advance_high_water(manifest.model, manifest.counter, verified.digest)
+        self.store.advance_high_water(
+            manifest.model, manifest.counter, verified.digest, verified.signed_by
+        )
         protect = {manifest.version} | ({previous} if previous is not None else set())
         self.store.prune(manifest.model, self.keep_previous, protect)
 
