@@ -38,6 +38,7 @@ from edged.errors import (
     InstallFailedError,
     LimitExceededError,
     StoreError,
+    TruncatedArchiveError,
     VersionConflictError,
     VersionNotHeldError,
 )
@@ -139,6 +140,7 @@ class Installer:
         self.clock = clock
         self._checkpoint = checkpoint
         self._lock = asyncio.Lock()
+        self.upload_lock = asyncio.Lock()  # one bundle upload at a time (edged.bundle.upload)
         self.last_result: InstallResult | None = None
         self._recorded: EdgedError | None = None  # the error _fail logged last
 
@@ -158,21 +160,61 @@ class Installer:
             log.info("model %s: current version %s, held %s", model, rec.current, list(rec.held))
         return report
 
-    async def install_file(self, path: Path) -> InstallResult:
-        """Install a bundle file (USB stick, finished download). Raises on rejection."""
+    async def install_file(self, path: Path, source: str | None = None) -> InstallResult:
+        """Install a bundle file (USB stick, finished download). Raises on rejection.
+
+        ``source`` names the bundle in the install log (default: the file name).
+        """
+        label = source or path.name
 
         def opener() -> BinaryIO:
             try:
                 size = path.stat().st_size
                 if size > self.limits.max_archive_bytes:
                     raise LimitExceededError(
-                        f"{path} is {size} bytes, the limit is {self.limits.max_archive_bytes}"
+                        f"{label} is {size} bytes, the limit is {self.limits.max_archive_bytes}"
                     )
                 return path.open("rb")
             except OSError as exc:
-                raise BundleFileError(f"cannot read bundle {path}: {exc.strerror}") from exc
+                raise BundleFileError(f"cannot read bundle {label}: {exc.strerror}") from exc
 
-        return await self._install(opener, path.name)
+        return await self._install(opener, label)
+
+    def check_upload_head(self, prefix: bytes, source: str, *, complete: bool) -> bool:
+        """Check the first bytes of a bundle being received (worker thread): container,
+        manifest size, signatures and every manifest check of ``verify_manifest``.
+
+        False: ``prefix`` does not hold the whole head yet (and ``complete`` is False). True:
+        the head verified. A refusal is recorded like any install and raised.
+        """
+        now = int(self.clock())
+        try:
+            reader = ArchiveReader(io.BytesIO(prefix), self.limits)
+            try:
+                head, _ = read_head(reader, self.limits)
+            except TruncatedArchiveError:
+                if not complete:
+                    return False
+                raise
+            verify_manifest(
+                head.manifest_bytes,
+                head.signatures,
+                self.trust.load(),
+                self.store.read_high_water(),
+                self.device,
+                now,
+                self.limits,
+            )
+        except EdgedError as exc:
+            self._fail("install", "rejected", None, None, None, source, now, exc)
+        except Exception as exc:
+            error = InstallFailedError(
+                f"checking the upload of {source} failed unexpectedly "
+                f"({type(exc).__name__}: {exc}); nothing was installed"
+            )
+            error.__cause__ = exc
+            self._fail("install", "failed", None, None, None, source, now, error)
+        return True
 
     async def install_bytes(self, data: bytes, source: str = "<bytes>") -> InstallResult:
         if len(data) > self.limits.max_archive_bytes:
