@@ -24,7 +24,13 @@ from edged.bundle.archive import ArchiveReader
 from edged.bundle.fsutil import Checkpoint, no_checkpoint
 from edged.bundle.limits import DEFAULT_LIMITS, BundleLimits
 from edged.bundle.manifest import CONFIG_NAME, Manifest
-from edged.bundle.reader import read_files, read_head
+from edged.bundle.reader import (
+    TOO_FEW_SIGNATURES,
+    NullSink,
+    read_files,
+    read_head,
+    refuse_late_signatures,
+)
 from edged.bundle.store import HeldVersion, ModelStore, RecoveryReport, StagingSink
 from edged.bundle.trust import TrustState
 from edged.bundle.truststore import TrustStore
@@ -205,6 +211,10 @@ class Installer:
                 now,
                 self.limits,
             )
+        except TOO_FEW_SIGNATURES:
+            # A signature entry further on would make this a misplaced-signature archive;
+            # the install of the whole upload tells which.
+            return True
         except EdgedError as exc:
             self._fail("install", "rejected", None, None, None, source, now, exc)
         except Exception as exc:
@@ -342,7 +352,8 @@ class Installer:
         except EdgedError as exc:
             self._fail("install", "rejected", None, None, None, source, now, exc)
         except OSError as exc:
-            error = StoreError(f"disk error while staging {source}: {exc}")
+            where = f" ({Path(exc.filename).name})" if exc.filename else ""
+            error = StoreError(f"disk error while staging {source}: {exc.strerror or exc}{where}")
             error.__cause__ = exc
             self._fail("install", "rejected", None, None, None, source, now, error)
         verified = staged.verified
@@ -411,13 +422,29 @@ class Installer:
         with opener() as stream:
             reader = ArchiveReader(stream, self.limits)
             head, pending = read_head(reader, self.limits)
-            verified = verify_manifest(
-                head.manifest_bytes, head.signatures, trust, marks, self.device, now, self.limits
-            )
+            try:
+                verified = verify_manifest(
+                    head.manifest_bytes,
+                    head.signatures,
+                    trust,
+                    marks,
+                    self.device,
+                    now,
+                    self.limits,
+                )
+            except TOO_FEW_SIGNATURES as exc:
+                refuse_late_signatures(reader, pending, exc)
+                raise
             manifest = verified.manifest
             self._checkpoint("manifest verified")
-            existing = self._existing(manifest, verified)
+            try:
+                existing = self._existing(manifest, verified)
+            except _AlreadyInstalled:
+                # Nothing is staged, but the answer must not vouch for bytes nobody read.
+                read_files(reader, pending, manifest, NullSink())
+                raise
             if existing is not None:
+                read_files(reader, pending, manifest, NullSink())
                 return _Staged(verified, None)
             staging = self.store.new_staging_dir()
             sink = StagingSink(staging, manifest, self._checkpoint)
@@ -587,7 +614,9 @@ def _check_config(staging: Path, manifest: Manifest, limits: BundleLimits) -> No
     try:
         config = load_model_config(staging / CONFIG_NAME)
     except ConfigError as exc:
-        raise BundleConfigError(f"{manifest.config_path}: {exc}") from exc
+        raise BundleConfigError(
+            f"{manifest.config_path}: {_in_bundle(str(exc), staging, manifest)}"
+        ) from exc
     specs = config.test_vectors
     if specs:
         used = {s.file for s in specs if s.file is not None}
@@ -606,12 +635,23 @@ def _check_config(staging: Path, manifest: Manifest, limits: BundleLimits) -> No
     try:
         vectors = load_test_vectors(config, staging)
     except ConfigError as exc:
-        raise BundleConfigError(f"{manifest.model} version {manifest.version}: {exc}") from exc
+        raise BundleConfigError(
+            f"{manifest.model} version {manifest.version}: "
+            f"{_in_bundle(str(exc), staging, manifest)}"
+        ) from exc
     if not vectors:
         raise BundleConfigError(
             f"{manifest.model} version {manifest.version} has no test vectors: add "
             f"{TEST_VECTORS_FILE} or [[test_vectors]] to config.toml"
         )
+
+
+def _in_bundle(text: str, staging: Path, manifest: Manifest) -> str:
+    """A message with the staging directory (gone once the install is refused) replaced by
+    where the file is in the bundle."""
+    return text.replace(str(staging.resolve()) + "/", manifest.version_prefix).replace(
+        str(staging) + "/", manifest.version_prefix
+    )
 
 
 def _rollback_target(

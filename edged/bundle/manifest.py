@@ -67,11 +67,13 @@ def check_relative_path(path: str, limits: BundleLimits, what: str = "path") -> 
     if path.startswith("/"):
         raise UnsafePathError(f"{what} {path!r} is absolute")
     parts = tuple(path.split("/"))
+    # Traversal first: a deep "../../.." path is a traversal attempt, not merely too deep.
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise UnsafePathError(f"{what} {path[:80]!r} has a {part or 'empty'!r} component")
     if len(parts) > limits.max_path_depth:
         raise UnsafePathError(f"{what} {path!r} is nested deeper than {limits.max_path_depth}")
     for part in parts:
-        if part in ("", ".", ".."):
-            raise UnsafePathError(f"{what} {path!r} has a {part or 'empty'!r} component")
         if not PATH_COMPONENT_RE.match(part):
             raise UnsafePathError(
                 f"{what} {path!r}: component {part!r} may only use letters, digits, '_', '.', "

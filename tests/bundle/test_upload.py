@@ -8,11 +8,22 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from edged.bundle.build import make_manifest
 from edged.bundle.install import Installer
+from edged.bundle.keys import Signature, keyid_of
 from edged.bundle.limits import BundleLimits
 from edged.bundle.upload import receive_upload, upload_source
 from edged.errors import InstallBusyError, LimitExceededError
-from tests.bundle.helpers import DEVICE, NOW, World, log_entries, member_offsets
+from tests.bundle.helpers import (
+    DEVICE,
+    NOW,
+    World,
+    log_entries,
+    member_offsets,
+    pack,
+    source_files,
+    spec,
+)
 
 CHUNK = 4096
 
@@ -52,13 +63,23 @@ def test_a_compressed_upload_is_refused_from_its_first_block(world: World) -> No
 
 
 def test_a_badly_signed_upload_is_refused_before_its_model_files_arrive(world: World) -> None:
-    data = world.bundle(2, keys=[world.keys.outsider])
-    first_model_file = member_offsets(data)[1][1]  # the header after the one signature
+    files = source_files(world.sources, 2)
+    forged = Signature(keyid_of(world.keys.signers[0].public_key()), bytes(64))
+    data = pack(make_manifest(spec(2), files).to_json(), files, [], extra_signatures=[forged])
+    first_model_file = member_offsets(data)[2][1]  # the header after the one signature
     feed = Feed(data)
     result = asyncio.run(receive_upload(world.installer(), feed.__aiter__(), "x.bundle", None))
-    assert result.error == "UnknownKeyError"
+    assert result.error == "BadSignatureError"
     assert feed.taken * CHUNK <= first_model_file + 2 * CHUNK
     assert feed.taken < len(feed.chunks)
+
+
+def test_an_upload_without_enough_signatures_is_judged_whole(world: World) -> None:
+    """Too few signatures up front may be a signature entry misplaced further on, which the
+    install of the whole upload reports as a malformed archive."""
+    feed = Feed(world.bundle(2, keys=[world.keys.outsider]))
+    result = asyncio.run(receive_upload(world.installer(), feed.__aiter__(), "x.bundle", None))
+    assert (result.error, feed.taken) == ("UnknownKeyError", len(feed.chunks))
 
 
 def test_a_good_upload_installs_under_the_name_the_client_sent(world: World) -> None:

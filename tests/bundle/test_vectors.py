@@ -59,6 +59,7 @@ def test_signed_bundle_with_malformed_vectors_is_logged_and_changes_nothing(
         world.install(_bundle_with_vectors(world, make()))
     entry = log_entries(world.state)[-1]
     assert (entry["outcome"], entry["error"]) == ("rejected", "VectorFileError")
+    assert "staging" not in entry["message"] and VECTORS in entry["message"]
     world.assert_unchanged(before)
 
 
