@@ -191,7 +191,9 @@ class Installer:
         manifest size, signatures and every manifest check of ``verify_manifest``.
 
         False: ``prefix`` does not hold the whole head yet (and ``complete`` is False). True:
-        the head verified. A refusal is recorded like any install and raised.
+        the head verified, or too few of its signatures did, which only the whole archive can
+        tell apart from a misplaced signature. A refusal is recorded like any install and
+        raised.
         """
         now = int(self.clock())
         try:
@@ -316,9 +318,13 @@ class Installer:
                     "nothing was installed",
                 )
                 raise
+            outcome = (
+                "the new version serves, but recording it failed"
+                if progress.switched
+                else "nothing was installed"
+            )
             error = InstallFailedError(
-                f"install of {source} failed unexpectedly ({type(exc).__name__}: {exc}); "
-                "nothing was installed"
+                f"install of {source} failed unexpectedly ({type(exc).__name__}: {exc}); " + outcome
             )
             error.__cause__ = exc
             self._fail("install", "failed", m, digest, progress.previous, source, now, error)
