@@ -124,7 +124,9 @@ def _check_end_record(f: BinaryIO, size: int, label: str, limits: BundleLimits) 
             f"{label}: the zip central directory must directly precede the end record and "
             f"be at most {MAX_CENTRAL_DIRECTORY_BYTES} bytes"
         )
-    if cd_size >= 20:
+    # zipfile looks for a zip64 locator in the 20 bytes before the end record, whatever they
+    # belong to, and would then read another central directory: there must be none.
+    if size >= END_RECORD.size + 20:
         f.seek(size - END_RECORD.size - 20)
         if f.read(4) == ZIP64_LOCATOR_MAGIC:
             raise VectorFileError(f"{label}: zip64 end records are not accepted")

@@ -133,6 +133,16 @@ def with_comment() -> bytes:
     return buf.getvalue()
 
 
+def zip64_locator() -> bytes:
+    """An empty-looking zip whose last bytes before the end record are a zip64 locator, which
+    would send zipfile to a zip64 record naming another central directory."""
+    body = b"PK\x03\x04" + bytes(100)
+    record = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, 10**6, 10**6, 1 << 40, 0)
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, len(body), 1)
+    data = body + record + locator
+    return data + END_RECORD.pack(b"PK\x05\x06", 0, 0, 0, 0, 0, len(data), 0)
+
+
 def many_members(count: int) -> bytes:
     array = io.BytesIO()
     np.save(array, np.zeros(1, np.float32))
@@ -150,6 +160,7 @@ ATTACKS: dict[str, Callable[[], bytes]] = {
     "duplicate-member": duplicate_member,
     "archive-comment": with_comment,
     "too-many-members": lambda: many_members(1025),
+    "zip64-locator": zip64_locator,
     "not-a-zip": lambda: b"\x93NUMPY\x01\x00" + bytes(100),
     "empty": lambda: b"",
     "truncated": lambda: valid_npz()[:-30],

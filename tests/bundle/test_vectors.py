@@ -101,3 +101,13 @@ def test_fuzzed_vectors_only_ever_give_logged_errors_in_bounded_memory(tmp_path:
     assert report["examples"] == 120
     # The bomb alone would add 256 MiB; what is allowed is a fraction of it.
     assert report["rss_growth_kib"] * 1024 < BOMB_ARRAY_BYTES // 4, report
+
+
+def test_a_zip64_locator_before_the_end_record_is_refused_before_zipfile_reads_it(
+    tmp_path: Path,
+) -> None:
+    """zipfile would follow it to a second central directory of any size."""
+    from tests.bundle.npz_corpus import zip64_locator
+
+    with pytest.raises(VectorFileError, match="zip64 end records are not accepted"):
+        _check(tmp_path, zip64_locator())
