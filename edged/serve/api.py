@@ -15,8 +15,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from edged import __version__
-from edged.bundle import Installer, InstallResult
-from edged.bundle.upload import receive_upload, upload_source
+from edged.bundle import Installer, InstallResult, receive_upload, upload_source
 from edged.errors import (
     DeadlineExceededError,
     EdgedError,
