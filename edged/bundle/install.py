@@ -148,7 +148,7 @@ class Installer:
         self._lock = asyncio.Lock()
         self.upload_lock = asyncio.Lock()  # one bundle upload at a time (edged.bundle.upload)
         self.last_result: InstallResult | None = None
-        self._recorded: EdgedError | None = None  # the error _fail logged last
+        self._recorded: tuple[EdgedError, InstallResult] | None = None  # what _fail logged last
 
     @property
     def device(self) -> DeviceFacts:
@@ -246,6 +246,13 @@ class Installer:
             with self.store.locked():
                 return await self._rollback(model, to_version)
 
+    def result_for(self, exc: BaseException) -> InstallResult | None:
+        """The install-log entry recorded for ``exc``, if this installer raised it after
+        recording it (so a caller can answer with it), else None."""
+        if self._recorded is not None and self._recorded[0] is exc:
+            return self._recorded[1]
+        return None
+
     def held_versions(self, model: str) -> list[HeldVersion]:
         return self.store.held_versions(model)
 
@@ -284,7 +291,7 @@ class Installer:
         try:
             return await self._install_steps(opener, source, now, progress)
         except EdgedError as exc:
-            if exc is self._recorded:
+            if self.result_for(exc) is not None:
                 raise
             self._fail(
                 "install",
@@ -596,10 +603,10 @@ class Installer:
         exc: EdgedError,
         model: str | None = None,
     ) -> NoReturn:
-        self._record(
+        result = self._record(
             action, outcome, manifest, digest, previous, source, now, error=exc, model=model
         )
-        self._recorded = exc
+        self._recorded = (exc, result)
         raise exc
 
     def _append_log(self, result: InstallResult) -> None:

@@ -65,15 +65,15 @@ async def receive_upload(
         _check_quota(declared_bytes or 0, declared_bytes, limit, free)
         fd, name = await asyncio.to_thread(tempfile.mkstemp, ".bundle", "upload-", spool_dir)
         path = Path(name)
-        before = installer.last_result
         try:
             with os.fdopen(fd, "wb") as out:
                 await _spool(installer, chunks, out, source, declared_bytes, free)
             return await installer.install_file(path, source)
-        except EdgedError:
-            if installer.last_result is not before and installer.last_result is not None:
-                return installer.last_result
-            raise
+        except EdgedError as exc:
+            recorded = installer.result_for(exc)
+            if recorded is None:
+                raise
+            return recorded
         finally:
             await asyncio.to_thread(path.unlink, missing_ok=True)
 
