@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from edged.bundle.install import Installer, InstallResult
-from edged.errors import EdgedError, InstallBusyError, LimitExceededError
+from edged.errors import EdgedError, InstallBusyError, LimitExceededError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +57,21 @@ async def receive_upload(
         raise InstallBusyError("another bundle upload is in progress; retry when it has finished")
     async with installer.upload_lock:
         spool_dir = installer.store.state_dir / UPLOADS_DIR
-        # Only one upload exists at a time, so whatever is here was left by a crash.
-        await asyncio.to_thread(shutil.rmtree, spool_dir, True)
-        await asyncio.to_thread(spool_dir.mkdir, parents=True, exist_ok=True)
-        limit = installer.limits.max_archive_bytes
-        free = await asyncio.to_thread(free_bytes, spool_dir)
-        _check_quota(declared_bytes or 0, declared_bytes, limit, free)
-        fd, name = await asyncio.to_thread(tempfile.mkstemp, ".bundle", "upload-", spool_dir)
-        path = Path(name)
         try:
-            with os.fdopen(fd, "wb") as out:
-                await _spool(installer, chunks, out, source, declared_bytes, free)
+            path = await _open_spool(spool_dir)
+        except OSError as exc:
+            raise StoreError(f"cannot spool the upload of {source}: {exc.strerror}") from exc
+        try:
+            limit = installer.limits.max_archive_bytes
+            free = await asyncio.to_thread(free_bytes, spool_dir)
+            _check_quota(declared_bytes or 0, declared_bytes, limit, free)
+            try:
+                with path.open("wb") as out:
+                    await _spool(installer, chunks, out, source, declared_bytes, free)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot spool the upload of {source}: {exc.strerror or exc}"
+                ) from exc
             return await installer.install_file(path, source)
         except EdgedError as exc:
             recorded = installer.result_for(exc)
@@ -76,6 +80,16 @@ async def receive_upload(
             return recorded
         finally:
             await asyncio.to_thread(path.unlink, missing_ok=True)
+
+
+async def _open_spool(spool_dir: Path) -> Path:
+    """An empty spool file; only one upload exists at a time, so whatever else is in
+    ``spool_dir`` was left by a crash and goes."""
+    await asyncio.to_thread(shutil.rmtree, spool_dir, True)
+    await asyncio.to_thread(spool_dir.mkdir, parents=True, exist_ok=True)
+    fd, name = await asyncio.to_thread(tempfile.mkstemp, ".bundle", "upload-", spool_dir)
+    os.close(fd)
+    return Path(name)
 
 
 async def _spool(

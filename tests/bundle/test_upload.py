@@ -137,3 +137,11 @@ def test_uploads_beyond_the_free_disk_space_are_refused(world: World) -> None:
     with pytest.raises(LimitExceededError, match="not enough disk space"):
         asyncio.run(receive_upload(installer, feed.__aiter__(), "x", free // 2))
     assert feed.taken == 0
+
+
+def test_a_spool_that_cannot_be_written_is_a_store_error(world: World) -> None:
+    from edged.errors import StoreError
+
+    (world.state / "uploads").write_bytes(b"not a directory")
+    with pytest.raises(StoreError, match="cannot spool the upload of x.bundle"):
+        asyncio.run(receive_upload(world.installer(), Feed(b"x").__aiter__(), "x.bundle", 1))
