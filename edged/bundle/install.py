@@ -106,6 +106,7 @@ class _Progress:
         self.verified: VerifiedManifest | None = None
         self.created: Path | None = None  # a staged or published directory of this attempt
         self.previous: int | None = None
+        self.loading = False  # handed to the serving side
         self.switched = False  # the serving side switched: the new version is no leftover
 
 
@@ -306,7 +307,10 @@ class Installer:
         except BaseException as exc:
             # The generic guard: whatever escaped (a bug, a cancellation) leaves no new
             # version behind and an install-log entry saying what happened.
-            if progress.created is not None and not progress.switched:
+            # A cancellation while the serving side loads may land after it switched: leave the
+            # directory to recovery then, which keeps it only if CURRENT names it.
+            unsure = progress.loading and not isinstance(exc, Exception)
+            if progress.created is not None and not progress.switched and not unsure:
                 with contextlib.suppress(BaseException):
                     await _in_thread(self.store.discard, progress.created)
             m = progress.verified.manifest if progress.verified else None
@@ -392,6 +396,7 @@ class Installer:
                 )
             progress.created = version_dir
         self._checkpoint("load_version")
+        progress.loading = True
         try:
             await self.target.load_version(manifest.model, version_dir)
         except EdgedError as exc:

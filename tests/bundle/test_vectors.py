@@ -111,3 +111,36 @@ def test_a_zip64_locator_before_the_end_record_is_refused_before_zipfile_reads_i
 
     with pytest.raises(VectorFileError, match="zip64 end records are not accepted"):
         _check(tmp_path, zip64_locator())
+
+
+class _BlockingTarget:
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+
+    async def load_version(self, model: str, version_dir: Path) -> None:
+        self.entered.set()
+        await asyncio.Event().wait()  # until cancelled
+
+
+def test_a_cancelled_install_is_logged_and_recovery_restores_the_store(world: World) -> None:
+    before = world.snapshot()
+    installer = world.installer()
+    target = _BlockingTarget()
+    installer.target = target
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(installer.install_bytes(world.bundle(2)))
+        await asyncio.wait_for(target.entered.wait(), 60)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    entry = log_entries(world.state)[-1]
+    assert (entry["outcome"], entry["error"], entry["version"]) == (
+        "interrupted",
+        "CancelledError",
+        2,
+    )
+    world.installer().recover()  # as at the next start
+    world.assert_unchanged(before)
