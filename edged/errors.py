@@ -50,7 +50,9 @@ where it helps, what to do.
     │   │                                ProviderMismatchError, EdgedVersionTooOldError
     │   ├── FileIntegrityError           FileSizeMismatchError, FileHashMismatchError
     │   ├── BundleConfigError            config.toml or test vectors unusable
+    │   │   └── VectorFileError          an .npz test-vector file malformed or over a limit
     │   ├── TrustStoreError              TrustDocumentError, TrustExpiredError, TrustVersionError
+    │   ├── InstallFailedError           an unexpected failure inside the installer (a bug)
     │   └── StoreError                   StoreCorruptError, VersionConflictError,
     │                                    VersionNotHeldError, InstallBusyError
     ├── TransportError                   MQTT fleet channel
@@ -322,6 +324,14 @@ class FileHashMismatchError(FileIntegrityError):
 
 class BundleConfigError(BundleError):
     """The bundle's config.toml or its test vectors are unusable."""
+
+
+class VectorFileError(BundleConfigError):
+    """An ``.npz`` test-vector file is malformed, compressed, or over a limit."""
+
+
+class InstallFailedError(BundleError):
+    """Something unexpected failed inside the installer; nothing was installed."""
 
 
 class TrustStoreError(BundleError):

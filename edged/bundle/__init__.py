@@ -38,6 +38,8 @@ from edged.bundle.trust import (
     load_trust_state,
 )
 from edged.bundle.truststore import TrustStore
+from edged.bundle.upload import receive_upload, upload_source
+from edged.bundle.vectors import check_vector_file
 from edged.bundle.verify import (
     DeviceFacts,
     HighWaterMark,
@@ -72,6 +74,7 @@ __all__ = [
     "build_bundle_from_dir",
     "build_root",
     "build_signers",
+    "check_vector_file",
     "collect_version_files",
     "detect_device_facts",
     "encode_canonical",
@@ -86,9 +89,11 @@ __all__ = [
     "parse_canonical",
     "parse_manifest",
     "parse_strict",
+    "receive_upload",
     "run_self_test",
     "sign_manifest",
     "sign_payload",
+    "upload_source",
     "verify_manifest",
     "verify_payload",
 ]

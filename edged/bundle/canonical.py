@@ -56,7 +56,8 @@ def _check(value: Any, where: str, depth: int) -> None:
             _check_string(key, f"{where}: key")
             _check(item, f"{where}.{key}", depth + 1)
         return
-    _reject(f"{where}: {type(value).__name__} values are not allowed (no floats, no null)")
+    kind = {type(None): "null", float: "floating-point"}.get(type(value), "non-JSON")
+    _reject(f"{where}: {kind} values are not allowed (no floats, no null)")
 
 
 def encode_canonical(value: Json) -> bytes:

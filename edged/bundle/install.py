@@ -24,18 +24,27 @@ from edged.bundle.archive import ArchiveReader
 from edged.bundle.fsutil import Checkpoint, no_checkpoint
 from edged.bundle.limits import DEFAULT_LIMITS, BundleLimits
 from edged.bundle.manifest import CONFIG_NAME, Manifest
-from edged.bundle.reader import read_files, read_head
+from edged.bundle.reader import (
+    TOO_FEW_SIGNATURES,
+    NullSink,
+    read_files,
+    read_head,
+    refuse_late_signatures,
+)
 from edged.bundle.store import HeldVersion, ModelStore, RecoveryReport, StagingSink
 from edged.bundle.trust import TrustState
 from edged.bundle.truststore import TrustStore
+from edged.bundle.vectors import check_vector_file
 from edged.bundle.verify import DeviceFacts, VerifiedManifest, verify_manifest
 from edged.errors import (
     BundleConfigError,
     BundleFileError,
     ConfigError,
     EdgedError,
+    InstallFailedError,
     LimitExceededError,
     StoreError,
+    TruncatedArchiveError,
     VersionConflictError,
     VersionNotHeldError,
 )
@@ -63,6 +72,7 @@ class InstallResult:
     action: str  # "install" | "rollback"
     # installed | reinstalled | already-installed | rolled-back | rejected | load-failed
     # | record-failed (serving switched, but CURRENT could not be written)
+    # | failed (an unexpected error: a bug) | interrupted (cancelled, KeyboardInterrupt)
     outcome: str
     model: str | None
     version: int | None
@@ -87,6 +97,17 @@ class _AlreadyInstalled(Exception):
 
     def __init__(self, verified: VerifiedManifest) -> None:
         self.verified = verified
+
+
+class _Progress:
+    """How far an install got, for the generic guard: what to remove, what to log."""
+
+    def __init__(self) -> None:
+        self.verified: VerifiedManifest | None = None
+        self.created: Path | None = None  # a staged or published directory of this attempt
+        self.previous: int | None = None
+        self.loading = False  # handed to the serving side
+        self.switched = False  # the serving side switched: the new version is no leftover
 
 
 @dataclass(frozen=True)
@@ -126,7 +147,9 @@ class Installer:
         self.clock = clock
         self._checkpoint = checkpoint
         self._lock = asyncio.Lock()
+        self.upload_lock = asyncio.Lock()  # one bundle upload at a time (edged.bundle.upload)
         self.last_result: InstallResult | None = None
+        self._recorded: tuple[EdgedError, InstallResult] | None = None  # what _fail logged last
 
     @property
     def device(self) -> DeviceFacts:
@@ -144,21 +167,67 @@ class Installer:
             log.info("model %s: current version %s, held %s", model, rec.current, list(rec.held))
         return report
 
-    async def install_file(self, path: Path) -> InstallResult:
-        """Install a bundle file (USB stick, finished download). Raises on rejection."""
+    async def install_file(self, path: Path, source: str | None = None) -> InstallResult:
+        """Install a bundle file (USB stick, finished download). Raises on rejection.
+
+        ``source`` names the bundle in the install log (default: the file name).
+        """
+        label = source or path.name
 
         def opener() -> BinaryIO:
             try:
                 size = path.stat().st_size
                 if size > self.limits.max_archive_bytes:
                     raise LimitExceededError(
-                        f"{path} is {size} bytes, the limit is {self.limits.max_archive_bytes}"
+                        f"{label} is {size} bytes, the limit is {self.limits.max_archive_bytes}"
                     )
                 return path.open("rb")
             except OSError as exc:
-                raise BundleFileError(f"cannot read bundle {path}: {exc.strerror}") from exc
+                raise BundleFileError(f"cannot read bundle {label}: {exc.strerror}") from exc
 
-        return await self._install(opener, path.name)
+        return await self._install(opener, label)
+
+    def check_upload_head(self, prefix: bytes, source: str, *, complete: bool) -> bool:
+        """Check the first bytes of a bundle being received (worker thread): container,
+        manifest size, signatures and every manifest check of ``verify_manifest``.
+
+        False: ``prefix`` does not hold the whole head yet (and ``complete`` is False). True:
+        the head verified, or too few of its signatures did, which only the whole archive can
+        tell apart from a misplaced signature. A refusal is recorded like any install and
+        raised.
+        """
+        now = int(self.clock())
+        try:
+            reader = ArchiveReader(io.BytesIO(prefix), self.limits)
+            try:
+                head, _ = read_head(reader, self.limits)
+            except TruncatedArchiveError:
+                if not complete:
+                    return False
+                raise
+            verify_manifest(
+                head.manifest_bytes,
+                head.signatures,
+                self.trust.load(),
+                self.store.read_high_water(),
+                self.device,
+                now,
+                self.limits,
+            )
+        except TOO_FEW_SIGNATURES:
+            # A signature entry further on would make this a misplaced-signature archive;
+            # the install of the whole upload tells which.
+            return True
+        except EdgedError as exc:
+            self._fail("install", "rejected", None, None, None, source, now, exc)
+        except Exception as exc:
+            error = InstallFailedError(
+                f"checking the upload of {source} failed unexpectedly "
+                f"({type(exc).__name__}: {exc}); nothing was installed"
+            )
+            error.__cause__ = exc
+            self._fail("install", "failed", None, None, None, source, now, error)
+        return True
 
     async def install_bytes(self, data: bytes, source: str = "<bytes>") -> InstallResult:
         if len(data) > self.limits.max_archive_bytes:
@@ -177,6 +246,13 @@ class Installer:
         async with self._lock:
             with self.store.locked():
                 return await self._rollback(model, to_version)
+
+    def result_for(self, exc: BaseException) -> InstallResult | None:
+        """The install-log entry recorded for ``exc``, if this installer raised it after
+        recording it (so a caller can answer with it), else None."""
+        if self._recorded is not None and self._recorded[0] is exc:
+            return self._recorded[1]
+        return None
 
     def held_versions(self, model: str) -> list[HeldVersion]:
         return self.store.held_versions(model)
@@ -212,12 +288,74 @@ class Installer:
 
     async def _install_locked(self, opener: Callable[[], BinaryIO], source: str) -> InstallResult:
         now = int(self.clock())
+        progress = _Progress()
+        try:
+            return await self._install_steps(opener, source, now, progress)
+        except EdgedError as exc:
+            if self.result_for(exc) is not None:
+                raise
+            self._fail(
+                "install",
+                "rejected",
+                progress.verified.manifest if progress.verified else None,
+                progress.verified.digest if progress.verified else None,
+                progress.previous,
+                source,
+                now,
+                exc,
+            )
+        except BaseException as exc:
+            # The generic guard: whatever escaped (a bug, a cancellation) leaves no new
+            # version behind and an install-log entry saying what happened.
+            # A cancellation while the serving side loads may land after it switched: leave the
+            # directory to recovery then, which keeps it only if CURRENT names it.
+            unsure = progress.loading and not isinstance(exc, Exception)
+            if progress.created is not None and not progress.switched and not unsure:
+                with contextlib.suppress(BaseException):
+                    await _in_thread(self.store.discard, progress.created)
+            m = progress.verified.manifest if progress.verified else None
+            digest = progress.verified.digest if progress.verified else None
+            if not isinstance(exc, Exception):
+                self._record(
+                    "install",
+                    "interrupted",
+                    m,
+                    digest,
+                    progress.previous,
+                    source,
+                    now,
+                    error_name=type(exc).__name__,
+                    message=f"install of {source} interrupted ({type(exc).__name__}); "
+                    "nothing was installed",
+                )
+                raise
+            outcome = (
+                "the new version serves, but recording it failed"
+                if progress.switched
+                else "nothing was installed"
+            )
+            error = InstallFailedError(
+                f"install of {source} failed unexpectedly ({type(exc).__name__}: {exc}); " + outcome
+            )
+            error.__cause__ = exc
+            self._fail("install", "failed", m, digest, progress.previous, source, now, error)
+
+    async def _install_steps(
+        self, opener: Callable[[], BinaryIO], source: str, now: int, progress: _Progress
+    ) -> InstallResult:
         manifest: Manifest | None = None
         previous: int | None = None
         try:
             staged = await _in_thread(self._stage, opener, now)
         except _AlreadyInstalled as done:
             m = done.verified.manifest
+            if not done.verified.reinstall:
+                # Serving, but its mark was never recorded (a crash before the mark update, or
+                # a mark set aside by a revocation): record it now.
+                v = done.verified
+                await _in_thread(
+                    self.store.advance_high_water, m.model, m.counter, v.digest, v.signed_by
+                )
             return self._record(
                 "install",
                 "already-installed",
@@ -231,12 +369,15 @@ class Installer:
         except EdgedError as exc:
             self._fail("install", "rejected", None, None, None, source, now, exc)
         except OSError as exc:
-            error = StoreError(f"disk error while staging {source}: {exc}")
+            where = f" ({Path(exc.filename).name})" if exc.filename else ""
+            error = StoreError(f"disk error while staging {source}: {exc.strerror or exc}{where}")
             error.__cause__ = exc
             self._fail("install", "rejected", None, None, None, source, now, error)
         verified = staged.verified
         manifest = verified.manifest
-        previous = self.store.current_version(manifest.model)
+        progress.verified = verified
+        progress.created = staged.staging
+        previous = progress.previous = self.store.current_version(manifest.model)
         version_dir = self.store.version_dir(manifest.model, manifest.version)
         if staged.staging is not None:
             try:
@@ -245,6 +386,7 @@ class Installer:
                 )
             except OSError as exc:
                 await _in_thread(self.store.discard, staged.staging)
+                progress.created = None
                 error = StoreError(
                     f"cannot publish {manifest.model} version {manifest.version}: {exc}"
                 )
@@ -252,23 +394,24 @@ class Installer:
                 self._fail(
                     "install", "rejected", manifest, verified.digest, previous, source, now, error
                 )
-            except BaseException:
-                await _in_thread(self.store.discard, staged.staging)
-                raise
+            progress.created = version_dir
         self._checkpoint("load_version")
+        progress.loading = True
         try:
             await self.target.load_version(manifest.model, version_dir)
         except EdgedError as exc:
             self._checkpoint("load_version failed")
             if staged.staging is not None:
                 await _in_thread(self.store.discard, version_dir)
+                progress.created = None
             self._fail(
                 "install", "load-failed", manifest, verified.digest, previous, source, now, exc
             )
         self._checkpoint("load_version done")
+        progress.switched = True
         try:
-            await _in_thread(self._switch, manifest, verified.digest, previous)
-        except OSError as exc:
+            await _in_thread(self._switch, manifest, verified, previous)
+        except (OSError, EdgedError) as exc:
             error = StoreError(
                 f"{manifest.model} version {manifest.version} is serving, but recording it as "
                 f"current failed ({exc}); after a restart version {previous} serves again"
@@ -297,20 +440,36 @@ class Installer:
         with opener() as stream:
             reader = ArchiveReader(stream, self.limits)
             head, pending = read_head(reader, self.limits)
-            verified = verify_manifest(
-                head.manifest_bytes, head.signatures, trust, marks, self.device, now, self.limits
-            )
+            try:
+                verified = verify_manifest(
+                    head.manifest_bytes,
+                    head.signatures,
+                    trust,
+                    marks,
+                    self.device,
+                    now,
+                    self.limits,
+                )
+            except TOO_FEW_SIGNATURES as exc:
+                refuse_late_signatures(reader, pending, exc)
+                raise
             manifest = verified.manifest
             self._checkpoint("manifest verified")
-            existing = self._existing(manifest, verified)
+            try:
+                existing = self._existing(manifest, verified)
+            except _AlreadyInstalled:
+                # Nothing is staged, but the answer must not vouch for bytes nobody read.
+                read_files(reader, pending, manifest, NullSink())
+                raise
             if existing is not None:
+                read_files(reader, pending, manifest, NullSink())
                 return _Staged(verified, None)
             staging = self.store.new_staging_dir()
             sink = StagingSink(staging, manifest, self._checkpoint)
             try:
                 read_files(reader, pending, manifest, sink)
                 sink.close()
-                _check_config(staging, manifest)
+                _check_config(staging, manifest, self.limits)
                 self.store.seal_staged(staging, verified.manifest_bytes)
             except BaseException:
                 sink.close()
@@ -338,10 +497,12 @@ class Installer:
         self.store.discard(path)
         return None
 
-    def _switch(self, manifest: Manifest, digest: str, previous: int | None) -> None:
+    def _switch(self, manifest: Manifest, verified: VerifiedManifest, previous: int | None) -> None:
         """After a successful swap: pointer, then high-water mark, then pruning."""
         self.store.set_current(manifest.model, manifest.version)
-        self.store.advance_high_water(manifest.model, manifest.counter, digest)
+        self.store.advance_high_water(
+            manifest.model, manifest.counter, verified.digest, verified.signed_by
+        )
         protect = {manifest.version} | ({previous} if previous is not None else set())
         self.store.prune(manifest.model, self.keep_previous, protect)
 
@@ -412,6 +573,7 @@ class Installer:
         now: int,
         *,
         error: EdgedError | None = None,
+        error_name: str | None = None,
         message: str = "",
         model: str | None = None,
     ) -> InstallResult:
@@ -425,12 +587,12 @@ class Installer:
             manifest_sha256=digest,
             source=source,
             at=now,
-            error=type(error).__name__ if error else None,
+            error=type(error).__name__ if error else error_name,
             message=message or (str(error) if error else ""),
         )
         self.last_result = result
         self._append_log(result)
-        level = logging.INFO if error is None else logging.WARNING
+        level = logging.INFO if result.error is None else logging.WARNING
         log.log(level, "%s %s: %s", action, outcome, result.message)
         return result
 
@@ -446,9 +608,10 @@ class Installer:
         exc: EdgedError,
         model: str | None = None,
     ) -> NoReturn:
-        self._record(
+        result = self._record(
             action, outcome, manifest, digest, previous, source, now, error=exc, model=model
         )
+        self._recorded = (exc, result)
         raise exc
 
     def _append_log(self, result: InstallResult) -> None:
@@ -463,13 +626,15 @@ class Installer:
             log.error("cannot write the install log %s: %s", path, exc)
 
 
-def _check_config(staging: Path, manifest: Manifest) -> None:
+def _check_config(staging: Path, manifest: Manifest, limits: BundleLimits) -> None:
     """The bundle's config.toml must parse, and its self-test must read exactly the vector
     files the manifest lists (so the signed manifest says what the self-test checks)."""
     try:
         config = load_model_config(staging / CONFIG_NAME)
     except ConfigError as exc:
-        raise BundleConfigError(f"{manifest.config_path}: {exc}") from exc
+        raise BundleConfigError(
+            f"{manifest.config_path}: {_in_bundle(str(exc), staging, manifest)}"
+        ) from exc
     specs = config.test_vectors
     if specs:
         used = {s.file for s in specs if s.file is not None}
@@ -482,15 +647,29 @@ def _check_config(staging: Path, manifest: Manifest) -> None:
             f"{sorted(used) or 'no files'}, the manifest's test_vectors lists "
             f"{sorted(listed) or 'none'}"
         )
+    budget = limits.max_vector_bytes
+    for path in manifest.test_vectors:
+        budget -= check_vector_file(staging / manifest.version_relpath(path), path, limits, budget)
     try:
         vectors = load_test_vectors(config, staging)
     except ConfigError as exc:
-        raise BundleConfigError(f"{manifest.model} version {manifest.version}: {exc}") from exc
+        raise BundleConfigError(
+            f"{manifest.model} version {manifest.version}: "
+            f"{_in_bundle(str(exc), staging, manifest)}"
+        ) from exc
     if not vectors:
         raise BundleConfigError(
             f"{manifest.model} version {manifest.version} has no test vectors: add "
             f"{TEST_VECTORS_FILE} or [[test_vectors]] to config.toml"
         )
+
+
+def _in_bundle(text: str, staging: Path, manifest: Manifest) -> str:
+    """A message with the staging directory (gone once the install is refused) replaced by
+    where the file is in the bundle."""
+    return text.replace(str(staging.resolve()) + "/", manifest.version_prefix).replace(
+        str(staging) + "/", manifest.version_prefix
+    )
 
 
 def _rollback_target(

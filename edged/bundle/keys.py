@@ -113,7 +113,12 @@ def verify_payload(
             )
         seen.add(signature.keyid)
         if signature.keyid in revoked:
-            raise RevokedKeyError(f"{what}: signed by key {signature.keyid}, which is revoked")
+            # A revoked key's public half is no longer held, so the signature cannot be checked:
+            # say only what is known, that it names the key.
+            raise RevokedKeyError(
+                f"{what}: carries a signature naming key {signature.keyid}, which is revoked "
+                "(refused without checking it)"
+            )
         public = keys.get(signature.keyid)
         if public is None:
             unknown.append(signature.keyid)

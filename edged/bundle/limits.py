@@ -27,6 +27,8 @@ class BundleLimits:
     max_trust_keys: int = 64
     max_path_bytes: int = 255  # what a ustar header can hold (155-byte prefix + 100-byte name)
     max_path_depth: int = 8
+    max_vector_bytes: int = 256 * MiB  # array data of one version's .npz test vectors, in memory
+    max_vector_arrays: int = 1024  # arrays in one .npz
     read_chunk_bytes: int = 1 * MiB
 
     def __post_init__(self) -> None:

@@ -37,6 +37,19 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 EDGED_VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})$")
 MAX_COUNTER = 2**53 - 1
+MAX_VERSION = MAX_COUNTER  # the one rule for version numbers, in manifests and in the store
+VERSION_NAME_RE = re.compile(r"^[1-9][0-9]{0,15}$")  # 2**53 - 1 has 16 digits
+
+
+def parse_version_name(text: str) -> int | None:
+    """A version directory name or ``CURRENT`` value as a version number, else None.
+
+    Exactly the decimal spelling ``str(version)`` of a version the manifest schema allows.
+    """
+    if not VERSION_NAME_RE.match(text):
+        return None
+    value = int(text)
+    return value if value <= MAX_VERSION else None
 
 
 def check_relative_path(path: str, limits: BundleLimits, what: str = "path") -> tuple[str, ...]:
@@ -54,11 +67,13 @@ def check_relative_path(path: str, limits: BundleLimits, what: str = "path") -> 
     if path.startswith("/"):
         raise UnsafePathError(f"{what} {path!r} is absolute")
     parts = tuple(path.split("/"))
+    # Traversal first: a deep "../../.." path is a traversal attempt, not merely too deep.
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise UnsafePathError(f"{what} {path[:80]!r} has a {part or 'empty'!r} component")
     if len(parts) > limits.max_path_depth:
         raise UnsafePathError(f"{what} {path!r} is nested deeper than {limits.max_path_depth}")
     for part in parts:
-        if part in ("", ".", ".."):
-            raise UnsafePathError(f"{what} {path!r} has a {part or 'empty'!r} component")
         if not PATH_COMPONENT_RE.match(part):
             raise UnsafePathError(
                 f"{what} {path!r}: component {part!r} may only use letters, digits, '_', '.', "
@@ -278,7 +293,7 @@ def manifest_from_json(value: Json, limits: BundleLimits = DEFAULT_LIMITS) -> Ma
     model = root.string("model", MODEL_NAME_RE, "a model name ([A-Za-z0-9][A-Za-z0-9_-]{0,63})")
     if model in RESERVED_MODEL_NAMES:
         raise ManifestSchemaError(f"manifest field model: {model!r} is a reserved name")
-    version = root.integer("version", 1)
+    version = root.integer("version", 1, MAX_VERSION)
     counter = root.integer("counter", 1)
     created = root.integer("created", 0)
     expires = root.integer("expires", 0)

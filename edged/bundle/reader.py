@@ -21,17 +21,24 @@ from edged.bundle.manifest import MANIFEST_NAME, SIGNATURES_DIR, FileEntry, Mani
 from edged.bundle.verify import VerifiedManifest
 from edged.errors import (
     BadSignatureError,
+    BundleError,
     DuplicateEntryError,
     FileHashMismatchError,
     FileSizeMismatchError,
     LimitExceededError,
     MalformedArchiveError,
     MissingEntryError,
+    NoSignaturesError,
+    SignatureError,
+    ThresholdNotMetError,
     TruncatedArchiveError,
     UnexpectedEntryError,
+    UnknownKeyError,
 )
 
 SIGNATURE_ENTRY_RE = re.compile(rf"^{SIGNATURES_DIR}/([0-9a-f]{{64}})\.sig$")
+# Verification failures that a signature entry later in the archive could explain.
+TOO_FEW_SIGNATURES = (NoSignaturesError, UnknownKeyError, ThresholdNotMetError)
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,27 @@ def read_head(
             break
         entry = reader.next_entry()
     return BundleHead(manifest_bytes, tuple(signatures)), entry
+
+
+def refuse_late_signatures(
+    reader: ArchiveReader, pending: ArchiveEntry | None, failure: SignatureError
+) -> None:
+    """After too few signatures verified: if a signature entry comes later in the archive
+    (after a model file or a directory entry), the archive is malformed, and saying so is
+    more precise than "no signature". Only headers are read; entry data is skipped. Returns
+    when there is none (the caller raises ``failure``)."""
+    entry = pending
+    try:
+        while entry is not None and not entry.path.startswith(SIGNATURES_DIR + "/"):
+            entry = reader.next_entry()
+    except BundleError:
+        return  # the archive breaks further on; the signature failure stays the answer
+    if entry is not None and pending is not None:
+        raise MalformedArchiveError(
+            f"signature entry {entry.path!r} at offset {entry.offset} comes after "
+            f"{pending.kind} {pending.path!r}; signatures must directly follow "
+            f"{MANIFEST_NAME}, so it was not counted ({failure})"
+        ) from failure
 
 
 def _ancestors(manifest: Manifest) -> set[str]:

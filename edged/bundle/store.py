@@ -29,7 +29,7 @@ import logging
 import os
 import secrets
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -45,6 +45,7 @@ from edged.bundle.fsutil import (
     remove_temp_files,
     rename_durably,
 )
+from edged.bundle.keys import KEYID_RE
 from edged.bundle.limits import DEFAULT_LIMITS, BundleLimits
 from edged.bundle.manifest import (
     MODEL_NAME_RE,
@@ -52,8 +53,9 @@ from edged.bundle.manifest import (
     Manifest,
     manifest_digest,
     parse_manifest,
+    parse_version_name,
 )
-from edged.bundle.verify import HighWaterMark
+from edged.bundle.verify import MAX_MARKS_PER_MODEL, HighWaterMark
 from edged.errors import (
     BundleError,
     InstallBusyError,
@@ -72,6 +74,7 @@ LOCK_FILE = ".lock"
 CURRENT_POINTER = "CURRENT"  # the name edged.serve.repository reads
 VERIFIED_MARKER = ".verified"
 HIGH_WATER_SPEC_VERSION = 1
+_MARK_FIELDS = frozenset({"counter", "manifest_sha256", "signed_by"})
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,32 @@ class ModelRecovery:
 class RecoveryReport:
     models: Mapping[str, ModelRecovery] = field(default_factory=dict)
     removed_staging: tuple[str, ...] = ()
+
+
+def _parse_mark(value: Json, fields: frozenset[str]) -> HighWaterMark | None:
+    """One recorded mark; ``signed_by`` is absent in files written before it was kept."""
+    if not isinstance(value, dict) or not set(value) <= fields:
+        return None
+    counter, digest = value.get("counter"), value.get("manifest_sha256")
+    signed_by = value.get("signed_by", [])
+    if (
+        not isinstance(counter, int)
+        or isinstance(counter, bool)
+        or not isinstance(digest, str)
+        or not isinstance(signed_by, list)
+        or not all(isinstance(k, str) and KEYID_RE.match(k) for k in signed_by)
+    ):
+        return None
+    return HighWaterMark(counter, digest, frozenset(str(k) for k in signed_by))
+
+
+def _mark_json(mark: HighWaterMark) -> dict[str, Json]:
+    signed_by: list[Json] = [k for k in sorted(mark.signed_by)]
+    return {
+        "counter": mark.counter,
+        "manifest_sha256": mark.manifest_sha256,
+        "signed_by": signed_by,
+    }
 
 
 class StagingSink:
@@ -225,37 +254,43 @@ class ModelStore:
             raise StoreCorruptError(f"{what}: no 'models' object; restore it from a backup")
         marks: dict[str, HighWaterMark] = {}
         for name, mark in models.items():
-            if (
-                not isinstance(mark, dict)
-                or not isinstance(mark.get("counter"), int)
-                or isinstance(mark.get("counter"), bool)
-                or not isinstance(mark.get("manifest_sha256"), str)
-            ):
+            earlier = mark.get("earlier", []) if isinstance(mark, dict) else []
+            if not isinstance(earlier, list):
                 raise StoreCorruptError(f"{what}: entry for model {name!r} is malformed")
-            counter = mark["counter"]
-            digest = mark["manifest_sha256"]
-            assert isinstance(counter, int)
-            assert isinstance(digest, str)
-            marks[name] = HighWaterMark(counter, digest)
+            parsed = [_parse_mark(mark, _MARK_FIELDS | {"earlier"})]
+            parsed += [_parse_mark(e, _MARK_FIELDS) for e in earlier]
+            if any(p is None for p in parsed) or len(parsed) > MAX_MARKS_PER_MODEL:
+                raise StoreCorruptError(f"{what}: entry for model {name!r} is malformed")
+            first, *rest = [p for p in parsed if p is not None]
+            marks[name] = replace(first, earlier=tuple(rest))
         return marks
 
     def write_high_water(self, marks: Mapping[str, HighWaterMark]) -> None:
-        models: dict[str, Json] = {
-            name: {"counter": m.counter, "manifest_sha256": m.manifest_sha256}
-            for name, m in sorted(marks.items())
-        }
+        models: dict[str, Json] = {}
+        for name, mark in sorted(marks.items()):
+            entry = _mark_json(mark)
+            if mark.earlier:
+                entry["earlier"] = [_mark_json(e) for e in mark.earlier]
+            models[name] = entry
         document: dict[str, Json] = {"spec_version": HIGH_WATER_SPEC_VERSION, "models": models}
         atomic_write(
             self.high_water_path, encode_canonical(document) + b"\n", checkpoint=self.checkpoint
         )
 
-    def advance_high_water(self, model: str, counter: int, digest: str) -> None:
-        """Raise the model's mark to ``counter`` (never lowers it)."""
+    def advance_high_water(
+        self, model: str, counter: int, digest: str, signed_by: frozenset[str] = frozenset()
+    ) -> None:
+        """Record that ``counter`` was installed under ``signed_by`` (never lowers a mark)."""
         marks = self.read_high_water()
         mark = marks.get(model)
-        if mark is not None and mark.counter >= counter:
+        new = (
+            mark.advanced(counter, digest, signed_by)
+            if mark is not None
+            else HighWaterMark(counter, digest, signed_by)
+        )
+        if new == mark:
             return
-        marks[model] = HighWaterMark(counter, digest)
+        marks[model] = new
         self.write_high_water(marks)
 
     # --- versions -------------------------------------------------------------------------
@@ -268,7 +303,12 @@ class ModelStore:
         except (OSError, UnicodeDecodeError) as exc:
             log.warning("model %s: unreadable %s: %s", model, CURRENT_POINTER, exc)
             return None
-        return int(text) if text.isdigit() and len(text) < 16 else None
+        version = parse_version_name(text)
+        if version is None:
+            log.warning(
+                "model %s: %s holds %r, not a version number", model, CURRENT_POINTER, text[:40]
+            )
+        return version
 
     def set_current(self, model: str, version: int) -> None:
         atomic_write(
@@ -344,7 +384,7 @@ class ModelStore:
             (
                 p
                 for p in directory.iterdir()
-                if p.name.isdigit() and p.is_dir() and not p.is_symlink()
+                if parse_version_name(p.name) is not None and p.is_dir() and not p.is_symlink()
             ),
             key=lambda p: int(p.name),
         )
@@ -473,7 +513,13 @@ class ModelStore:
         if current is not None:
             cur = held[current]
             if mark is None or cur.counter > mark.counter:
-                mark = marks[model] = HighWaterMark(cur.counter, cur.manifest_sha256)
+                # The signing keys are not kept with a version: recorded as unknown, such a
+                # mark is never set aside by a revocation (the safe side).
+                mark = marks[model] = (
+                    mark.advanced(cur.counter, cur.manifest_sha256, frozenset())
+                    if mark is not None
+                    else HighWaterMark(cur.counter, cur.manifest_sha256)
+                )
                 self.write_high_water(marks)
         for path in self._version_dirs(model):
             version = int(path.name)

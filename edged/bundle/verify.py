@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from edged.bundle.keys import CONTEXT_MANIFEST, Signature, verify_payload
 from edged.bundle.limits import DEFAULT_LIMITS, BundleLimits
@@ -39,12 +39,50 @@ class DeviceFacts:
     edged_version: str
 
 
+MAX_MARKS_PER_MODEL = 64  # one per set of signing keys; as many as a signers list has keys
+
+
 @dataclass(frozen=True)
 class HighWaterMark:
-    """The highest release counter ever installed for a model, and which bundle set it."""
+    """The highest release counter ever installed for a model, which bundle set it and which
+    keys signed that bundle; ``earlier`` holds, for every other set of signing keys a bundle of
+    the model was installed under, the highest counter installed under it (highest first).
+
+    Which of these counts is decided against the trust state (``standing``): a mark set by a
+    key that root has since revoked no longer holds, and the highest one signed only by keys
+    not revoked takes its place. That is the recovery from a fast-forward attack (a stolen key
+    signing a huge counter); only a root-signed signers update can revoke, so nobody without
+    root keys can lower a mark.
+    """
 
     counter: int
     manifest_sha256: str
+    signed_by: frozenset[str] = frozenset()  # empty: not recorded (older store, recovery)
+    earlier: tuple[HighWaterMark, ...] = ()
+
+    def entries(self) -> tuple[HighWaterMark, ...]:
+        """Every recorded mark, highest counter first."""
+        return (replace(self, earlier=()), *self.earlier)
+
+    def standing(self, revoked: frozenset[str]) -> HighWaterMark | None:
+        """The mark that holds while ``revoked`` are revoked: the highest one none of whose
+        signing keys is revoked (None: every mark was set by a revoked key)."""
+        for entry in self.entries():
+            if not entry.signed_by & revoked:
+                return entry
+        return None
+
+    def advanced(self, counter: int, digest: str, signed_by: frozenset[str]) -> HighWaterMark:
+        """Record an install of ``counter`` signed by ``signed_by``; nothing is ever lowered."""
+        entries = list(self.entries())
+        same = next((e for e in entries if e.signed_by == signed_by), None)
+        if same is not None and same.counter >= counter:
+            return self
+        entries = [e for e in entries if e is not same]
+        entries.append(HighWaterMark(counter, digest, signed_by))
+        entries.sort(key=lambda e: e.counter, reverse=True)
+        del entries[MAX_MARKS_PER_MODEL:]
+        return replace(entries[0], earlier=tuple(entries[1:]))
 
 
 @dataclass(frozen=True)
@@ -105,9 +143,18 @@ def check_expiry(manifest: Manifest, now: int) -> None:
         )
 
 
-def check_counter(manifest: Manifest, digest: str, high_water: Mapping[str, HighWaterMark]) -> bool:
-    """True when this is the exact bundle that set the mark (an allowed re-install)."""
-    mark = high_water.get(manifest.model)
+def check_counter(
+    manifest: Manifest,
+    digest: str,
+    high_water: Mapping[str, HighWaterMark],
+    revoked: frozenset[str] = frozenset(),
+) -> bool:
+    """True when this is the exact bundle that set the mark (an allowed re-install).
+
+    The mark is the model's standing one under the current revocations (``HighWaterMark``).
+    """
+    recorded = high_water.get(manifest.model)
+    mark = recorded.standing(revoked) if recorded is not None else None
     if mark is None or manifest.counter > mark.counter:
         return False
     if manifest.counter < mark.counter:
@@ -181,7 +228,7 @@ def verify_manifest(
     manifest = parse_manifest(manifest_bytes, limits)
     digest = manifest_digest(manifest_bytes)
     check_expiry(manifest, now)
-    reinstall = check_counter(manifest, digest, high_water)
+    reinstall = check_counter(manifest, digest, high_water, trust.signers.revoked)
     check_arch(manifest, device)
     check_runtime(manifest, device)
     check_providers(manifest, device)
@@ -253,10 +300,12 @@ def explain_manifest(
     manifest = parsed[0]
     digest = manifest_digest(manifest_bytes)
     run("not expired", lambda: check_expiry(manifest, now), f"expires {utc_text(manifest.expires)}")
-    mark = high_water.get(manifest.model)
+    revoked = trust.signers.revoked if trust is not None else frozenset()
+    recorded = high_water.get(manifest.model)
+    mark = recorded.standing(revoked) if recorded is not None else None
     run(
         "release counter",
-        lambda: check_counter(manifest, digest, high_water),
+        lambda: check_counter(manifest, digest, high_water, revoked),
         f"{manifest.counter} (high-water mark {mark.counter if mark else 'none'})",
     )
     if device is None:

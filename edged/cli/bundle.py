@@ -12,9 +12,10 @@ import argparse
 import datetime as dt
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from rich.console import Console
 from rich.table import Table
@@ -39,7 +40,7 @@ from edged.bundle.keys import (
     write_public_key,
 )
 from edged.bundle.limits import DEFAULT_LIMITS
-from edged.bundle.manifest import Manifest, manifest_digest, parse_manifest
+from edged.bundle.manifest import FileEntry, Manifest, manifest_digest, parse_manifest
 from edged.bundle.reader import NullSink, read_files, read_head, read_unverified
 from edged.bundle.store import ModelStore
 from edged.bundle.trust import (
@@ -52,6 +53,7 @@ from edged.bundle.trust import (
     signers_document_json,
 )
 from edged.bundle.truststore import ROOT_FILE, SIGNERS_FILE, TrustStore
+from edged.bundle.vectors import check_vector_file
 from edged.bundle.verify import CheckResult, explain_manifest
 from edged.config import StateConfig
 from edged.errors import BundleError, ConfigError, SignatureError, TrustDocumentError
@@ -345,19 +347,67 @@ def _verify_report(args: argparse.Namespace) -> tuple[list[CheckResult], Manifes
         if manifest is None:
             results.append(CheckResult("files", None, "manifest did not parse"))
             return results, None
-        try:
-            read_files(reader, pending, manifest, NullSink())
-            results.append(
-                CheckResult(
-                    "files",
-                    True,
-                    f"{len(manifest.files)} file(s), {manifest.total_size} bytes, "
-                    "sizes and SHA-256 match",
+        with tempfile.TemporaryDirectory(prefix="edged-verify-") as scratch:
+            sink = _VectorSink(Path(scratch), set(manifest.test_vectors))
+            try:
+                read_files(reader, pending, manifest, sink)
+                results.append(
+                    CheckResult(
+                        "files",
+                        True,
+                        f"{len(manifest.files)} file(s), {manifest.total_size} bytes, "
+                        "sizes and SHA-256 match",
+                    )
                 )
-            )
-        except BundleError as exc:
-            results.append(CheckResult("files", False, f"{type(exc).__name__}: {exc}"))
+            except BundleError as exc:
+                results.append(CheckResult("files", False, f"{type(exc).__name__}: {exc}"))
+                results.append(CheckResult("test vectors", None, "files did not verify"))
+            else:
+                results.append(_check_vectors(sink, manifest))
+            finally:
+                sink.close()
     return results, manifest
+
+
+class _VectorSink(NullSink):
+    """Keeps the bundle's .npz test vectors (only those) in a scratch directory."""
+
+    def __init__(self, root: Path, wanted: set[str]) -> None:
+        self.root = root
+        self.wanted = wanted
+        self.paths: dict[str, Path] = {}
+        self._file: BinaryIO | None = None
+
+    def begin(self, entry: FileEntry) -> None:
+        if entry.path in self.wanted:
+            path = self.root / f"{len(self.paths)}.npz"
+            self.paths[entry.path] = path
+            self._file = path.open("wb")
+
+    def write(self, data: bytes) -> None:
+        if self._file is not None:
+            self._file.write(data)
+
+    def end(self, entry: FileEntry) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _check_vectors(sink: _VectorSink, manifest: Manifest) -> CheckResult:
+    budget = DEFAULT_LIMITS.max_vector_bytes
+    try:
+        for name, path in sorted(sink.paths.items()):
+            budget -= check_vector_file(path, name, DEFAULT_LIMITS, budget)
+    except BundleError as exc:
+        return CheckResult("test vectors", False, f"{type(exc).__name__}: {exc}")
+    used = DEFAULT_LIMITS.max_vector_bytes - budget
+    return CheckResult(
+        "test vectors", True, f"{len(sink.paths)} .npz file(s), {used} bytes of arrays"
+    )
 
 
 def handle_verify(args: argparse.Namespace) -> int:

@@ -60,6 +60,21 @@ def _print_result(result: dict[str, Any], as_json: bool) -> int:
     return 0 if not result.get("error") else 1
 
 
+def _result_document(status: int, data: bytes) -> dict[str, Any]:
+    """The daemon's install/rollback answer; anything else (a proxy's HTML, a crash) becomes
+    one ``ApiError`` line instead of a traceback."""
+    try:
+        doc = json.loads(data) if data else {}
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        text = data.decode(errors="replace").strip().splitlines()
+        raise ApiError(status, (text[0][:200] if text else "empty answer") + " (not JSON)")
+    if status not in (200, 409) or "outcome" not in doc:
+        raise ApiError(status, str(doc.get("error", doc))[:500])
+    return doc
+
+
 def handle_install(args: argparse.Namespace) -> int:
     if not args.file.is_file():
         raise BundleFileError(f"{args.file}: no such bundle file")
@@ -86,19 +101,13 @@ def handle_install(args: argparse.Namespace) -> int:
                 "Edged-Bundle-Name": args.file.name,
             },
         )
-    doc = json.loads(data) if data else {}
-    if status not in (200, 409) or "outcome" not in doc:
-        raise ApiError(status, doc.get("error", data.decode(errors="replace")))
-    return _print_result(doc, args.json)
+    return _print_result(_result_document(status, data), args.json)
 
 
 def handle_rollback(args: argparse.Namespace) -> int:
     path = f"/edged/v1/models/{args.model}/rollback" + (f"?to={args.to}" if args.to else "")
     status, _, data = client_from(args).request("POST", path)
-    doc = json.loads(data) if data else {}
-    if status not in (200, 409) or "outcome" not in doc:
-        raise ApiError(status, doc.get("error", data.decode(errors="replace")))
-    return _print_result(doc, args.json)
+    return _print_result(_result_document(status, data), args.json)
 
 
 def handle_installs(args: argparse.Namespace) -> int:

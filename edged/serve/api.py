@@ -11,22 +11,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from aiohttp import web
 
 from edged import __version__
 from edged._compat import TIMEOUT_ERRORS
-from edged.bundle import Installer, InstallResult
+from edged.bundle import Installer, InstallResult, receive_upload, upload_source
 from edged.errors import (
     DeadlineExceededError,
     EdgedError,
     FeatureDisabledError,
+    InstallBusyError,
     InsufficientMemoryError,
     InvalidRequestError,
+    LimitExceededError,
     ModelNotFoundError,
     ModelNotReadyError,
     NotPermittedError,
@@ -360,33 +359,19 @@ def _result_response(result: InstallResult) -> web.Response:
 
 async def install_bundle(request: web.Request) -> web.Response:
     installer = _installer(request)
-    limit = installer.limits.max_archive_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise InvalidRequestError(f"bundle of {request.content_length} bytes exceeds {limit}")
-    staging = installer.store.state_dir / "uploads"
-    await asyncio.to_thread(staging.mkdir, parents=True, exist_ok=True)
-    fd, name = await asyncio.to_thread(tempfile.mkstemp, ".bundle", "upload-", staging)
-    path = Path(name)
+    source = upload_source(request.headers.get("Edged-Bundle-Name"))
     try:
-        size = 0
-        with os.fdopen(fd, "wb") as out:
-            async for chunk in request.content.iter_chunked(1 << 20):
-                size += len(chunk)
-                if size > limit:
-                    raise InvalidRequestError(f"bundle exceeds the limit of {limit} bytes")
-                await asyncio.to_thread(out.write, chunk)
-        source = request.headers.get("Edged-Bundle-Name", "upload")
-        try:
-            result = await installer.install_file(path)
-        except EdgedError as exc:
-            failed = installer.last_result
-            if failed is None:
-                raise
-            log.warning("install of %s rejected: %s", source, exc)
-            return _result_response(failed)
-        return _result_response(result)
-    finally:
-        await asyncio.to_thread(path.unlink, missing_ok=True)
+        result = await receive_upload(
+            installer, request.content.iter_chunked(1 << 20), source, request.content_length
+        )
+    except InstallBusyError as exc:
+        return error_response(429, str(exc), {"Retry-After": "5"})
+    except LimitExceededError as exc:
+        log.warning("upload of %s refused: %s", source, exc)
+        return error_response(413, str(exc))
+    if not result.ok:
+        log.warning("install of %s rejected: %s", source, result.message)
+    return _result_response(result)
 
 
 async def rollback_model(request: web.Request) -> web.Response:

@@ -120,3 +120,36 @@ def test_root_threshold_collects_signatures(
     assert run_cli(["trust", "sign", "trust/root.json", "--key", "root2.key"]) == 0
     assert run_cli(["trust", "sign", "trust/signers.json", "--key", "root2.key"]) == 0
     assert TrustStore(workdir / "trust").load().root.threshold == 2
+
+
+def test_a_non_json_daemon_answer_is_one_api_error_line() -> None:
+    from edged.cli.install import _result_document
+    from edged.errors import ApiError
+
+    with pytest.raises(
+        ApiError, match=r"daemon answered 500: 500 Internal Server Error \(not JSON\)"
+    ):
+        _result_document(500, b"500 Internal Server Error\n\nServer got itself in trouble")
+    doc = {"outcome": "rejected", "error": "VectorFileError"}
+    assert _result_document(409, json.dumps(doc).encode()) == doc
+
+
+def test_verify_checks_the_test_vectors_like_a_device(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.bundle.npz_corpus import cd_offset
+
+    assert cli("trust init --out trust --root-key root.key --signer rel1.pub") == 0
+    assert build() == 0
+    capsys.readouterr()
+    assert run_cli(["bundle", "verify", "mlp-2.bundle", "--trust", "trust"]) == 0
+    assert "test vectors" in capsys.readouterr().out
+    vectors = workdir / "src" / MODEL / "2" / "test_vectors.npz"
+    raw = bytearray(vectors.read_bytes())
+    raw[cd_offset(bytes(raw)) - 1] ^= 0xFF  # a bad CRC, signed like everything else
+    vectors.write_bytes(bytes(raw))
+    assert build() == 0
+    capsys.readouterr()
+    assert run_cli(["bundle", "verify", "mlp-2.bundle", "--trust", "trust"]) == 1
+    out = capsys.readouterr().out
+    assert "VectorFileError" in out

@@ -150,3 +150,23 @@ def test_a_pointer_write_failure_is_reported_not_hidden(
     assert world.store.read_high_water()[MODEL].counter == 1
     world.installer().recover()
     world.assert_serves(1)
+
+
+@pytest.mark.parametrize("big", [10**15, 2**53 - 1], ids=["16-digits", "max"])
+def test_versions_over_the_whole_schema_range_serve_roll_back_and_recover(
+    world: World, big: int
+) -> None:
+    from edged.bundle.build import collect_version_files
+    from tests.bundle.helpers import CONFIG_TOML
+
+    files = collect_version_files(world.sources / MODEL / "2", MODEL, big)
+    files[f"{MODEL}/config.toml"] = CONFIG_TOML
+    installed = world.install(world.bundle(big, 2, files=files))
+    assert (installed.version, installed.previous_version) == (big, 1)
+    world.assert_serves(big)
+    assert world.store.current_version(MODEL) == big
+    report = world.installer().recover()
+    assert report.models[MODEL].current == big and not report.models[MODEL].pointer_repaired
+    assert world.install(world.bundle(3)).previous_version == big
+    assert world.rollback(big).version == big
+    world.assert_serves(big)

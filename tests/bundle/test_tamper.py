@@ -22,7 +22,7 @@ import pytest
 
 from edged.bundle.build import make_manifest
 from edged.bundle.canonical import encode_canonical
-from edged.bundle.keys import CONTEXT_COMMAND, keyid_of, sign_payload
+from edged.bundle.keys import CONTEXT_COMMAND, Signature, keyid_of, sign_payload
 from edged.bundle.trust import build_signers
 from edged.bundle.truststore import TrustStore
 from edged.errors import (
@@ -39,6 +39,7 @@ from edged.errors import (
     LimitExceededError,
     LinkEntryError,
     MalformedArchiveError,
+    ManifestEncodingError,
     ManifestSchemaError,
     MissingEntryError,
     NoSignaturesError,
@@ -418,12 +419,91 @@ def test_data_after_the_end_marker_is_rejected(world: World) -> None:
     assert_rejected(world, good(world) + b"\x01" + b"\x00" * 511, MalformedArchiveError)
 
 
-def test_signatures_after_model_files_do_not_count(world: World) -> None:
-    """Verification happens before any model byte is read: late signatures are not seen."""
+def test_signatures_after_model_files_are_a_malformed_archive(world: World) -> None:
+    """Verification happens before any model byte is read, so late signatures do not count;
+    the refusal says they are misplaced rather than absent."""
     members = split_members(good(world))
     sigs = [m for m in members if m[0].name.startswith("signatures/")]
     rest = [m for m in members if not m[0].name.startswith("signatures/")]
-    assert_rejected(world, rebuild(rest + sigs), NoSignaturesError)
+    message = assert_rejected(world, rebuild(rest + sigs), MalformedArchiveError)
+    assert "comes after file 'mlp/2/" in message and "carries no signature" in message
+
+
+def test_a_signature_after_a_directory_entry_is_a_malformed_archive(world: World) -> None:
+    members = split_members(good(world))
+    directory = tarfile.TarInfo("mlp")
+    directory.type = tarfile.DIRTYPE
+    reordered = [members[0], (directory, b""), *members[1:]]
+    message = assert_rejected(world, rebuild(reordered), MalformedArchiveError)
+    assert "comes after dir 'mlp'" in message
+
+
+def test_a_late_second_signature_is_named_in_the_threshold_refusal(world: World) -> None:
+    keys = world.keys
+    world.installer().apply_signers_update(
+        build_signers([k.public_key() for k in keys.signers], 2, 2, NOW + DAY, keys.root[:1])
+    )
+    members = split_members(world.bundle(2, keys=keys.signers[:2]))
+    late = [m for m in members if m[0].name.startswith("signatures/")][1]
+    rest = [m for m in members if m is not late]
+    message = assert_rejected(world, rebuild([*rest, late]), MalformedArchiveError)
+    assert late[0].name in message and "1 valid signature(s) from trusted keys, 2 required" in (
+        message
+    )
+
+
+def test_re_pushing_the_serving_bundle_with_altered_files_says_they_differ(world: World) -> None:
+    data = world.bundle(2)
+    world.install(data)
+    name = f"{MODEL}/2/model.onnx"
+    members = split_members(data)
+    altered = [(i, c[:-1] + bytes([c[-1] ^ 1]) if i.name == name else c) for i, c in members]
+    message = assert_rejected(world, rebuild(altered), FileHashMismatchError)
+    assert name in message
+    world.rollback(1)
+    message = assert_rejected(world, rebuild(altered), FileHashMismatchError)  # reinstall path
+    world.assert_serves(1)
+
+
+def test_a_signature_naming_a_revoked_key_is_not_said_to_be_by_it(world: World) -> None:
+    keys = world.keys
+    revoked = keys.signers[2]
+    world.installer().apply_signers_update(
+        build_signers(
+            [k.public_key() for k in keys.signers[:2]],
+            1,
+            2,
+            NOW + DAY,
+            keys.root[:1],
+            [keyid_of(revoked.public_key())],
+        )
+    )
+    junk = Signature(keyid_of(revoked.public_key()), bytes(64))
+    files = source_files(world.sources, 2)
+    data = pack(make_manifest(spec(2), files).to_json(), files, [], extra_signatures=[junk])
+    message = assert_rejected(world, data, RevokedKeyError)
+    assert "naming key" in message and "signed by" not in message
+
+
+def test_a_deep_dot_dot_path_is_called_traversal(world: World) -> None:
+    deep = entry(f"{MODEL}/2/" + "../" * 12 + "etc/evil", size=4)
+    message = assert_rejected(
+        world, insert_after_signatures(good(world), deep, b"evil"), UnsafePathError
+    )
+    assert "'..' component" in message and "deeper" not in message
+
+
+def test_null_in_a_signed_manifest_is_called_null(world: World) -> None:
+    from edged.bundle.build import sign_manifest, write_bundle
+
+    files = source_files(world.sources, 2)
+    manifest: dict[str, Any] = make_manifest(spec(2), files).to_json()
+    manifest["model"] = None
+    raw = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    out = io.BytesIO()
+    write_bundle(out, raw, [sign_manifest(raw, world.keys.signers[0])], files)
+    message = assert_rejected(world, out.getvalue(), ManifestEncodingError)
+    assert "NoneType" not in message and "null values" in message
 
 
 def test_signature_after_model_files_is_rejected(world: World) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -173,3 +174,89 @@ def test_offline_install_into_a_state_directory(
     done = edged("install", str(good), "--offline", "--state-dir", str(state), "--json")
     assert json.loads(done.stdout)["outcome"] == "installed"
     assert (state / "models" / "mlp" / "CURRENT").read_text().strip() == "2"
+
+
+def test_bad_uploads_are_answered_early_as_json_and_one_at_a_time(
+    model_repo: Path, tmp_path: Path, keys: Path
+) -> None:
+    from tests.bundle.npz_corpus import cd_offset
+
+    work = tmp_path / "d"
+    trust_init(keys, work / "state")
+    bundle = build(keys, tmp_path, version=2, counter=1, shift=1.0)
+    # The same release, but its signed test vectors carry a bad CRC.
+    corrupt = tmp_path / "corrupt" / "2"
+    shutil.copytree(tmp_path / "build" / "2", corrupt)
+    raw = bytearray((corrupt / "test_vectors.npz").read_bytes())
+    raw[cd_offset(bytes(raw)) - 1] ^= 0xFF
+    (corrupt / "test_vectors.npz").write_bytes(bytes(raw))
+    bad_vectors = tmp_path / "bad-vectors.bundle"
+    edged(
+        "bundle", "build", "--model-dir", str(corrupt), "--config", str(model_repo / "mlp" / "config.toml"),
+        "--name", "mlp", "--version", "2", "--counter", "1",
+        "--key", str(keys / "signer.key"), "-o", str(bad_vectors),
+    )  # fmt: skip
+
+    async def answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, Any]]:
+        status = int((await reader.readline()).split()[1])
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        return status, json.loads(await reader.readexactly(length))
+
+    async def scenario(socket: Path) -> None:
+        # 256 MiB announced, starting with gzip magic: answered after the first MiB, while
+        # the rest is never sent.
+        reader, writer = await asyncio.open_unix_connection(str(socket))
+        writer.write(
+            b"POST /edged/v1/bundles HTTP/1.1\r\nHost: edged\r\n"
+            + f"Content-Length: {256 << 20}\r\n\r\n".encode()
+            + b"\x1f\x8b\x08\x00"
+            + bytes(1 << 20)
+        )
+        await writer.drain()
+        status, doc = await asyncio.wait_for(answer(reader), 60)
+        assert (status, doc["error"]) == (409, "CompressedArchiveError")
+        writer.close()
+        # One upload at a time: while the first (its first 512 bytes sent) is open, a second
+        # one gets 429 with Retry-After.
+        first_reader, first = await asyncio.open_unix_connection(str(socket))
+        data = bundle.read_bytes()
+        first.write(
+            b"POST /edged/v1/bundles HTTP/1.1\r\nHost: edged\r\n"
+            + f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data[:512]
+        )
+        await first.drain()
+        second_status = 0
+        for _ in range(200):  # bounded: until the first upload holds the slot
+            second_reader, second = await asyncio.open_unix_connection(str(socket))
+            second.write(
+                b"POST /edged/v1/bundles HTTP/1.1\r\nHost: edged\r\nContent-Length: 1\r\n\r\nx"
+            )
+            second_status, doc = await asyncio.wait_for(answer(second_reader), 60)
+            second.close()
+            if second_status == 429:
+                break
+            await asyncio.sleep(0.05)
+        assert second_status == 429, doc
+        first.write(data[512:])  # the first upload completes and installs
+        await first.drain()
+        status, doc = await asyncio.wait_for(answer(first_reader), 120)
+        assert (status, doc["outcome"]) == (200, "installed"), doc
+        first.close()
+
+    with running_daemon(model_repo, work) as daemon:
+        bad = edged("install", str(bad_vectors), "--socket", str(daemon.socket_path), check=False)
+        assert bad.returncode == 1
+        assert bad.stdout.startswith("install failed (VectorFileError): mlp/2/test_vectors.npz")
+        assert len(bad.stdout.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+        asyncio.run(scenario(daemon.socket_path))
+        history = json.loads(
+            edged("installs", "--json", "--socket", str(daemon.socket_path)).stdout
+        )
+        assert history[0]["source"] == bad_vectors.name
+        assert not list((work / "state").glob("uploads/*"))
+        assert history[-1]["outcome"] == "installed"
