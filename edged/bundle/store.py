@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import secrets
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -296,17 +297,19 @@ class ModelStore:
     # --- versions -------------------------------------------------------------------------
 
     def current_version(self, model: str) -> int | None:
+        """The version ``CURRENT`` names; ``None`` when there is no ``CURRENT``. An unreadable
+        or malformed one raises ``StoreCorruptError``: it is never silently taken as absent."""
+        path = self.model_dir(model) / CURRENT_POINTER
         try:
-            text = (self.model_dir(model) / CURRENT_POINTER).read_text(encoding="ascii").strip()
+            text = path.read_text(encoding="ascii").strip()
         except FileNotFoundError:
             return None
         except (OSError, UnicodeDecodeError) as exc:
-            log.warning("model %s: unreadable %s: %s", model, CURRENT_POINTER, exc)
-            return None
+            raise StoreCorruptError(f"model {model}: {path} is unreadable: {exc}") from exc
         version = parse_version_name(text)
         if version is None:
-            log.warning(
-                "model %s: %s holds %r, not a version number", model, CURRENT_POINTER, text[:40]
+            raise StoreCorruptError(
+                f"model {model}: {path} holds {text[:40]!r}, not a version number"
             )
         return version
 
@@ -491,7 +494,13 @@ class ModelStore:
             for p in self._version_dirs(model)
             if (h := self.inspect_version(p, deep=deep))
         }
-        current = self.current_version(model)
+        try:
+            current = self.current_version(model)
+        except StoreCorruptError as exc:
+            kept = model_dir / f"{CURRENT_POINTER}.corrupt-{time.time_ns()}"
+            rename_durably(model_dir / CURRENT_POINTER, kept, self.checkpoint)
+            log.error("%s; kept it as %s and choosing the newest installed version", exc, kept)
+            current = None
         mark = marks.get(model)
         repaired = False
         if current not in held:

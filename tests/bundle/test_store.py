@@ -87,6 +87,17 @@ def test_garbage_pointer_is_repaired(world: World) -> None:
     world.assert_serves(1)
 
 
+def test_a_garbage_pointer_is_an_error_and_recovery_keeps_it_aside(world: World) -> None:
+    model_dir = world.store.model_dir(MODEL)
+    (model_dir / CURRENT_POINTER).write_text("not a number")
+    with pytest.raises(StoreCorruptError, match="not a version number"):
+        world.store.current_version(MODEL)
+    recover(world)
+    kept = list(model_dir.glob(f"{CURRENT_POINTER}.corrupt-*"))
+    assert [k.read_text() for k in kept] == ["not a number"]
+    assert world.store.current_version(MODEL) == 1
+
+
 def test_missing_high_water_is_rebuilt_from_the_current_version(world: World) -> None:
     world.install(world.bundle(2))
     (world.state / "highwater.json").unlink()
