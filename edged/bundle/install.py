@@ -43,6 +43,7 @@ from edged.errors import (
     EdgedError,
     InstallFailedError,
     LimitExceededError,
+    ShuttingDownError,
     StoreError,
     TruncatedArchiveError,
     VersionConflictError,
@@ -404,9 +405,10 @@ class Installer:
             if staged.staging is not None:
                 await _in_thread(self.store.discard, version_dir)
                 progress.created = None
-            self._fail(
-                "install", "load-failed", manifest, verified.digest, previous, source, now, exc
-            )
+            # Not the bundle's fault when the daemon is stopping: whoever asked (the fleet
+            # channel) installs it again at the next start.
+            outcome = "interrupted" if isinstance(exc, ShuttingDownError) else "load-failed"
+            self._fail("install", outcome, manifest, verified.digest, previous, source, now, exc)
         self._checkpoint("load_version done")
         progress.switched = True
         try:

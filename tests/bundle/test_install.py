@@ -18,6 +18,7 @@ from edged.errors import (
     InstallBusyError,
     RollbackError,
     SelfTestFailedError,
+    ShuttingDownError,
     StoreError,
     VersionNotHeldError,
 )
@@ -170,3 +171,25 @@ def test_versions_over_the_whole_schema_range_serve_roll_back_and_recover(
     assert world.install(world.bundle(3)).previous_version == big
     assert world.rollback(big).version == big
     world.assert_serves(big)
+
+
+class _StoppingTarget:
+    """The serving side of a daemon that began shutting down before the load started."""
+
+    async def load_version(self, model: str, version_dir: Path) -> None:
+        raise ShuttingDownError("the daemon is shutting down")
+
+
+def test_an_install_refused_by_a_stopping_daemon_is_interrupted_not_failed(world: World) -> None:
+    before = world.snapshot()
+    installer = world.installer()
+    installer.target = _StoppingTarget()
+    with pytest.raises(ShuttingDownError):
+        asyncio.run(installer.install_bytes(world.bundle(2)))
+    entry = log_entries(world.state)[-1]
+    assert (entry["outcome"], entry["error"], entry["version"]) == (
+        "interrupted",
+        "ShuttingDownError",
+        2,
+    )
+    world.assert_unchanged(before)
