@@ -8,6 +8,7 @@ every aiomqtt / paho / OS error leaves it as the most specific ``TransportError`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import socket
@@ -182,17 +183,33 @@ class _AioClient(aiomqtt.Client):
             return
         super()._on_disconnect(client, userdata, flags, reason_code, properties)
 
+    # aiomqtt replaces its "disconnected" future on connect, dropping a failed one nobody has
+    # looked at (asyncio then logs "Future exception was never retrieved"): mark it seen.
+    @property
+    def _disconnected(self) -> asyncio.Future[None]:
+        return self._lost
+
+    @_disconnected.setter
+    def _disconnected(self, future: asyncio.Future[None]) -> None:
+        if hasattr(self, "_lost"):
+            self.forget_disconnect_error()
+        self._lost = future
+
     @property
     def lost(self) -> asyncio.Future[None]:
         """Done once the connection has ended (aiomqtt's own ``messages`` iterator waits on
         it the same way; its publish/subscribe calls do not)."""
-        return self._disconnected
+        return self._lost
+
+    @property
+    def paho_connected(self) -> bool:
+        return self._client.is_connected()
 
     def forget_disconnect_error(self) -> None:
         # Nobody awaits the future when the connection ended outside ``messages`` (e.g. during
         # a publish): mark its error as seen, or asyncio logs "exception was never retrieved".
-        if self._disconnected.done() and not self._disconnected.cancelled():
-            self._disconnected.exception()
+        if self._lost.done() and not self._lost.cancelled():
+            self._lost.exception()
 
 
 class MqttClient:
@@ -240,6 +257,12 @@ class MqttClient:
             raise map_error(exc, where) from exc
         except OSError as exc:
             raise map_error(exc, where) from exc
+        if not client.paho_connected:
+            # Dropped between CONNACK and now (e.g. another client took the session over):
+            # aiomqtt has reset its "disconnected" future and would wait on it for ever.
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.__aexit__(None, None, None)
+            raise ConnectionLostError(f"the broker dropped the connection at once while {where}")
         self._client = client
         log.debug(
             "connected to %s:%d as %s", self.settings.host, self.settings.port, self.client_id
