@@ -31,6 +31,7 @@ from edged.transport.fleet import (
     DeviceOutcome,
     ManagerSettings,
     PushResult,
+    clean_chunks,
     fleet_status,
     push,
     send_command,
@@ -180,6 +181,13 @@ def register(subparsers: Any) -> None:
         add_connection_args(c, signing=True)
         c.set_defaults(handler=handle_command, command_type=name)
 
+    k = sub.add_parser("clean", help="remove retained bundle chunks left on the broker")
+    k.add_argument("--deployment", help="only this deployment's chunks")
+    k.add_argument("--force", action="store_true", help="also chunks a device is still downloading")
+    k.add_argument("--settle", type=float, default=2.0, help="seconds to collect messages")
+    add_connection_args(k)
+    k.set_defaults(handler=handle_clean)
+
     a = sub.add_parser("acl", help="print the Mosquitto ACL for an inventory of groups")
     a.add_argument(
         "inventory", type=Path, help='TOML: [groups] device-1 = ["lab", ...], one per device'
@@ -268,6 +276,11 @@ def handle_push(args: argparse.Namespace) -> int:
             )
         )
     Console().print(_result_table(result))
+    if not result.chunks_cleared and not args.keep_chunks:
+        print(
+            "the bundle's retained chunks stay on the broker for the devices that did not "
+            f"answer; 'edged fleet clean --deployment {result.deployment_id}' removes them"
+        )
     return 0 if result.ok else 1
 
 
@@ -340,6 +353,21 @@ def handle_command(args: argparse.Namespace) -> int:
     else:
         Console().print(_command_table(result))
     return 0 if result.ok else 1
+
+
+def handle_clean(args: argparse.Namespace) -> int:
+    result = asyncio.run(
+        clean_chunks(
+            settings_from(args), deployment=args.deployment, force=args.force, settle_s=args.settle
+        )
+    )
+    for deployment, count in sorted(result.removed.items()):
+        print(f"removed {count} retained chunk(s) of deployment {deployment}")
+    for deployment, count in sorted(result.kept.items()):
+        print(f"kept {count} chunk(s) of deployment {deployment}: a device is downloading it")
+    if not result.removed and not result.kept:
+        print("no retained chunks on the broker")
+    return 0
 
 
 # --- ACL and certificates ------------------------------------------------------------------

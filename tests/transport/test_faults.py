@@ -7,6 +7,7 @@ import asyncio
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
@@ -19,9 +20,11 @@ from edged.samples import write_onnx_mlp
 from edged.transport.fleet import (
     ManagerSettings,
     PreparedBundle,
+    clean_chunks,
     deploy_command,
     prepare_bundle,
     publish_chunks,
+    push,
     send_command,
     wait_online,
     wait_progress,
@@ -31,7 +34,8 @@ from edged.transport.topics import Target
 from tests.support.broker import Broker
 from tests.support.daemon import SAMPLE_MODELS, DaemonProcess, running_daemon
 from tests.support.pki import FleetPki, SigningKeys
-from tests.transport.conftest import mqtt_config
+from tests.transport.conftest import CHUNK_BYTES, Bundles, Devices, mqtt_config
+from tests.transport.test_fleet import cli, connection_args
 from tests.transport.test_telemetry_publish import INTERVAL_S, Collector
 
 pytestmark = pytest.mark.integration
@@ -195,3 +199,70 @@ def collector(broker: Broker, pki: FleetPki) -> Iterator[Collector]:
     c.start()
     yield c
     c.stop()
+
+
+def test_edged_push_survives_a_broker_restart_and_then_clears_its_chunks(
+    devices: Devices,
+    manager: ManagerSettings,
+    broker: Broker,
+    pki: FleetPki,
+    signing: SigningKeys,
+    big_bundle: Path,
+) -> None:
+    devices.start("device-1")
+    run(wait_online(manager, ["device-1"], timeout_s=20))
+    d = prepare_bundle(big_bundle.read_bytes(), SMALL_CHUNK).deployment
+    pushing = subprocess.Popen(
+        [sys.executable, "-m", "edged.cli.main", "push", str(big_bundle), "--device", "device-1",
+         "--chunk-size", str(SMALL_CHUNK), "--timeout", "120",
+         "--signing-key", str(signing.signer_file), *connection_args(broker, pki)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        # The device downloads: the push has announced and is following its progress.
+        run(wait_progress(manager, "device-1", lambda p: p.model == "mlp" and p.chunks_done > 100,
+                          timeout_s=60))  # fmt: skip
+        broker.restart()
+        out, _ = pushing.communicate(timeout=150)
+    finally:
+        pushing.kill()
+    assert pushing.returncode == 0, out
+    assert "serving" in out and "reconnecting" in out
+    left = run(clean_chunks(manager, settle_s=1.0))
+    assert left.removed == {} and left.kept == {}, left  # the push cleared every chunk
+    assert d.chunk_count > 100
+
+
+def test_chunks_stay_for_a_silent_device_until_fleet_clean(
+    devices: Devices,
+    manager: ManagerSettings,
+    broker: Broker,
+    pki: FleetPki,
+    signing: SigningKeys,
+    bundles: Bundles,
+) -> None:
+    devices.start("device-1")
+    run(wait_online(manager, ["device-1"], timeout_s=20))
+    v2 = bundles.mlp(2)
+    result = run(
+        push(
+            manager,
+            [signing.signer],
+            v2.path,
+            Target.group("lab"),
+            chunk_size=CHUNK_BYTES,
+            expected=["device-1", "device-2"],
+            timeout_s=20,
+        )
+    )  # fmt: skip  (device-2 never connects)
+    assert result.outcomes["device-1"].ok and result.outcomes["device-2"].state == "no answer"
+    assert not result.chunks_cleared
+    count = prepare_bundle(v2.path.read_bytes(), CHUNK_BYTES).deployment.chunk_count
+
+    cleaned = cli("fleet", "clean", "--settle", "1", *connection_args(broker, pki))
+    assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
+    assert f"removed {count} retained chunk(s) of deployment {result.deployment_id}" in (
+        cleaned.stdout
+    )
+    again = cli("fleet", "clean", "--settle", "1", *connection_args(broker, pki))
+    assert "no retained chunks" in again.stdout
