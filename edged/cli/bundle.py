@@ -227,6 +227,7 @@ def _write_new(path: Path, data: bytes) -> None:
 def handle_keygen(args: argparse.Namespace) -> int:
     name: Path = args.name
     private, public = name.with_name(name.name + ".key"), name.with_name(name.name + ".pub")
+    private.parent.mkdir(parents=True, exist_ok=True)
     key = generate_key()
     write_private_key(private, key)
     write_public_key(public, key.public_key())

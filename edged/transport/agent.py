@@ -852,6 +852,16 @@ def _progress(
     )
 
 
+def check_agent_files(config: DaemonConfig) -> str:
+    """What the daemon checks of ``[mqtt]`` before it starts (also ``edged config check``):
+    the CA, certificate and key load, the key is readable by its owner only, and the
+    certificate's CN is a valid device id, which it returns."""
+    settings = AgentSettings("", config.mqtt, config.state.directory / TRANSPORT_DIR)
+    client_context(settings.tls)
+    common_name = certificate_common_name(settings.tls.cert_file)
+    return check_name(common_name, "device id (the client certificate's CN)")
+
+
 def build_fleet_agent(
     config: DaemonConfig, manager: ServingSide, installer: Installer | None = None
 ) -> FleetAgent:
@@ -860,9 +870,7 @@ def build_fleet_agent(
     client certificate's CN. Makes an ``Installer`` on the state directory with ``manager`` as
     its swap target unless one is given."""
     settings = AgentSettings("", config.mqtt, config.state.directory / TRANSPORT_DIR)
-    client_context(settings.tls)
-    common_name = certificate_common_name(settings.tls.cert_file)
-    device_id = check_name(common_name, "device id (the client certificate's CN)")
+    device_id = check_agent_files(config)
     if installer is None:
         installer = Installer(
             config.state.directory,

@@ -40,3 +40,27 @@ def test_push_without_certificates_says_what_is_missing(
         monkeypatch.delenv(f"EDGED_FLEET_{name}", raising=False)
     assert run_cli(["push", str(tmp_path / "x.bundle"), "--device", "device-1"]) == 1
     assert "--ca-file: is required" in capsys.readouterr().err
+
+
+def test_config_check_refuses_what_edged_run_refuses(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    pki = tmp_path / "pki"
+    assert run_cli(["fleet", "certs", str(pki), "--client", "device-1"]) == 0
+    config = tmp_path / "edged.toml"
+    config.write_text(
+        '[mqtt]\nenabled = true\nca_file = "pki/ca.crt"\ncert_file = "pki/device-1.crt"\n'
+        'key_file = "pki/device-1.key"\n'
+    )
+    capsys.readouterr()
+    assert run_cli(["config", "check", str(config)]) == 0
+    assert "ok (fleet channel as device device-1)" in capsys.readouterr().out
+    (pki / "device-1.key").chmod(0o644)
+    assert run_cli(["config", "check", str(config)]) == 1
+    assert f"chmod 600 {pki / 'device-1.key'}" in capsys.readouterr().err
+
+
+def test_keygen_makes_the_folder_it_writes_into(tmp_path: Path) -> None:
+    assert run_cli(["keygen", str(tmp_path / "keys" / "root")]) == 0
+    assert stat.S_IMODE((tmp_path / "keys" / "root.key").stat().st_mode) == 0o600
+    assert (tmp_path / "keys" / "root.pub").is_file()
