@@ -105,6 +105,12 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--min-edged-version", default="", help="MAJOR.MINOR.PATCH (default: this edged's)"
     )
+    p.add_argument(
+        "--vectors-from",
+        type=Path,
+        metavar="INPUTS_NPZ",
+        help="first write test_vectors.npz into --model-dir: the model's outputs on these inputs",
+    )
     p.add_argument("-o", "--output", type=Path, required=True)
     p.set_defaults(handler=handle_build)
 
@@ -242,6 +248,10 @@ def handle_keygen(args: argparse.Namespace) -> int:
 
 def handle_build(args: argparse.Namespace) -> int:
     keys = [load_private_key(p) for p in args.key]
+    if args.vectors_from is not None:
+        from edged.cli.vectors import write_test_vectors
+
+        print(f"wrote {write_test_vectors(args.model_dir, args.vectors_from)}")
     now = int(time.time())
     spec = BundleSpec(
         model=args.name,

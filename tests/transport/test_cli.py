@@ -64,3 +64,28 @@ def test_keygen_makes_the_folder_it_writes_into(tmp_path: Path) -> None:
     assert run_cli(["keygen", str(tmp_path / "keys" / "root")]) == 0
     assert stat.S_IMODE((tmp_path / "keys" / "root.key").stat().st_mode) == 0o600
     assert (tmp_path / "keys" / "root.pub").is_file()
+
+
+def test_vectors_from_sample_inputs_refuses_wrong_names_and_never_overwrites(
+    tmp_path: Path,
+) -> None:
+    import numpy as np
+
+    from edged.cli.vectors import write_test_vectors
+    from edged.errors import BundleConfigError
+    from edged.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
+
+    version = tmp_path / "mlp" / "1"
+    write_onnx_mlp(version, SAMPLE_MLP_LAYERS, seed=0)
+    (version / "test_vectors.npz").unlink()
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, image=np.zeros((1, 64), np.float32))
+    with pytest.raises(BundleConfigError, match="missing input, unknown image"):
+        write_test_vectors(version, wrong)
+    good = tmp_path / "inputs.npz"
+    np.savez(good, **{"input:input": np.ones((3, 64), np.float64)})  # type: ignore[arg-type]
+    out = write_test_vectors(version, good)
+    with np.load(out) as npz:
+        assert npz["input:input"].dtype == np.float32 and npz["output:output"].shape == (3, 10)
+    with pytest.raises(BundleConfigError, match="exists"):
+        write_test_vectors(version, good)
