@@ -184,11 +184,16 @@ class FleetAgent:
         return self._connected.is_set() and client is not None and client.is_connected
 
     async def wait_connected(self, timeout: float | None = None) -> None:
-        """Wait until the agent is connected (``MqttTimeoutError`` after ``timeout``)."""
-        try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
-        except asyncio.TimeoutError:
-            raise MqttTimeoutError(f"not connected to the broker within {timeout}s") from None
+        """Wait until the agent is connected (``MqttTimeoutError`` after ``timeout``): live,
+        not merely not yet noticed to be gone. ``asyncio.wait``, not ``wait_for``, so that the
+        caller's cancellation is never lost."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not self.connected:
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                raise MqttTimeoutError(f"not connected to the broker within {timeout}s")
+            await asyncio.wait((self._next_link_change(),), timeout=left)
 
     async def publish(
         self,
