@@ -69,7 +69,8 @@ where it helps, what to do.
     │   │                                WrongTargetError
     │   ├── DownloadError                TooLargeError, InsufficientSpaceError,
     │   │                                ChunkHashMismatchError, DownloadStalledError
-    │   └── PushFailedError              (CLI) devices failed or did not answer
+    │   ├── PushFailedError              (CLI) devices failed or did not answer
+    │   └── FleetSetupError              fleet directory / PKI: missing, or would be overwritten
     ├── TelemetryError                   metrics, power sources, spool
     │   ├── HistogramMismatchError       snapshots with different bucket layouts
     │   ├── PowerSourceError             a power source or total rail missing or unreadable
@@ -451,6 +452,11 @@ class ChunkHashMismatchError(DownloadError):
 
 class DownloadStalledError(DownloadError):
     """No new chunk arrived within ``mqtt.download_stall_timeout_s``."""
+
+
+class FleetSetupError(TransportError):
+    """The fleet directory is missing or incomplete, or a command would overwrite a CA, a key
+    or a device that already exists."""
 
 
 class PushFailedError(TransportError):

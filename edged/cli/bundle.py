@@ -107,6 +107,12 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--min-edged-version", default="", help="MAJOR.MINOR.PATCH (default: this edged's)"
     )
+    p.add_argument(
+        "--vectors-from",
+        type=Path,
+        metavar="INPUTS_NPZ",
+        help="first write test_vectors.npz into --model-dir: the model's outputs on these inputs",
+    )
     p.add_argument("-o", "--output", type=Path, required=True)
     p.set_defaults(handler=handle_build)
 
@@ -229,6 +235,7 @@ def _write_new(path: Path, data: bytes) -> None:
 def handle_keygen(args: argparse.Namespace) -> int:
     name: Path = args.name
     private, public = name.with_name(name.name + ".key"), name.with_name(name.name + ".pub")
+    private.parent.mkdir(parents=True, exist_ok=True)
     key = generate_key()
     write_private_key(private, key)
     write_public_key(public, key.public_key())
@@ -243,6 +250,10 @@ def handle_keygen(args: argparse.Namespace) -> int:
 
 def handle_build(args: argparse.Namespace) -> int:
     keys = [load_private_key(p) for p in args.key]
+    if args.vectors_from is not None:
+        from edged.cli.vectors import write_test_vectors
+
+        print(f"wrote {write_test_vectors(args.model_dir, args.vectors_from)}")
     now = int(time.time())
     spec = BundleSpec(
         model=args.name,

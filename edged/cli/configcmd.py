@@ -21,9 +21,17 @@ def register(subparsers: Any) -> None:
 
 
 def handle_check(args: argparse.Namespace) -> int:
+    """Everything ``edged run`` refuses before it starts serving: the file itself and, with the
+    fleet channel on, its TLS files (a key readable by others, a certificate whose CN is not a
+    device id)."""
     config = load_config(args.file)
+    device = ""
+    if config.mqtt.enabled:
+        from edged.transport.agent import check_agent_files
+
+        device = f" (fleet channel as device {check_agent_files(config)})"
     if args.json:
         print(json.dumps(asdict(config), default=str, indent=2))
     else:
-        print(f"{args.file}: ok")
+        print(f"{args.file}: ok{device}")
     return 0

@@ -1,5 +1,7 @@
 """``edged push`` and ``edged fleet ...``: the fleet manager's tools (the logic lives in
-``edged.transport.fleet``). Connection options fall back to ``EDGED_FLEET_*`` variables."""
+``edged.transport.fleet`` and ``edged.transport.fleetdir``). Connection and signing settings
+come from the options, else the fleet directory (``--fleet`` / ``EDGED_FLEET_DIR``), else the
+``EDGED_FLEET_*`` variables."""
 
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
 from edged.bundle.keys import load_private_key
+from edged.cli.fleetsetup import register_setup
 from edged.configreader import load_toml_file
-from edged.errors import ConfigError
+from edged.errors import ConfigError, FleetSetupError
 from edged.transport.acl import DEFAULT_MANAGERS, render_acl
 from edged.transport.fleet import (
     DEFAULT_CHUNK_BYTES,
@@ -28,11 +31,13 @@ from edged.transport.fleet import (
     DeviceOutcome,
     ManagerSettings,
     PushResult,
+    clean_chunks,
     fleet_status,
     push,
     send_command,
 )
-from edged.transport.pki import issue_client, issue_server, make_ca
+from edged.transport.fleetdir import ManagerContext, manager_context
+from edged.transport.pki import issue_client, issue_server, load_ca, make_ca
 from edged.transport.tls import TlsFiles
 from edged.transport.topics import Target, Topics
 
@@ -42,19 +47,27 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 
 def add_connection_args(p: argparse.ArgumentParser, signing: bool = False) -> None:
-    g = p.add_argument_group("broker connection (defaults from EDGED_FLEET_* variables)")
-    g.add_argument("--host", default=_env("HOST", "localhost"), help="broker host")
-    g.add_argument("--port", type=int, default=int(_env("PORT", "8883") or 8883))
-    g.add_argument("--ca-file", type=Path, default=_env("CA"), help="CA of the broker")
-    g.add_argument("--cert-file", type=Path, default=_env("CERT"), help="our client certificate")
-    g.add_argument("--key-file", type=Path, default=_env("KEY"), help="its key (mode 0600)")
-    g.add_argument("--topic-prefix", default=_env("TOPIC_PREFIX", "edged"))
+    g = p.add_argument_group(
+        "broker connection (default: the fleet directory, else EDGED_FLEET_* variables)"
+    )
+    g.add_argument(
+        "--fleet",
+        type=Path,
+        default=_env("DIR"),
+        help="fleet directory made by 'edged fleet init' (EDGED_FLEET_DIR)",
+    )
+    g.add_argument("--manager", help="manager certificate of the fleet directory to use")
+    g.add_argument("--host", help="broker host (EDGED_FLEET_HOST, default localhost)")
+    g.add_argument("--port", type=int, help="broker port (EDGED_FLEET_PORT, default 8883)")
+    g.add_argument("--ca-file", type=Path, help="CA of the broker (EDGED_FLEET_CA)")
+    g.add_argument("--cert-file", type=Path, help="our client certificate (EDGED_FLEET_CERT)")
+    g.add_argument("--key-file", type=Path, help="its key, mode 0600 (EDGED_FLEET_KEY)")
+    g.add_argument("--topic-prefix", help="EDGED_FLEET_TOPIC_PREFIX, default edged")
     g.add_argument("--op-timeout", type=float, default=10.0, help="per broker operation (s)")
     if signing:
         g.add_argument(
             "--signing-key",
             type=Path,
-            default=_env("SIGNING_KEY"),
             help="Ed25519 key that signs commands (EDGED_FLEET_SIGNING_KEY)",
         )
 
@@ -73,24 +86,57 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _fleet_context(args: argparse.Namespace) -> ManagerContext | None:
+    if args.fleet is None:
+        return None
+    return manager_context(args.fleet, args.manager, args.op_timeout)
+
+
 def settings_from(args: argparse.Namespace) -> ManagerSettings:
-    for flag in ("ca_file", "cert_file", "key_file"):
-        if getattr(args, flag) is None:
+    context = _fleet_context(args)
+    base = context.settings if context is not None else None
+
+    def pick(flag: str, env: str, from_fleet: Any, default: Any = None) -> Any:
+        value = getattr(args, flag)
+        if value is not None:
+            return value
+        if from_fleet is not None:
+            return from_fleet
+        return _env(env, default)
+
+    tls = base.tls if base is not None else None
+    files = {
+        "ca_file": pick("ca_file", "CA", tls.ca_file if tls else None),
+        "cert_file": pick("cert_file", "CERT", tls.cert_file if tls else None),
+        "key_file": pick("key_file", "KEY", tls.key_file if tls else None),
+    }
+    for flag, value in files.items():
+        if value is None:
             option = "--" + flag.replace("_", "-")
-            raise ConfigError(option, "is required (or set EDGED_FLEET_CA/CERT/KEY)")
+            raise ConfigError(
+                option, "is required (or give --fleet DIR, or set EDGED_FLEET_CA/CERT/KEY)"
+            )
     return ManagerSettings(
-        host=args.host,
-        port=args.port,
-        tls=TlsFiles(args.ca_file, args.cert_file, args.key_file),
-        topic_prefix=args.topic_prefix,
+        host=str(pick("host", "HOST", base.host if base else None, "localhost")),
+        port=int(pick("port", "PORT", base.port if base else None, "8883")),
+        tls=TlsFiles(Path(files["ca_file"]), Path(files["cert_file"]), Path(files["key_file"])),
+        topic_prefix=str(
+            pick("topic_prefix", "TOPIC_PREFIX", base.topic_prefix if base else None, "edged")
+        ),
         timeout_s=args.op_timeout,
     )
 
 
 def signing_keys(args: argparse.Namespace) -> list[Ed25519PrivateKey]:
-    if args.signing_key is None:
-        raise ConfigError("--signing-key", "is required (or set EDGED_FLEET_SIGNING_KEY)")
-    return [load_private_key(args.signing_key)]
+    path = args.signing_key
+    if path is None:
+        context = _fleet_context(args)
+        path = context.signing_key_file if context is not None else _env("SIGNING_KEY")
+    if path is None:
+        raise ConfigError(
+            "--signing-key", "is required (or give --fleet DIR, or set EDGED_FLEET_SIGNING_KEY)"
+        )
+    return [load_private_key(Path(path))]
 
 
 def target_from(args: argparse.Namespace) -> Target:
@@ -135,6 +181,13 @@ def register(subparsers: Any) -> None:
         add_connection_args(c, signing=True)
         c.set_defaults(handler=handle_command, command_type=name)
 
+    k = sub.add_parser("clean", help="remove retained bundle chunks left on the broker")
+    k.add_argument("--deployment", help="only this deployment's chunks")
+    k.add_argument("--force", action="store_true", help="also chunks a device is still downloading")
+    k.add_argument("--settle", type=float, default=2.0, help="seconds to collect messages")
+    add_connection_args(k)
+    k.set_defaults(handler=handle_clean)
+
     a = sub.add_parser("acl", help="print the Mosquitto ACL for an inventory of groups")
     a.add_argument(
         "inventory", type=Path, help='TOML: [groups] device-1 = ["lab", ...], one per device'
@@ -143,7 +196,11 @@ def register(subparsers: Any) -> None:
     a.add_argument("--manager", action="append", default=[], help="fleet manager CN")
     a.set_defaults(handler=handle_acl)
 
-    c = sub.add_parser("certs", help="make a small PKI: CA, broker and client certificates")
+    register_setup(sub)
+
+    c = sub.add_parser(
+        "certs", help="flat lab PKI: CA, broker and client certificates (never replaces a CA)"
+    )
     c.add_argument("directory", type=Path)
     c.add_argument("--client", action="append", default=[], metavar="CN", help="repeatable")
     c.add_argument(
@@ -219,6 +276,11 @@ def handle_push(args: argparse.Namespace) -> int:
             )
         )
     Console().print(_result_table(result))
+    if not result.chunks_cleared and not args.keep_chunks:
+        print(
+            "the bundle's retained chunks stay on the broker for the devices that did not "
+            f"answer; 'edged fleet clean --deployment {result.deployment_id}' removes them"
+        )
     return 0 if result.ok else 1
 
 
@@ -293,6 +355,21 @@ def handle_command(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def handle_clean(args: argparse.Namespace) -> int:
+    result = asyncio.run(
+        clean_chunks(
+            settings_from(args), deployment=args.deployment, force=args.force, settle_s=args.settle
+        )
+    )
+    for deployment, count in sorted(result.removed.items()):
+        print(f"removed {count} retained chunk(s) of deployment {deployment}")
+    for deployment, count in sorted(result.kept.items()):
+        print(f"kept {count} chunk(s) of deployment {deployment}: a device is downloading it")
+    if not result.removed and not result.kept:
+        print("no retained chunks on the broker")
+    return 0
+
+
 # --- ACL and certificates ------------------------------------------------------------------
 
 
@@ -309,13 +386,28 @@ def handle_acl(args: argparse.Namespace) -> int:
 
 
 def handle_certs(args: argparse.Namespace) -> int:
+    """A flat lab PKI. Run again, it issues the new client certificates from the CA already
+    there; it never replaces a CA, a key or a certificate."""
     directory: Path = args.directory
-    ca = make_ca()
-    ca_file = directory / "ca.crt"
-    ca.write(ca_file, directory / "ca.key")
-    hosts = args.server_host or ["localhost", "127.0.0.1"]
-    issue_server(ca, hosts).write(directory / "server.crt", directory / "server.key")
-    for name in args.client or ["fleet-manager"]:
+    ca_file, ca_key = directory / "ca.crt", directory / "ca.key"
+    names = args.client or (["fleet-manager"] if not ca_key.exists() else [])
+    planned = [directory / f"{n}.{ext}" for n in names for ext in ("crt", "key")]
+    if not ca_key.exists():
+        planned += [ca_file, ca_key, directory / "server.crt", directory / "server.key"]
+    existing = [str(p) for p in planned if p.exists()]
+    if existing:
+        raise FleetSetupError(f"refusing to overwrite {', '.join(existing)}")
+    if ca_key.exists():
+        ca = load_ca(ca_file, ca_key)
+        print(f"using the existing CA in {directory}")
+    else:
+        ca = make_ca()
+        ca.write(ca_file, ca_key)
+        hosts = args.server_host or ["localhost", "127.0.0.1"]
+        issue_server(ca, hosts).write(directory / "server.crt", directory / "server.key")
+        print(f"wrote a CA and the broker certificate ({', '.join(hosts)}) to {directory}")
+    for name in names:
         issue_client(ca, name).write(directory / f"{name}.crt", directory / f"{name}.key")
-    print(f"wrote CA, broker ({', '.join(hosts)}) and client certificates to {directory}")
+    if names:
+        print(f"wrote client certificates for {', '.join(names)}")
     return 0

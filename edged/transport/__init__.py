@@ -3,20 +3,23 @@ with resume, signed commands, the device agent and the fleet manager's tools.
 
 ``docs/protocol.md`` is the reference. Device side: ``build_fleet_agent`` / ``FleetAgent`` (a
 daemon service; ``publish`` lets telemetry share its connection). Fleet manager side: ``push``,
-``send_command``, ``fleet_status``, ``wait_online``, ``wait_progress``. Certificates:
-``edged.transport.pki``.
+``send_command``, ``fleet_status``, ``wait_online``, ``wait_progress``, ``clean_chunks``.
+Certificates: ``edged.transport.pki``; the fleet directory (``edged fleet init``):
+``edged.transport.fleetdir``; the broker config: ``edged.transport.brokerconf``.
 """
 
 from edged.transport.acl import render_acl
 from edged.transport.agent import AgentSettings, FleetAgent, build_fleet_agent
 from edged.transport.client import ClientSettings, Message, MqttClient, Will
 from edged.transport.fleet import (
+    CleanResult,
     CommandResult,
     DeviceOutcome,
     FleetView,
     ManagerSettings,
     PreparedBundle,
     PushResult,
+    clean_chunks,
     deploy_command,
     fleet_status,
     prepare_bundle,
@@ -40,6 +43,7 @@ from edged.transport.topics import Target, Topics
 
 __all__ = [
     "AgentSettings",
+    "CleanResult",
     "ClientSettings",
     "Command",
     "CommandResult",
@@ -61,6 +65,7 @@ __all__ = [
     "Will",
     "build_fleet_agent",
     "certificate_common_name",
+    "clean_chunks",
     "client_context",
     "decode_command",
     "deploy_command",

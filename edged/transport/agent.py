@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from edged import __version__
 from edged._backoff import Backoff
@@ -62,6 +63,8 @@ from edged.transport.tls import TlsFiles, certificate_common_name, client_contex
 from edged.transport.topics import Target, Topics, check_name
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 TRANSPORT_DIR = "transport"
 NONCE_FILE = "nonces.json"
@@ -159,7 +162,13 @@ class FleetAgent:
         self._nonces = NonceStore(settings.state_dir / NONCE_FILE, settings.mqtt.command_max_age_s)
         self._client: MqttClient | None = None
         self._connected = asyncio.Event()
+        # Set when run() is cancelled. Every wait that could outlast the connection (for a
+        # link, a command, a job) also waits on this, so a cancellation that an await lost
+        # (asyncio.wait_for before 3.12 can swallow one) still ends the service.
+        self._stopping = asyncio.Event()
         self._generation = 0
+        # Resolved (and replaced) whenever a connection comes or goes.
+        self._link_change: asyncio.Future[None] | None = None
         self._commands: asyncio.Queue[Message] = asyncio.Queue()
         self._jobs: asyncio.Queue[_Job] = asyncio.Queue()
         self._inbox: _Inbox | None = None
@@ -171,14 +180,20 @@ class FleetAgent:
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        client = self._client
+        return self._connected.is_set() and client is not None and client.is_connected
 
     async def wait_connected(self, timeout: float | None = None) -> None:
-        """Wait until the agent is connected (``MqttTimeoutError`` after ``timeout``)."""
-        try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
-        except asyncio.TimeoutError:
-            raise MqttTimeoutError(f"not connected to the broker within {timeout}s") from None
+        """Wait until the agent is connected (``MqttTimeoutError`` after ``timeout``): live,
+        not merely not yet noticed to be gone. ``asyncio.wait``, not ``wait_for``, so that the
+        caller's cancellation is never lost."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not self.connected:
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                raise MqttTimeoutError(f"not connected to the broker within {timeout}s")
+            await asyncio.wait((self._next_link_change(),), timeout=left)
 
     async def publish(
         self,
@@ -211,11 +226,20 @@ class FleetAgent:
             self.settings.mqtt.host,
             self.settings.mqtt.port,
         )
+        self._stopping.clear()
         async with TaskGroup() as tg:
-            tg.create_task(self._command_worker(), name="fleet-commands")
-            tg.create_task(self._deployment_worker(), name="fleet-deployments")
-            tg.create_task(self._status_refresher(), name="fleet-status")
-            await self._connection_loop()
+            tasks = [
+                tg.create_task(self._command_worker(), name="fleet-commands"),
+                tg.create_task(self._deployment_worker(), name="fleet-deployments"),
+                tg.create_task(self._status_refresher(), name="fleet-status"),
+                tg.create_task(self._connection_loop(), name="fleet-connection"),
+            ]
+            try:
+                # Waiting on the tasks (never on a wait_for) cannot lose our own cancellation.
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            finally:
+                self._stopping.set()
+                await _cancel_until_done(tasks, self.settings.shutdown_publish_s + 1.0)
 
     # --- connection -----------------------------------------------------------------------
 
@@ -248,7 +272,7 @@ class FleetAgent:
     async def _connection_loop(self) -> None:
         m = self.settings.mqtt
         backoff = Backoff(m.reconnect_min_s, max(m.reconnect_min_s, m.reconnect_max_s))
-        while True:
+        while not self._stopping.is_set():
             was_connected = False
             try:
                 settings = await asyncio.to_thread(self._client_settings)
@@ -267,7 +291,26 @@ class FleetAgent:
                 self._connected.clear()
             delay = backoff.next_delay_s()
             log.info("reconnecting in %.1fs", delay)
-            await asyncio.sleep(delay)
+            await self._until_stopping(asyncio.sleep(delay))
+        raise asyncio.CancelledError
+
+    async def _until_stopping(self, call: Awaitable[T]) -> T:
+        """``call``'s result, or ``CancelledError`` as soon as the agent is stopping."""
+        if self._stopping.is_set():
+            if inspect.iscoroutine(call):
+                call.close()
+            raise asyncio.CancelledError
+        task = asyncio.ensure_future(call)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait((task, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not task.done():
+                task.cancel()
+        if not task.done() or task.cancelled():
+            raise asyncio.CancelledError
+        return task.result()
 
     def _subscriptions(self) -> list[str]:
         targets = [Target.device(self.device_id)]
@@ -281,27 +324,57 @@ class FleetAgent:
         self._client = client
         self._generation += 1
         self._last_status = None
-        await self._publish_status(client)
-        if self._progress_unsent and self._last_progress is not None:
-            await self._send_progress(client, self._last_progress)
-        self._connected.set()
-        log.info("connected to %s:%d", self.settings.mqtt.host, self.settings.mqtt.port)
         try:
-            async for message in client.messages():
-                self._dispatch(message)
-        except asyncio.CancelledError:
-            with contextlib.suppress(TransportError, asyncio.TimeoutError):
-                await asyncio.wait_for(self._goodbye(client), self.settings.shutdown_publish_s)
-            raise
+            await self._publish_status(client)
+            if self._progress_unsent and self._last_progress is not None:
+                await self._send_progress(client, self._last_progress)
+            self._connected.set()
+            self._signal_link_change()
+            log.info("connected to %s:%d", self.settings.mqtt.host, self.settings.mqtt.port)
+            try:
+                async for message in client.messages():
+                    self._dispatch(message)
+                    if self._stopping.is_set():
+                        break
+            except asyncio.CancelledError:
+                await self._say_goodbye(client)
+                raise
+            if self._stopping.is_set():
+                await self._say_goodbye(client)
+                raise asyncio.CancelledError
+        finally:
+            # Before the DISCONNECT is awaited: nothing may start on a closing connection.
+            self._connected.clear()
+            self._client = None
+            self._signal_link_change()
 
-    async def _goodbye(self, client: MqttClient) -> None:
+    def _signal_link_change(self) -> None:
+        change, self._link_change = self._link_change, None
+        if change is not None and not change.done():
+            change.set_result(None)
+
+    def _next_link_change(self) -> asyncio.Future[None]:
+        if self._link_change is None:
+            self._link_change = asyncio.get_running_loop().create_future()
+        return self._link_change
+
+    async def _say_goodbye(self, client: MqttClient) -> None:
+        self._connected.clear()
+        with contextlib.suppress(TransportError):
+            await client.publish(
+                self.topics.status(self.device_id),
+                self._goodbye(),
+                qos=1,
+                retain=True,
+                timeout=self.settings.shutdown_publish_s,
+            )
+
+    def _goodbye(self) -> bytes:
         """The retained "offline" status at shutdown (a clean DISCONNECT sends no will). The
         daemon has released its models by now: report the last ones published."""
         status = dict(self._last_status or self._status(True).to_json())
         status.update(online=False, reason="shutdown", at=int(self.clock()))
-        await client.publish(
-            self.topics.status(self.device_id), encode_json(status), qos=1, retain=True
-        )
+        return encode_json(status)
 
     def _dispatch(self, message: Message) -> None:
         chunk = self.topics.parse_chunk(message.topic)
@@ -370,7 +443,7 @@ class FleetAgent:
 
     async def _command_worker(self) -> None:
         while True:
-            message = await self._commands.get()
+            message = await self._until_stopping(self._commands.get())
             try:
                 await self._handle_command(message)
             except TransportError as exc:
@@ -510,7 +583,7 @@ class FleetAgent:
             log.info("resuming deployment %s after a restart", job.deployment.id)
         while True:
             if job is None:
-                job = await self._jobs.get()
+                job = await self._until_stopping(self._jobs.get())
             try:
                 await self._run_job(job)
             except Exception:
@@ -630,28 +703,37 @@ class FleetAgent:
                 f"installed {d.model} version {d.version} but the daemon serves {serving}"
             )
 
-    async def _wait_link(self) -> tuple[MqttClient, int]:
-        # No timeout: the connection loop reconnects forever, and the stall watchdog only
-        # counts time while connected (a broker outage is not a stuck download).
+    async def _wait_link(self, after_generation: int = 0) -> tuple[MqttClient, int]:
+        """The live connection, newer than ``after_generation`` (one that already failed);
+        ``CancelledError`` once the agent is stopping. No timeout: the connection loop
+        reconnects forever, and the stall watchdog only counts time while connected (a broker
+        outage is not a stuck download)."""
         while True:
-            await self._connected.wait()
+            if self._stopping.is_set():
+                raise asyncio.CancelledError
             client = self._client
-            if client is not None:
+            if self.connected and client is not None and self._generation > after_generation:
                 return client, self._generation
+            # The client may have dropped without the session noticing yet; the messages loop
+            # ends it within one iteration and signals the change.
+            await self._until_stopping(asyncio.shield(self._next_link_change()))
 
     async def _fetch(self, job: _Job, download: PartialDownload) -> None:
         """Fetch every missing chunk, across as many reconnects as it takes."""
         inbox = _Inbox(job.deployment.id)
         self._inbox = inbox
+        failed_generation = 0
         try:
             while not download.complete:
-                client, generation = await self._wait_link()
+                client, generation = await self._wait_link(failed_generation)
                 try:
                     await self._fetch_connected(job, download, inbox, client, generation)
                 except _LINK_ERRORS as exc:
                     log.info(
                         "deployment %s: %s; resuming after the reconnect", job.deployment.id, exc
                     )
+                    if not isinstance(exc, MqttTimeoutError):
+                        failed_generation = generation
         finally:
             self._inbox = None
 
@@ -686,6 +768,8 @@ class FleetAgent:
             try:
                 pending = set(window)
                 while pending:
+                    if self._stopping.is_set():
+                        raise asyncio.CancelledError
                     if self._generation != generation or not self.connected:
                         raise ConnectionLostError("the connection was replaced")
                     left = stall_s - (time.monotonic() - last_chunk_at)
@@ -695,11 +779,11 @@ class FleetAgent:
                             f"of {d.chunk_count} received); the chunks may have been cleared "
                             "or never published"
                         )
-                    try:
-                        index, data = await asyncio.wait_for(inbox.queue.get(), min(left, 0.25))
-                    except asyncio.TimeoutError:
+                    item = await _get_within(inbox.queue, min(left, 0.25))
+                    if item is None:
                         await report_received(force=True)  # what the interval held back
                         continue
+                    index, data = item
                     if await asyncio.to_thread(download.store_chunk, index, data):
                         job.fetched += 1
                         last_chunk_at = time.monotonic()
@@ -708,6 +792,35 @@ class FleetAgent:
             finally:
                 with contextlib.suppress(TransportError):
                     await client.unsubscribe(topics)
+
+
+async def _get_within(queue: asyncio.Queue[T], timeout_s: float) -> T | None:
+    """The next item, or None after ``timeout_s``. Not ``wait_for``: before 3.12 it returns
+    the item and drops a cancellation that arrives as the item does."""
+    getter = asyncio.ensure_future(queue.get())
+    try:
+        done, _ = await asyncio.wait((getter,), timeout=timeout_s)
+    finally:
+        if not getter.done():
+            getter.cancel()  # Queue.get() leaves the item queued when cancelled
+    return getter.result() if getter in done else None
+
+
+async def _cancel_until_done(tasks: list[asyncio.Task[Any]], patience_s: float) -> None:
+    """Cancel ``tasks`` and wait until all have ended, cancelling again every ``patience_s``:
+    a task whose cancellation was lost in a library's ``wait_for`` must still end. Our own
+    cancellation meanwhile does not leave them running."""
+    pending = {t for t in tasks if not t.done()}
+    cancelled_again = False
+    while pending:
+        for task in pending:
+            task.cancel()
+        try:
+            _, pending = await asyncio.wait(pending, timeout=patience_s)
+        except asyncio.CancelledError:
+            cancelled_again = True
+    if cancelled_again:
+        raise asyncio.CancelledError
 
 
 def _without_time(status: Mapping[str, Any]) -> dict[str, Any]:
@@ -744,6 +857,16 @@ def _progress(
     )
 
 
+def check_agent_files(config: DaemonConfig) -> str:
+    """What the daemon checks of ``[mqtt]`` before it starts (also ``edged config check``):
+    the CA, certificate and key load, the key is readable by its owner only, and the
+    certificate's CN is a valid device id, which it returns."""
+    settings = AgentSettings("", config.mqtt, config.state.directory / TRANSPORT_DIR)
+    client_context(settings.tls)
+    common_name = certificate_common_name(settings.tls.cert_file)
+    return check_name(common_name, "device id (the client certificate's CN)")
+
+
 def build_fleet_agent(
     config: DaemonConfig, manager: ServingSide, installer: Installer | None = None
 ) -> FleetAgent:
@@ -752,9 +875,7 @@ def build_fleet_agent(
     client certificate's CN. Makes an ``Installer`` on the state directory with ``manager`` as
     its swap target unless one is given."""
     settings = AgentSettings("", config.mqtt, config.state.directory / TRANSPORT_DIR)
-    client_context(settings.tls)
-    common_name = certificate_common_name(settings.tls.cert_file)
-    device_id = check_name(common_name, "device id (the client certificate's CN)")
+    device_id = check_agent_files(config)
     if installer is None:
         installer = Installer(
             config.state.directory,

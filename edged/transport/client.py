@@ -7,13 +7,16 @@ every aiomqtt / paho / OS error leaves it as the most specific ``TransportError`
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import math
 import socket
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -33,6 +36,8 @@ from edged.errors import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _TIMED_OUT = "Operation timed out"
 
@@ -178,17 +183,45 @@ class _AioClient(aiomqtt.Client):
             return
         super()._on_disconnect(client, userdata, flags, reason_code, properties)
 
+    # aiomqtt replaces its "disconnected" future on connect, dropping a failed one nobody has
+    # looked at (asyncio then logs "Future exception was never retrieved"): mark it seen.
+    @property
+    def _disconnected(self) -> asyncio.Future[None]:
+        return self._lost
+
+    @_disconnected.setter
+    def _disconnected(self, future: asyncio.Future[None]) -> None:
+        if hasattr(self, "_lost"):
+            self.forget_disconnect_error()
+        self._lost = future
+
+    @property
+    def lost(self) -> asyncio.Future[None]:
+        """Done once the connection has ended (aiomqtt's own ``messages`` iterator waits on
+        it the same way; its publish/subscribe calls do not)."""
+        return self._lost
+
+    @property
+    def paho_connected(self) -> bool:
+        return self._client.is_connected()
+
+    def forget_disconnect_error(self) -> None:
+        # Nobody awaits the future when the connection ended outside ``messages`` (e.g. during
+        # a publish): mark its error as seen, or asyncio logs "exception was never retrieved".
+        if self._lost.done() and not self._lost.cancelled():
+            self._lost.exception()
+
 
 class MqttClient:
     def __init__(self, settings: ClientSettings) -> None:
         self.settings = settings
-        self._client: aiomqtt.Client | None = None
+        self._client: _AioClient | None = None
 
     @property
     def client_id(self) -> str:
         return self.settings.client_id
 
-    def _make_client(self) -> aiomqtt.Client:
+    def _make_client(self) -> _AioClient:
         s = self.settings
         connect_properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         connect_properties.SessionExpiryInterval = s.session_expiry_s
@@ -224,6 +257,12 @@ class MqttClient:
             raise map_error(exc, where) from exc
         except OSError as exc:
             raise map_error(exc, where) from exc
+        if not client.paho_connected:
+            # Dropped between CONNACK and now (e.g. another client took the session over):
+            # aiomqtt has reset its "disconnected" future and would wait on it for ever.
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.__aexit__(None, None, None)
+            raise ConnectionLostError(f"the broker dropped the connection at once while {where}")
         self._client = client
         log.debug(
             "connected to %s:%d as %s", self.settings.host, self.settings.port, self.client_id
@@ -245,11 +284,42 @@ class MqttClient:
             if exc is None:
                 raise map_error(error, "disconnecting") from error
             log.debug("error while disconnecting after %r: %s", exc, error)
+        finally:
+            client.forget_disconnect_error()
 
-    def _connected(self) -> aiomqtt.Client:
+    @property
+    def is_connected(self) -> bool:
+        """Inside ``async with`` and the broker has not dropped the connection."""
+        return self._client is not None and not self._client.lost.done()
+
+    def _connected(self) -> _AioClient:
         if self._client is None:
             raise ConnectionLostError("not connected to the broker")
         return self._client
+
+    async def _until_lost(self, client: _AioClient, call: Awaitable[T], timeout: float) -> T:
+        """``call``'s result; ``ConnectionLostError`` as soon as the connection drops (a
+        PUBACK or SUBACK that was in flight will never come, and waiting out ``timeout``
+        would only delay the retry on the next connection), ``MqttTimeoutError`` after
+        ``timeout``. ``asyncio.wait`` rather than ``wait_for``: before 3.12 ``wait_for`` can
+        swallow a cancellation that arrives as the call completes."""
+        task = asyncio.ensure_future(call)
+        lost = client.lost
+        try:
+            done, _ = await asyncio.wait(
+                (task, lost), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if task in done:
+            return task.result()
+        task.cancel()
+        if lost in done:
+            reason = None if lost.cancelled() else lost.exception()
+            detail = f": {reason}" if reason is not None else ""
+            raise ConnectionLostError(f"the connection to the broker dropped{detail}")
+        raise MqttTimeoutError(f"the broker did not answer within {timeout:g}s")
 
     def _timeout(self, timeout: float | None) -> float:
         return self.settings.timeout_s if timeout is None else timeout
@@ -273,17 +343,14 @@ class MqttClient:
                 properties.ResponseTopic = response_topic
             if correlation_data is not None:
                 properties.CorrelationData = correlation_data
+        client = self._connected()
+        call = client.publish(
+            topic, payload, qos=qos, retain=retain, properties=properties, timeout=math.inf
+        )
         try:
-            await self._connected().publish(
-                topic,
-                payload,
-                qos=qos,
-                retain=retain,
-                properties=properties,
-                timeout=self._timeout(timeout),
-            )
-        except (aiomqtt.MqttError, OSError) as exc:
-            raise map_error(exc, f"publishing to {topic}") from exc
+            await self._until_lost(client, call, self._timeout(timeout))
+        except (aiomqtt.MqttError, OSError, TransportError) as exc:
+            raise _with_context(exc, f"publishing to {topic}") from exc
 
     async def subscribe(
         self, topics: Sequence[str], *, qos: int = 1, timeout: float | None = None
@@ -292,12 +359,12 @@ class MqttClient:
         topics the broker refused (the others stay subscribed)."""
         if not topics:
             return
+        client = self._connected()
+        call = client.subscribe([(t, qos) for t in topics], timeout=math.inf)
         try:
-            codes = await self._connected().subscribe(
-                [(t, qos) for t in topics], timeout=self._timeout(timeout)
-            )
-        except (aiomqtt.MqttError, OSError) as exc:
-            raise map_error(exc, f"subscribing to {', '.join(topics)}") from exc
+            codes = await self._until_lost(client, call, self._timeout(timeout))
+        except (aiomqtt.MqttError, OSError, TransportError) as exc:
+            raise _with_context(exc, f"subscribing to {', '.join(topics)}") from exc
         results: list[int | ReasonCode] = list(codes)
         denied = tuple(t for t, code in zip(topics, results, strict=True) if _refused(code))
         if denied:
@@ -310,10 +377,12 @@ class MqttClient:
     async def unsubscribe(self, topics: Sequence[str], *, timeout: float | None = None) -> None:
         if not topics:
             return
+        client = self._connected()
+        call = client.unsubscribe(list(topics), timeout=math.inf)
         try:
-            await self._connected().unsubscribe(list(topics), timeout=self._timeout(timeout))
-        except (aiomqtt.MqttError, OSError) as exc:
-            raise map_error(exc, f"unsubscribing from {', '.join(topics)}") from exc
+            await self._until_lost(client, call, self._timeout(timeout))
+        except (aiomqtt.MqttError, OSError, TransportError) as exc:
+            raise _with_context(exc, f"unsubscribing from {', '.join(topics)}") from exc
 
     async def messages(self) -> AsyncIterator[Message]:
         """Incoming messages until the connection drops (``ConnectionLostError``)."""
@@ -327,6 +396,12 @@ class MqttClient:
 
     def pending_messages(self) -> int:
         return len(self._connected().messages)
+
+
+def _with_context(exc: BaseException, doing: str) -> TransportError:
+    if isinstance(exc, TransportError):
+        return type(exc)(f"{exc} while {doing}")
+    return map_error(exc, doing)
 
 
 def _refused(code: int | ReasonCode) -> bool:

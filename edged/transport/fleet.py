@@ -18,16 +18,20 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edged._backoff import Backoff
 from edged.bundle.archive import ArchiveReader
 from edged.bundle.canonical import Json
 from edged.bundle.limits import DEFAULT_LIMITS, BundleLimits
 from edged.bundle.manifest import parse_manifest
 from edged.bundle.reader import read_head
 from edged.errors import (
+    BrokerRefusedError,
+    ConnectFailedError,
     ConnectionLostError,
     FleetMessageError,
     MqttTimeoutError,
     PushFailedError,
+    TlsHandshakeError,
     TransportError,
 )
 from edged.transport.client import ClientSettings, Message, MqttClient
@@ -171,6 +175,7 @@ class PushResult:
     model: str
     version: int
     outcomes: Mapping[str, DeviceOutcome]
+    chunks_cleared: bool = False  # the retained chunks were removed from the broker
 
     @property
     def ok(self) -> bool:
@@ -188,12 +193,17 @@ class _Fleet:
     statuses: dict[str, DeviceStatus] = field(default_factory=dict)
     progress: dict[str, Progress] = field(default_factory=dict)  # latest per device
     replies: dict[str, Reply] = field(default_factory=dict)  # by device
+    chunks: set[str] = field(default_factory=set)  # retained chunk topics seen
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     last_message_at: float = 0.0
     listener: asyncio.Task[None] | None = None
 
     def take(self, message: Message) -> None:
         self.last_message_at = time.monotonic()
+        if self.topics.parse_chunk(message.topic) is not None:
+            if message.payload and message.retain:
+                self.chunks.add(message.topic)
+            return
         if not message.payload:
             return
         device = self.topics.device_of(message.topic)
@@ -269,7 +279,10 @@ def _outcome(
     status = fleet.statuses.get(device)
     outcome = replace(previous, online=status.online if status else previous.online)
     reply = fleet.replies.get(device)
-    if reply is not None and reply.nonce == nonce and not reply.ok:
+    # A repeated announcement (sent again after a reconnect) is refused as a replay; the
+    # first one's outcome is what counts.
+    replayed = reply is not None and reply.error.startswith("ReplayedCommandError")
+    if reply is not None and reply.nonce == nonce and not reply.ok and not replayed:
         outcome = replace(outcome, state=REFUSED, reason=reply.error)
     progress = fleet.progress.get(device)
     if progress is not None and progress.deployment == deployment.id:
@@ -283,6 +296,29 @@ def _outcome(
             reason=progress.reason,
         )
     return outcome
+
+
+@dataclass
+class _PushState:
+    """What a push has achieved so far; it survives reconnects."""
+
+    outcomes: dict[str, DeviceOutcome] = field(default_factory=dict)
+    devices: list[str] | None = None
+    published: set[int] = field(default_factory=set)
+    announced: bool = False
+    cleared: set[int] = field(default_factory=set)
+    connected_once: bool = False
+
+
+# Connection problems a fleet tool waits out once it has connected at least once (a
+# certificate the broker refuses is not one of them).
+_RETRYABLE = (ConnectionLostError, MqttTimeoutError)
+
+
+def _retryable(exc: TransportError) -> bool:
+    if isinstance(exc, (TlsHandshakeError, BrokerRefusedError)):
+        return False
+    return isinstance(exc, (*_RETRYABLE, ConnectFailedError))
 
 
 async def push(
@@ -304,27 +340,82 @@ async def push(
     Chunks go out first as retained messages (so a device subscribing late still gets them),
     then the signed announcement, once, on the target's deploy topic. ``expected`` names the
     devices to wait for; by default the device itself, or for a group every device whose
-    retained status lists the group. Afterwards the retained chunks are cleared unless
-    ``keep_chunks``.
+    retained status lists the group. If the connection drops (a broker restart), the push
+    reconnects until ``timeout_s`` and goes on where it was: the chunks not yet acknowledged,
+    the announcement if it was not, then following the devices (their progress is retained).
+    Once every device has answered (serving, failed or refused) the retained chunks are
+    cleared, unless ``keep_chunks``; if one has not, they stay for it (``clean_chunks`` /
+    ``edged fleet clean`` removes them later).
     """
     data = bundle if isinstance(bundle, bytes) else await asyncio.to_thread(bundle.read_bytes)
     prepared = await asyncio.to_thread(prepare_bundle, data, chunk_size)
     deployment = prepared.deployment
-    topics = settings.topics
     command = deploy_command(target, deployment)
     payload = encode_command(command, signing_keys)
-    async with _connected(settings) as (client, fleet):
+    deadline = time.monotonic() + timeout_s
+    state = _PushState()
+    backoff = Backoff(0.2, 5.0)
+    while True:
+        try:
+            async with _connected(settings) as (client, fleet):
+                state.connected_once = True
+                backoff.reset()
+                await _push_session(
+                    client, fleet, settings.topics, state, prepared, command, payload, target,
+                    expected, discovery_s, deadline, keep_chunks, on_progress,
+                )  # fmt: skip
+            break
+        except TransportError as exc:
+            if not (state.connected_once and _retryable(exc)):
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("push: no broker connection before the timeout: %s", exc)
+                break
+            delay = min(backoff.next_delay_s(), left)
+            log.warning("push: %s; reconnecting in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+    for device, o in state.outcomes.items():
+        if not o.finished:
+            state.outcomes[device] = replace(o, state=NO_ANSWER, reason=_silence(o, timeout_s))
+            if on_progress is not None:
+                on_progress(state.outcomes[device])
+    cleared = len(state.cleared) == len(prepared.chunks)
+    return PushResult(
+        deployment.id,
+        target,
+        deployment.model,
+        deployment.version,
+        state.outcomes,
+        chunks_cleared=cleared,
+    )
+
+
+async def _push_session(
+    client: MqttClient,
+    fleet: _Fleet,
+    topics: Topics,
+    state: _PushState,
+    prepared: PreparedBundle,
+    command: Command,
+    payload: bytes,
+    target: Target,
+    expected: Sequence[str] | None,
+    discovery_s: float,
+    deadline: float,
+    keep_chunks: bool,
+    on_progress: ProgressCallback | None,
+) -> None:
+    deployment = prepared.deployment
+    if state.devices is None:
         devices = list(expected or await _members(client, fleet, target, discovery_s))
         if not devices:
             raise PushFailedError(
                 f"no device has reported membership of {target} (retained status on "
                 f"{topics.all_status()}); name the devices to expect"
             )
-        reply_topic = topics.replies(client.client_id)
-        await client.subscribe(
-            [topics.progress(d) for d in devices] + [topics.all_status(), reply_topic]
-        )
-        outcomes = {d: DeviceOutcome(d, chunks_total=deployment.chunk_count) for d in devices}
+        state.devices = devices
+        state.outcomes = {d: DeviceOutcome(d, chunks_total=deployment.chunk_count) for d in devices}
         log.info(
             "pushing %s version %s (%d bytes, %d chunks) to %s: %s",
             deployment.model,
@@ -334,7 +425,16 @@ async def push(
             target,
             ", ".join(devices),
         )
-        await _publish_chunks(client, topics, target, prepared.deployment.id, prepared.chunks)
+    devices = state.devices
+    reply_topic = topics.replies(client.client_id)
+    await client.subscribe(
+        [topics.progress(d) for d in devices] + [topics.all_status(), reply_topic]
+    )
+    missing = [i for i in range(len(prepared.chunks)) if i not in state.published]
+    await _publish_chunks(
+        client, topics, target, deployment.id, prepared.chunks, missing, state.published
+    )
+    if not state.announced:
         await client.publish(
             topics.deploy(target),
             payload,
@@ -342,28 +442,32 @@ async def push(
             response_topic=reply_topic,
             correlation_data=command.nonce.encode("ascii"),
         )
-        deadline = time.monotonic() + timeout_s
-        while True:
-            for device, previous in outcomes.items():
-                current = _outcome(device, fleet, deployment, command.nonce, previous)
-                if current != previous:
-                    outcomes[device] = current
-                    if on_progress is not None:
-                        on_progress(current)
-            left = deadline - time.monotonic()
-            if all(o.finished for o in outcomes.values()) or left <= 0:
-                break
-            await fleet.wait_change(min(left, 1.0))
-        for device, o in outcomes.items():
-            if not o.finished:
-                outcomes[device] = replace(o, state=NO_ANSWER, reason=_silence(o, timeout_s))
+        state.announced = True
+    outcomes = state.outcomes
+    while True:
+        for device, previous in outcomes.items():
+            current = _outcome(device, fleet, deployment, command.nonce, previous)
+            if current != previous:
+                outcomes[device] = current
                 if on_progress is not None:
-                    on_progress(outcomes[device])
-        if not keep_chunks:
-            # An empty retained message deletes the retained chunk.
-            empty = tuple(b"" for _ in prepared.chunks)
-            await _publish_chunks(client, topics, target, deployment.id, empty)
-    return PushResult(deployment.id, target, deployment.model, deployment.version, outcomes)
+                    on_progress(current)
+        left = deadline - time.monotonic()
+        if all(o.finished for o in outcomes.values()) or left <= 0:
+            break
+        await fleet.wait_change(min(left, 1.0))
+    if keep_chunks:
+        return
+    if not all(o.finished for o in outcomes.values()):
+        log.info(
+            "keeping the retained chunks of deployment %s for the devices that did not answer "
+            "('edged fleet clean' removes them)",
+            deployment.id,
+        )
+        return
+    # An empty retained message deletes the retained chunk.
+    empty = tuple(b"" for _ in prepared.chunks)
+    left_over = [i for i in range(len(empty)) if i not in state.cleared]
+    await _publish_chunks(client, topics, target, deployment.id, empty, left_over, state.cleared)
 
 
 def _silence(o: DeviceOutcome, timeout_s: float) -> str:
@@ -379,8 +483,10 @@ async def _publish_chunks(
     deployment_id: str,
     chunks: Sequence[bytes],
     indices: Sequence[int] | None = None,
+    done: set[int] | None = None,
 ) -> None:
-    """Publish chunks as retained QoS 1 messages, a bounded number in flight at once."""
+    """Publish chunks as retained QoS 1 messages, a bounded number in flight at once; each
+    acknowledged index goes into ``done``."""
     semaphore = asyncio.Semaphore(PUBLISH_CONCURRENCY)
 
     async def one(index: int) -> None:
@@ -388,6 +494,8 @@ async def _publish_chunks(
             await client.publish(
                 topics.chunk(target, deployment_id, index), chunks[index], qos=1, retain=True
             )
+        if done is not None:
+            done.add(index)
 
     await asyncio.gather(*(one(i) for i in (range(len(chunks)) if indices is None else indices)))
 
@@ -531,3 +639,47 @@ async def wait_progress(
                     f"(last: {progress})"
                 )
             await fleet.wait_change(min(left, 1.0))
+
+
+# --- retained chunks -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CleanResult:
+    removed: Mapping[str, int]  # deployment -> chunks removed
+    kept: Mapping[str, int]  # deployment -> chunks kept (a device is still downloading it)
+
+
+async def clean_chunks(
+    settings: ManagerSettings,
+    *,
+    deployment: str | None = None,
+    force: bool = False,
+    settle_s: float = 2.0,
+) -> CleanResult:
+    """Remove retained bundle chunks left on the broker (a push that some device never
+    answered, ``--keep-chunks``, a push that was killed). Chunks of a deployment that a
+    device's retained progress shows as still downloading are kept unless ``force``."""
+    topics = settings.topics
+    removed: dict[str, int] = {}
+    kept: dict[str, int] = {}
+    async with _connected(settings) as (client, fleet):
+        p = topics.prefix
+        await client.subscribe(
+            [topics.all_progress(), f"{p}/devices/+/chunks/#", f"{p}/groups/+/chunks/#"]
+        )
+        await fleet.settle(settle_s)
+        busy = {pr.deployment for pr in fleet.progress.values() if not pr.terminal}
+        for topic in sorted(fleet.chunks):
+            parsed = topics.parse_chunk(topic)
+            if parsed is None:
+                continue
+            deployment_id = parsed[1]
+            if deployment is not None and deployment_id != deployment:
+                continue
+            if deployment_id in busy and not force:
+                kept[deployment_id] = kept.get(deployment_id, 0) + 1
+                continue
+            await client.publish(topic, b"", qos=1, retain=True)
+            removed[deployment_id] = removed.get(deployment_id, 0) + 1
+    return CleanResult(removed, kept)

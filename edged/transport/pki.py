@@ -1,6 +1,8 @@
 """Certificate helpers for a small fleet PKI: a CA, a broker certificate, device and fleet
-manager client certificates (ECDSA P-256). For tests, the demo and first deployments; a real
-fleet may use any CA whose client certificates carry the device id as their CN."""
+manager client certificates (ECDSA P-256), certificate signing requests (a device may keep its
+key to itself) and loading an existing CA to issue more. ``edged fleet init`` /
+``add-device`` build on them; a real fleet may use any CA whose client certificates carry the
+device id as their CN."""
 
 from __future__ import annotations
 
@@ -110,8 +112,19 @@ def _leaf(
     days: int,
 ) -> Issued:
     key = new_key()
+    return Issued(_leaf_cert(ca, common_name, key.public_key(), usage, san, days), key)
+
+
+def _leaf_cert(
+    ca: Issued,
+    common_name: str,
+    public_key: ec.EllipticCurvePublicKey,
+    usage: x509.ObjectIdentifier,
+    san: Sequence[x509.GeneralName],
+    days: int,
+) -> x509.Certificate:
     builder = (
-        _builder(common_name, ca.cert.subject, key.public_key(), days)
+        _builder(common_name, ca.cert.subject, public_key, days)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(
@@ -121,7 +134,7 @@ def _leaf(
     )
     if san:
         builder = builder.add_extension(x509.SubjectAlternativeName(list(san)), critical=False)
-    return Issued(builder.sign(ca.key, hashes.SHA256()), key)
+    return builder.sign(ca.key, hashes.SHA256())
 
 
 def issue_server(
@@ -156,3 +169,90 @@ def write_client(directory: Path, ca_file: Path, issued: Issued, name: str) -> C
     files = ClientFiles(ca_file, directory / f"{name}.crt", directory / f"{name}.key")
     issued.write(files.cert_file, files.key_file)
     return files
+
+
+def issue_client_for_key(
+    ca: Issued,
+    common_name: str,
+    public_key: ec.EllipticCurvePublicKey,
+    days: int = DEFAULT_VALIDITY_DAYS,
+) -> x509.Certificate:
+    """A client certificate for a key held elsewhere (a CSR's, or a renewed certificate's)."""
+    return _leaf_cert(ca, common_name, public_key, ExtendedKeyUsageOID.CLIENT_AUTH, (), days)
+
+
+def cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def load_ca(cert_path: Path, key_path: Path) -> Issued:
+    """An existing CA, to issue more certificates from it."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        raise TlsSetupError(f"cannot load the CA {cert_path} / {key_path}: {exc}") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise TlsSetupError(f"{key_path} is not an EC private key")
+    return Issued(cert, key)
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise TlsSetupError(f"cannot read the certificate {path}: {exc}") from exc
+
+
+def ec_public_key(cert: x509.Certificate, where: str) -> ec.EllipticCurvePublicKey:
+    key = cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise TlsSetupError(f"{where}: the key is not an EC key")
+    return key
+
+
+def make_csr(common_name: str) -> tuple[bytes, bytes]:
+    """A certificate signing request for ``common_name`` and its new private key (both PEM)."""
+    key = new_key()
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(_name(common_name))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return csr.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def csr_public_key(csr_pem: bytes, common_name: str) -> ec.EllipticCurvePublicKey:
+    """The key of a CSR whose signature holds and whose CN is ``common_name``."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise TlsSetupError(f"not a PEM certificate signing request: {exc}") from exc
+    if not csr.is_signature_valid:
+        raise TlsSetupError("the CSR's signature does not verify")
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    cn = str(names[0].value) if names else ""
+    if cn != common_name:
+        raise TlsSetupError(f"the CSR is for CN {cn!r}, not {common_name!r}")
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise TlsSetupError("the CSR's key is not an EC key")
+    return key
+
+
+def write_private_key_pem(path: Path, pem: bytes) -> None:
+    """A private key file created with mode 0600; never replaces an existing file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise TlsSetupError(f"{path} exists; refusing to overwrite a key") from None
+    except OSError as exc:
+        raise TlsSetupError(f"cannot create key file {path}: {exc.strerror}") from exc
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)

@@ -47,6 +47,9 @@ class Broker:
     # A second listener whose certificate names another host (hostname checks must refuse it);
     # 0: none.
     wrong_host_port: int = field(default_factory=free_port)
+    # The fleet managers' listener: the client id is not bound to the certificate there, so
+    # several tools may run at once (the shipped config restricts it to the managers' CA).
+    manager_port: int = field(default_factory=free_port)
     # A complete mosquitto.conf to run instead of the generated one (e.g. the shipped example).
     config_text: str | None = None
     process: subprocess.Popen[bytes] | None = None
@@ -79,6 +82,8 @@ class Broker:
         tls = (
             f"cafile {self.pki.ca_file}\nrequire_certificate true\nuse_identity_as_username true\n"
         )
+        # The certificate's CN is also the client id: no device can take over another's session.
+        bound = tls + "use_username_as_clientid true\n"
         self.conf_file.write_text(
             f"""# written by tests/support/broker.py
 user {user}
@@ -97,10 +102,14 @@ connection_messages true
 listener {self.port} {self.host}
 certfile {self.pki.server_cert}
 keyfile {self.pki.server_key}
-{tls}
+{bound}
 listener {self.wrong_host_port} {self.host}
 certfile {self.pki.wrong_host_cert}
 keyfile {self.pki.wrong_host_key}
+{bound}
+listener {self.manager_port} {self.host}
+certfile {self.pki.server_cert}
+keyfile {self.pki.server_key}
 {tls}"""
         )
 
@@ -121,7 +130,7 @@ keyfile {self.pki.wrong_host_key}
                     f"mosquitto exited with {self.process.returncode}:\n{self.log()}\n"
                     + (self.directory / "stdout.log").read_text(errors="replace")
                 )
-            ports = [p for p in (self.port, self.wrong_host_port) if p]
+            ports = [p for p in (self.port, self.wrong_host_port, self.manager_port) if p]
             if all(self._accepting(p) for p in ports):
                 return
             time.sleep(0.05)

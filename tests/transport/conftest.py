@@ -51,7 +51,7 @@ def manager(broker: Broker, pki: FleetPki) -> ManagerSettings:
     files = pki.client(FLEET_MANAGER)
     return ManagerSettings(
         broker.host,
-        broker.port,
+        broker.manager_port,
         TlsFiles(files.ca_file, files.cert_file, files.key_file),
         timeout_s=5.0,
     )

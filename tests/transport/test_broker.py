@@ -7,13 +7,15 @@ import contextlib
 import json
 import ssl
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from edged.errors import SubscribeDeniedError, TlsHandshakeError
+from edged.transport.brokerconf import SHIPPED_FILES, render_mosquitto_conf
 from edged.transport.client import ClientSettings, Message, MqttClient
-from edged.transport.pki import ClientFiles
+from edged.transport.pki import ClientFiles, issue_client, make_ca, write_client
 from edged.transport.tls import TlsFiles, client_context
 from tests.support.broker import Broker, mosquitto_missing_reason
 from tests.support.daemon import REPO_ROOT, free_port
@@ -127,36 +129,60 @@ def test_a_device_cannot_read_or_write_another_devices_topics(
     asyncio.run(main())
 
 
-def test_the_shipped_broker_config_runs_and_requires_client_certificates(
+def test_the_shipped_broker_config_is_the_generated_one() -> None:
+    shipped = (REPO_ROOT / "docs" / "mosquitto" / "mosquitto.conf").read_text()
+    assert shipped.split("\n", 1)[1] == render_mosquitto_conf(SHIPPED_FILES).split("\n", 1)[1]
+
+
+def test_the_shipped_broker_config_binds_identities_and_keeps_the_listeners_apart(
     tmp_path: Path, pki: FleetPki
 ) -> None:
-    """docs/mosquitto/mosquitto.conf with its paths pointed at a test PKI."""
+    """docs/mosquitto/mosquitto.conf with its paths pointed at a test PKI (and a managers' CA of
+    its own): client certificates are required; a device certificate gets its CN as client id
+    whatever it asks for, and is refused on the managers' listener."""
     reason = mosquitto_missing_reason()
     if reason is not None:
         pytest.skip(reason)
+    managers_ca = make_ca("test managers CA")
+    managers_ca_file = tmp_path / "managers-ca.crt"
+    managers_ca_file.write_bytes(managers_ca.cert_pem)
+    manager = write_client(tmp_path, pki.ca_file, issue_client(managers_ca, FLEET_MANAGER), "fm")
     shipped = (REPO_ROOT / "docs" / "mosquitto" / "mosquitto.conf").read_text()
-    port = free_port()
+    port, manager_port = free_port(), free_port()
     (tmp_path / "data").mkdir()
     (tmp_path / "edged.acl").write_text(
         (REPO_ROOT / "docs" / "mosquitto" / "edged.acl").read_text()
     )
+    files = SHIPPED_FILES
     text = (
-        shipped.replace("/etc/mosquitto/edged.acl", str(tmp_path / "edged.acl"))
-        .replace("/var/lib/mosquitto/", f"{tmp_path / 'data'}/")
-        .replace("/etc/mosquitto/certs/ca.crt", str(pki.ca_file))
-        .replace("/etc/mosquitto/certs/server.crt", str(pki.server_cert))
-        .replace("/etc/mosquitto/certs/server.key", str(pki.server_key))
+        shipped.replace(str(files.acl_file), str(tmp_path / "edged.acl"))
+        .replace(f"{files.persistence_dir}/", f"{tmp_path / 'data'}/")
+        .replace(str(files.manager_ca_file), str(managers_ca_file))
+        .replace(str(files.ca_file), str(pki.ca_file))
+        .replace(str(files.cert_file), str(pki.server_cert))
+        .replace(str(files.key_file), str(pki.server_key))
         .replace("listener 8883", f"listener {port} 127.0.0.1")
+        .replace("listener 8884", f"listener {manager_port} 127.0.0.1")
     )
-    assert "\nacl_file /etc" not in text and "/var/" not in text
-    broker = Broker(tmp_path, pki, {}, port=port, wrong_host_port=0, config_text=text)
+    assert "/etc" not in text and "/var/" not in text
+    broker = Broker(
+        tmp_path, pki, {}, port=port, wrong_host_port=0, manager_port=manager_port,
+        config_text=text,
+    )  # fmt: skip
     try:
         broker.start()
 
         async def main() -> None:
-            context = context_of(pki.client("device-1"))
+            context = context_of(pki.client("device-9"))
             async with MqttClient(settings(broker, context, "device-1")) as client:
-                await client.publish("edged/devices/device-1/status", json.dumps({}).encode())
+                await client.publish("edged/devices/device-9/status", json.dumps({}).encode())
+            on_managers = ClientSettings(broker.host, manager_port, "x", context, timeout_s=5.0)
+            with pytest.raises(TlsHandshakeError):
+                async with MqttClient(on_managers):
+                    pass
+            fm = replace(on_managers, tls_context=context_of(manager), client_id="fm-1")
+            async with MqttClient(fm) as client:
+                await client.publish("edged/devices/device-9/cmd", b"{}")
             bare = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             bare.load_verify_locations(pki.ca_file)
             with pytest.raises(TlsHandshakeError):
@@ -164,5 +190,7 @@ def test_the_shipped_broker_config_runs_and_requires_client_certificates(
                     pass
 
         asyncio.run(main())
+        assert "as device-9 (" in broker.log() and "as device-1 (" not in broker.log()
+        assert "as fm-1 (" in broker.log()
     finally:
         broker.stop()

@@ -40,3 +40,52 @@ def test_push_without_certificates_says_what_is_missing(
         monkeypatch.delenv(f"EDGED_FLEET_{name}", raising=False)
     assert run_cli(["push", str(tmp_path / "x.bundle"), "--device", "device-1"]) == 1
     assert "--ca-file: is required" in capsys.readouterr().err
+
+
+def test_config_check_refuses_what_edged_run_refuses(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    pki = tmp_path / "pki"
+    assert run_cli(["fleet", "certs", str(pki), "--client", "device-1"]) == 0
+    config = tmp_path / "edged.toml"
+    config.write_text(
+        '[mqtt]\nenabled = true\nca_file = "pki/ca.crt"\ncert_file = "pki/device-1.crt"\n'
+        'key_file = "pki/device-1.key"\n'
+    )
+    capsys.readouterr()
+    assert run_cli(["config", "check", str(config)]) == 0
+    assert "ok (fleet channel as device device-1)" in capsys.readouterr().out
+    (pki / "device-1.key").chmod(0o644)
+    assert run_cli(["config", "check", str(config)]) == 1
+    assert f"chmod 600 {pki / 'device-1.key'}" in capsys.readouterr().err
+
+
+def test_keygen_makes_the_folder_it_writes_into(tmp_path: Path) -> None:
+    assert run_cli(["keygen", str(tmp_path / "keys" / "root")]) == 0
+    assert stat.S_IMODE((tmp_path / "keys" / "root.key").stat().st_mode) == 0o600
+    assert (tmp_path / "keys" / "root.pub").is_file()
+
+
+def test_vectors_from_sample_inputs_refuses_wrong_names_and_never_overwrites(
+    tmp_path: Path,
+) -> None:
+    import numpy as np
+
+    from edged.cli.vectors import write_test_vectors
+    from edged.errors import BundleConfigError
+    from edged.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
+
+    version = tmp_path / "mlp" / "1"
+    write_onnx_mlp(version, SAMPLE_MLP_LAYERS, seed=0)
+    (version / "test_vectors.npz").unlink()
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, image=np.zeros((1, 64), np.float32))
+    with pytest.raises(BundleConfigError, match="missing input, unknown image"):
+        write_test_vectors(version, wrong)
+    good = tmp_path / "inputs.npz"
+    np.savez(good, **{"input:input": np.ones((3, 64), np.float64)})  # type: ignore[arg-type]
+    out = write_test_vectors(version, good)
+    with np.load(out) as npz:
+        assert npz["input:input"].dtype == np.float32 and npz["output:output"].shape == (3, 10)
+    with pytest.raises(BundleConfigError, match="exists"):
+        write_test_vectors(version, good)

@@ -4,6 +4,7 @@ push and commands (library and CLI)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -21,6 +22,8 @@ import pytest
 
 from edged.bundle.keys import generate_key
 from edged.client import Endpoint, LocalClient
+from edged.errors import TransportError
+from edged.transport.client import ClientSettings, MqttClient
 from edged.transport.fleet import (
     CommandResult,
     DeviceOutcome,
@@ -36,6 +39,7 @@ from edged.transport.fleet import (
     wait_progress,
 )
 from edged.transport.protocol import Command, Progress, encode_command, new_nonce
+from edged.transport.tls import TlsFiles, client_context
 from edged.transport.topics import Target
 from tests.support.broker import Broker
 from tests.support.daemon import DaemonProcess
@@ -75,7 +79,7 @@ def connection_args(broker: Broker, pki: FleetPki) -> list[str]:
         "--host",
         broker.host,
         "--port",
-        str(broker.port),
+        str(broker.manager_port),
         "--ca-file",
         str(files.ca_file),
         "--cert-file",
@@ -450,3 +454,36 @@ def test_a_key_readable_by_others_stops_the_daemon_at_start(
     daemon = devices.start("device-1", wait=False, key_file=str(loose))
     assert daemon.process.wait(60) != 0
     assert f"chmod 600 {loose}" in daemon.log()
+
+
+# --- identities ------------------------------------------------------------------------------
+
+
+def test_a_device_certificate_cannot_take_over_another_devices_session(
+    devices: Devices, manager: ManagerSettings, broker: Broker, pki: FleetPki, signing: SigningKeys
+) -> None:
+    """device-9's certificate connecting as client id "device-1" gets its own CN as client id
+    (use_username_as_clientid): device-1 stays connected and answers, and nothing device-9
+    subscribed ends up in device-1's persistent session."""
+    daemon = devices.start("device-1")
+    run(wait_online(manager, ["device-1"], timeout_s=20))
+    files = pki.client("device-9")
+    context = client_context(TlsFiles(files.ca_file, files.cert_file, files.key_file))
+    impostor = ClientSettings(
+        broker.host, broker.port, "device-1", context, timeout_s=5.0,
+        clean_start=False, session_expiry_s=3600,
+    )  # fmt: skip
+
+    async def take_over() -> None:
+        for _ in range(5):
+            # Unbound, the daemon's reconnect would in turn knock the impostor off.
+            with contextlib.suppress(TransportError):
+                async with MqttClient(impostor) as client:
+                    await client.subscribe(["edged/devices/device-9/cmd"])
+
+    run(take_over())
+    result = run(send_command(manager, [signing.signer], DEVICE_1, "ping", timeout_s=10))
+    assert result.ok, result
+    assert "connection lost" not in daemon.log()
+    impostor_lines = [line for line in broker.log().splitlines() if "u'device-9'" in line]
+    assert len(impostor_lines) == 5 and all(" as device-9 " in line for line in impostor_lines)

@@ -48,7 +48,7 @@ class Collector:
             try:
                 async with aiomqtt.Client(
                     self._broker.host,
-                    self._broker.port,
+                    self._broker.manager_port,
                     identifier="telemetry-collector",
                     protocol=aiomqtt.ProtocolVersion.V5,
                     tls_context=self._tls,
