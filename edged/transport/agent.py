@@ -37,6 +37,7 @@ from edged.errors import (
     FleetMessageError,
     MqttTimeoutError,
     ReplayedCommandError,
+    ShuttingDownError,
     TransportError,
     WrongTargetError,
 )
@@ -393,14 +394,13 @@ class FleetAgent:
 
     def _status(self, online: bool, reason: str = "") -> DeviceStatus:
         models: list[ModelVersion] = []
-        with contextlib.suppress(Exception):  # a closing manager must not stop the goodbye
-            for m in self.manager.status().get("models", []):
-                version = m.get("version")
-                models.append(
-                    ModelVersion(
-                        str(m["name"]), None if version is None else str(version), str(m["state"])
-                    )
+        for m in self.manager.status().get("models", []):
+            version = m.get("version")
+            models.append(
+                ModelVersion(
+                    str(m["name"]), None if version is None else str(version), str(m["state"])
                 )
+            )
         return DeviceStatus(
             self.device_id,
             online=online,
@@ -655,6 +655,10 @@ class FleetAgent:
             log.info("deployment %s: %s version %s is serving", d.id, d.model, d.version)
         except asyncio.CancelledError:
             raise  # shutdown: active.json stays, the download resumes at the next start
+        except ShuttingDownError as exc:
+            # Not the deployment's failure: active.json stays and it resumes at the next start.
+            log.info("deployment %s: %s; it resumes at the next start", d.id, exc)
+            return
         except Exception as exc:
             if isinstance(exc, EdgedError):
                 log.warning("deployment %s failed: %s", d.id, exc)
