@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edged.configreader import Table, load_toml_file
+from edged._toml import Table, load_toml_file
 
 DEFAULT_CONFIG_PATH = Path("/etc/edged/edged.toml")
 

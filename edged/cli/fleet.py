@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
+from edged._toml import load_toml_file
 from edged.bundle.keys import load_private_key
 from edged.cli.fleetsetup import register_setup
-from edged.configreader import load_toml_file
 from edged.errors import ConfigError, FleetSetupError
 from edged.transport.acl import DEFAULT_MANAGERS, render_acl
 from edged.transport.fleet import (
