@@ -73,7 +73,7 @@ class Pki:
 
 
 def make_pki(directory: Path) -> Pki:
-    from edged.transport.pki import issue_client, issue_server, make_ca
+    from edged.fleet.pki import issue_client, issue_server, make_ca
 
     ca = make_ca("edged demo CA")
     directory.mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,7 @@ def make_pki(directory: Path) -> Pki:
 def running_broker(directory: Path, pki: Pki, port: int) -> Iterator[Path]:
     """Mosquitto with one TLS listener on loopback that requires client certificates; the
     certificate CN is the username and the edged ACL applies."""
-    from edged.transport.acl import render_acl
+    from edged.fleet.acl import render_acl
     from edged.transport.topics import Topics
 
     acl = directory / "edged.acl"
@@ -281,7 +281,7 @@ class Demo:
                         self.work / "device", self.work / "models", pki, broker_port, http_port
                     )
                 )
-                from edged.transport.fleet import ManagerSettings, wait_online
+                from edged.fleet.channel import ManagerSettings, wait_online
                 from edged.transport.tls import TlsFiles
 
                 cert, key = pki.manager
@@ -309,8 +309,8 @@ class Demo:
 
             def push_v2() -> str:
                 from edged.bundle.build import BundleSpec, build_bundle_from_dir
+                from edged.fleet.channel import push
                 from edged.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
-                from edged.transport.fleet import push
                 from edged.transport.topics import Target
 
                 source = self.work / "build" / "mlp" / "2"

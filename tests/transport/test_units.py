@@ -31,7 +31,7 @@ from edged.errors import (
     TlsHandshakeError,
     UnknownKeyError,
 )
-from edged.transport.acl import render_acl
+from edged.fleet.acl import render_acl
 from edged.transport.client import map_error
 from edged.transport.protocol import (
     Command,

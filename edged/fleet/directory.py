@@ -31,15 +31,15 @@ from edged.bundle.keys import generate_key, load_private_key, write_private_key
 from edged.bundle.trust import build_root, build_signers
 from edged.bundle.truststore import ROOT_FILE, SIGNERS_FILE
 from edged.errors import ConfigError, FleetSetupError
-from edged.transport.acl import render_acl
-from edged.transport.brokerconf import (
+from edged.fleet.acl import render_acl
+from edged.fleet.brokerconf import (
     DEVICE_PORT,
     MANAGER_PORT,
     BrokerFiles,
     render_mosquitto_conf,
 )
-from edged.transport.fleet import ManagerSettings
-from edged.transport.pki import (
+from edged.fleet.channel import ManagerSettings
+from edged.fleet.pki import (
     Issued,
     cert_pem,
     csr_public_key,
