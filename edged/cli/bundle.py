@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 from rich.console import Console
 from rich.table import Table
 
+from edged._fs import atomic_write
 from edged.bundle.archive import ArchiveReader
 from edged.bundle.build import (
     DEFAULT_ARCH,
@@ -29,7 +30,6 @@ from edged.bundle.build import (
     build_bundle_from_dir,
 )
 from edged.bundle.device import detect_device_facts
-from edged.bundle.fsutil import atomic_write
 from edged.bundle.keys import (
     KEYID_RE,
     generate_key,

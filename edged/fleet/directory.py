@@ -25,8 +25,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edged._fs import atomic_write
 from edged._toml import load_toml_file
-from edged.bundle.fsutil import atomic_write
 from edged.bundle.keys import generate_key, load_private_key, write_private_key
 from edged.bundle.trust import build_root, build_signers
 from edged.bundle.truststore import ROOT_FILE, SIGNERS_FILE

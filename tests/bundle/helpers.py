@@ -26,7 +26,7 @@ from edged.bundle.build import (
 )
 from edged.bundle.canonical import Json, encode_canonical
 from edged.bundle.device import normalise_arch
-from edged.bundle.fsutil import Checkpoint, no_checkpoint
+from edged._fs import Checkpoint, no_checkpoint
 from edged.bundle.install import Installer, InstallResult
 from edged.bundle.keys import Signature
 from edged.bundle.offline import OfflineSelfTest, run_self_test
