@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import pytest
 
 from edged.bundle.build import BundleSpec, build_bundle_from_dir
+from edged.demo.samples import write_onnx_mlp
 from edged.fleet.channel import (
     ManagerSettings,
     PreparedBundle,
@@ -28,7 +29,6 @@ from edged.fleet.channel import (
     wait_online,
     wait_progress,
 )
-from edged.samples import write_onnx_mlp
 from edged.transport.protocol import Progress
 from edged.transport.topics import Target
 from tests.support.broker import Broker

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from edged.bundle.build import BundleSpec, build_bundle_from_dir
+from edged.demo.samples import write_counting_loop, write_test_vectors
 from edged.fleet.channel import (
     ManagerSettings,
     deploy_command,
@@ -23,7 +24,6 @@ from edged.fleet.channel import (
     wait_online,
     wait_progress,
 )
-from edged.samples import write_counting_loop, write_test_vectors
 from edged.serve.modelconfig import TEST_VECTORS_FILE
 from edged.transport.protocol import Progress
 from edged.transport.topics import Target

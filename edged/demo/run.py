@@ -29,6 +29,9 @@ from rich.console import Console
 from edged._compat import TIMEOUT_ERRORS
 from edged.errors import DemoStepFailedError, EdgedError
 
+# Sample models shipped with the package: the demo needs no model generator (onnx) at run time.
+SHIPPED_MODELS = Path(__file__).resolve().parent / "models"
+SHIPPED_SOURCES = Path(__file__).resolve().parent / "sources"  # the version the demo pushes
 DEVICE = "demo-device"
 MANAGER = "fleet-manager"
 GROUP = "demo"
@@ -273,9 +276,7 @@ class Demo:
             self.step("local mosquitto with a mutual-TLS listener", start_broker)
 
             def start_daemon() -> str:
-                from edged.samples import make_sample_repository
-
-                make_sample_repository(self.work / "models")
+                shutil.copytree(SHIPPED_MODELS, self.work / "models")
                 holder["socket"] = stack.enter_context(
                     running_daemon(
                         self.work / "device", self.work / "models", pki, broker_port, http_port
@@ -310,12 +311,10 @@ class Demo:
             def push_v2() -> str:
                 from edged.bundle.build import BundleSpec, build_bundle_from_dir
                 from edged.fleet.channel import push
-                from edged.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
                 from edged.transport.topics import Target
 
+                shutil.copytree(SHIPPED_SOURCES, self.work / "build")
                 source = self.work / "build" / "mlp" / "2"
-                write_onnx_mlp(source, SAMPLE_MLP_LAYERS, seed=0, bias_shift=1.0)
-                shutil.copy(self.work / "models" / "mlp" / "config.toml", source.parent)
                 bundle = self.work / "mlp-2.bundle"
                 build_bundle_from_dir(
                     source, BundleSpec.starting_now("mlp", 2, 1), [holder["signer"]], bundle
