@@ -20,7 +20,6 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -358,8 +357,3 @@ def run_daemon(load: ConfigLoader) -> int:
         logging.shutdown()
         os._exit(code)
     return code
-
-
-def socket_default() -> Path:
-    runtime_dir = os.environ.get("RUNTIME_DIRECTORY") or os.environ.get("XDG_RUNTIME_DIR")
-    return Path(runtime_dir or "/tmp") / "edged.sock"  # noqa: S108 - per-user fallback
