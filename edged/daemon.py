@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +23,7 @@ from edged._compat import TaskGroup
 from edged.bundle import Installer, detect_device_facts
 from edged.bundle.store import MODELS_DIR
 from edged.config import DaemonConfig
-from edged.errors import EdgedError
+from edged.errors import ConfigError, EdgedError
 from edged.sdnotify import Notifier, Watchdog, watchdog_interval_s
 from edged.serve.api import GATE, build_app
 from edged.serve.manager import ModelManager
@@ -231,9 +231,38 @@ class Daemon:
                 socket_path.unlink()
 
 
+EVENT_LOOP_ENV = "EDGED_EVENT_LOOP"
+
+
+def event_loop_kind(environ: Mapping[str, str]) -> str:
+    """``uvloop`` when it is installed, unless ``EDGED_EVENT_LOOP=asyncio`` asks for the
+    standard loop; ``EDGED_EVENT_LOOP=uvloop`` insists on it."""
+    wanted = environ.get(EVENT_LOOP_ENV, "").strip().lower() or "auto"
+    if wanted not in ("auto", "asyncio", "uvloop"):
+        raise ConfigError(EVENT_LOOP_ENV, f"must be auto, asyncio or uvloop; got {wanted!r}")
+    if wanted == "asyncio":
+        return "asyncio"
+    try:
+        import uvloop  # noqa: F401
+    except ImportError as exc:
+        if wanted == "uvloop":
+            raise ConfigError(
+                EVENT_LOOP_ENV, "uvloop is not installed (pip install 'edged[uvloop]')"
+            ) from exc
+        return "asyncio"
+    return "uvloop"
+
+
 def run_daemon(load: ConfigLoader) -> int:
     """Load the config (an invalid one fails here, before anything starts) and run."""
-    return asyncio.run(Daemon(load(), load).run())
+    config = load()
+    kind = event_loop_kind(os.environ)
+    log.info("event loop: %s (%s=asyncio for the standard one)", kind, EVENT_LOOP_ENV)
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.run(Daemon(config, load).run())
+    return asyncio.run(Daemon(config, load).run())
 
 
 def socket_default() -> Path:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -33,7 +34,16 @@ from edged.errors import (
 from edged.runtime.base import backend_for
 from edged.serve.manager import ModelManager
 from edged.serve.shm import SharedMemoryRegistry
-from edged.serve.tensors import HEADER_LENGTH, encode_infer_response, parse_infer_request
+from edged.serve.slot import ServedVersion
+from edged.serve.tensors import (
+    HEADER_LENGTH,
+    OFFLOAD_JSON_BYTES,
+    OFFLOAD_JSON_VALUES,
+    encode_infer_response,
+    json_request_bytes,
+    json_response_values,
+    parse_infer_request,
+)
 from edged.telemetry.hub import TelemetryHub
 
 log = logging.getLogger(__name__)
@@ -155,20 +165,32 @@ async def health_ready(request: web.Request) -> web.Response:
 # --- models -----------------------------------------------------------------------------------
 
 
-async def model_metadata(request: web.Request) -> web.Response:
-    manager = request.app[MANAGER]
-    name = request.match_info["name"]
-    current = manager.serving(name, request.match_info.get("version"))
+_JSON_TEXT_HEADERS = {"Content-Type": "application/json; charset=utf-8"}  # as json_response
+# A version's metadata never changes: built (with its one file probe) once per served version.
+_METADATA: weakref.WeakKeyDictionary[ServedVersion, bytes] = weakref.WeakKeyDictionary()
+
+
+def _metadata_body(current: ServedVersion) -> bytes:
     platform = backend_for(current.version_dir).platform
-    return web.json_response(
+    return json.dumps(
         {
-            "name": name,
+            "name": current.model_name,
             "versions": [current.version],
             "platform": platform,
             "inputs": [t.as_dict() for t in current.model.inputs],
             "outputs": [t.as_dict() for t in current.model.outputs],
         }
-    )
+    ).encode()
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    name = request.match_info["name"]
+    current = manager.serving(name, request.match_info.get("version"))
+    body = _METADATA.get(current)
+    if body is None:
+        body = _METADATA[current] = await asyncio.to_thread(_metadata_body, current)
+    return web.Response(body=body, headers=_JSON_TEXT_HEADERS)
 
 
 async def model_config(request: web.Request) -> web.Response:
@@ -213,19 +235,27 @@ async def model_ready(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
+_JSON_HEADERS = {"Content-Type": "application/json"}
+
+
 async def infer(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
-    name = request.match_info["name"]
+    match_info = request.match_info
+    name = match_info["name"]
     body = await _read_body(request)
-    header = request.headers.get(HEADER_LENGTH)
+    headers = request.headers
+    header = headers.get(HEADER_LENGTH)
     try:
         header_length = int(header) if header is not None else None
     except ValueError:
         raise InvalidRequestError(f"{HEADER_LENGTH} must be an integer, got {header!r}") from None
     shm = request.app[SHM]
-    parsed = parse_infer_request(body, header_length, shm)
+    if json_request_bytes(body, header_length) > OFFLOAD_JSON_BYTES:
+        parsed = await asyncio.to_thread(parse_infer_request, body, header_length, shm)
+    else:
+        parsed = parse_infer_request(body, header_length, shm)
     timeout_s = parsed.timeout_s
-    deadline_header = request.headers.get("Edged-Timeout-Ms")
+    deadline_header = headers.get("Edged-Timeout-Ms")
     if deadline_header is not None:
         try:
             timeout_s = float(deadline_header) / 1000.0
@@ -234,19 +264,23 @@ async def infer(request: web.Request) -> web.Response:
     result = await manager.infer(
         name,
         parsed.inputs,
-        version=request.match_info.get("version"),
+        version=match_info.get("version"),
         priority=parsed.priority,
         timeout_s=timeout_s,
     )
-    payload, header_len = encode_infer_response(
-        name, result.model_version, parsed, result.outputs, shm
-    )
+    if json_response_values(parsed, result.outputs) > OFFLOAD_JSON_VALUES:
+        payload, header_len = await asyncio.to_thread(
+            encode_infer_response, name, result.model_version, parsed, result.outputs, shm
+        )
+    else:
+        payload, header_len = encode_infer_response(
+            name, result.model_version, parsed, result.outputs, shm
+        )
     if header_len is None:
-        return web.Response(body=payload, content_type="application/json")
+        return web.Response(body=payload, headers=_JSON_HEADERS)
     return web.Response(
         body=payload,
-        content_type="application/octet-stream",
-        headers={HEADER_LENGTH: str(header_len)},
+        headers={"Content-Type": "application/octet-stream", HEADER_LENGTH: str(header_len)},
     )
 
 
@@ -254,7 +288,7 @@ async def infer(request: web.Request) -> web.Response:
 
 
 async def repository_index(request: web.Request) -> web.Response:
-    return web.json_response(request.app[MANAGER].index())
+    return web.json_response(await request.app[MANAGER].index_async())
 
 
 async def repository_load(request: web.Request) -> web.Response:
@@ -397,7 +431,8 @@ async def rollback_model(request: web.Request) -> web.Response:
 
 async def install_history(request: web.Request) -> web.Response:
     installer = request.app[INSTALLER]
-    return web.json_response(installer.history() if installer else [])
+    # The history is a file read (and parse) of the install journal: not on the event loop.
+    return web.json_response(await asyncio.to_thread(installer.history) if installer else [])
 
 
 def build_app(
@@ -416,6 +451,10 @@ def build_app(
     app[TELEMETRY] = telemetry
     app[INSTALLER] = installer
     r = app.router
+    # aiohttp tries the routes under one static prefix in the order they were added: infer,
+    # the hot route, first.
+    r.add_post("/v2/models/{name}/infer", infer)
+    r.add_post("/v2/models/{name}/versions/{version}/infer", infer)
     r.add_get("/v2", server_metadata)
     r.add_get("/v2/health/live", health_live)
     r.add_get("/v2/health/ready", health_ready)
@@ -423,7 +462,6 @@ def build_app(
         r.add_get(prefix, model_metadata)
         r.add_get(prefix + "/config", model_config)
         r.add_get(prefix + "/ready", model_ready)
-        r.add_post(prefix + "/infer", infer)
     r.add_post("/v2/repository/index", repository_index)
     r.add_post("/v2/repository/models/{name}/load", repository_load)
     r.add_post("/v2/repository/models/{name}/unload", repository_unload)

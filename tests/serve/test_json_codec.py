@@ -5,6 +5,7 @@ responses that decode to the same values."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -184,7 +185,7 @@ def _request(binary: bool = False, outputs: list[OutputRequest] | None = None) -
     return InferRequest("r-ü", {}, outputs or [], binary, 0, None)
 
 
-def _stdlib_body(outputs: dict[str, np.ndarray], request_id: str) -> bytes:
+def _stdlib_body(outputs: dict[str, np.ndarray[Any, Any]], request_id: str) -> bytes:
     """What the json codec wrote for a JSON response."""
     doc = {
         "model_name": "m",
@@ -203,7 +204,7 @@ DATATYPES = ("FP32", "FP16", "FP64", "INT64", "UINT8", "BOOL", "INT8")
 
 def test_json_response_decodes_to_the_same_values_as_before() -> None:
     rng = np.random.default_rng(3)
-    outputs = {
+    outputs: dict[str, np.ndarray[Any, Any]] = {
         "f32": rng.standard_normal((2, 3)).astype(np.float32),
         "f16": rng.standard_normal((4,)).astype(np.float16),
         "f64": rng.standard_normal((1, 2)),
