@@ -14,6 +14,7 @@ import os
 import tempfile
 import weakref
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 from aiohttp import web
@@ -104,8 +105,8 @@ def _status_for(exc: EdgedError, infer: bool) -> tuple[int, dict[str, str] | Non
     return 500, None
 
 
-@web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every route runs behind this: the admission gate, and EdgedError mapped to its status."""
     gate = request.app[GATE]
     if gate.draining:
         return error_response(
@@ -435,6 +436,21 @@ async def install_history(request: web.Request) -> web.Response:
     return web.json_response(await asyncio.to_thread(installer.history) if installer else [])
 
 
+class _GuardedRoutes:
+    """Adds routes whose handlers run inside ``errors_middleware``. A wrapper per route instead
+    of an aiohttp middleware: aiohttp's middleware chain cost the event loop about 5 µs per
+    request, 8 % of all it does per inference under load."""
+
+    def __init__(self, router: web.UrlDispatcher) -> None:
+        self._router = router
+
+    def add_get(self, path: str, handler: Handler) -> None:
+        self._router.add_get(path, partial(errors_middleware, handler=handler))
+
+    def add_post(self, path: str, handler: Handler) -> None:
+        self._router.add_post(path, partial(errors_middleware, handler=handler))
+
+
 def build_app(
     manager: ModelManager,
     max_body_bytes: int,
@@ -443,14 +459,14 @@ def build_app(
     installer: Installer | None = None,
 ) -> web.Application:
     # aiohttp's own limit sits above ours so that we answer with a clear 400 instead.
-    app = web.Application(client_max_size=max_body_bytes + 1, middlewares=[errors_middleware])
+    app = web.Application(client_max_size=max_body_bytes + 1)
     app[MANAGER] = manager
     app[SHM] = SharedMemoryRegistry() if shared_memory else None
     app[MAX_BODY] = max_body_bytes
     app[GATE] = AdmissionGate()
     app[TELEMETRY] = telemetry
     app[INSTALLER] = installer
-    r = app.router
+    r = _GuardedRoutes(app.router)
     # aiohttp tries the routes under one static prefix in the order they were added: infer,
     # the hot route, first.
     r.add_post("/v2/models/{name}/infer", infer)
