@@ -64,6 +64,8 @@ WRK_TIMEOUT = "10s"  # a stalled request is counted in the latency, not dropped 
 RAW_WARMUP_RUNS = 20
 
 CLIENTS = (1, 64, 1000)
+# edged before the serving-speed work (issue 13): the "today" of rows o1, o64, oj64.
+DEFAULT_COMPARE_REF = "5f0bd17d2133d7027405e79ba558c79ae4b8b761"
 
 # The serving issue's targets: (name, ratio key, comparison, bound, rows it is made of).
 TARGETS = (
@@ -328,6 +330,15 @@ def checkout(ref: str, tmp: Path) -> Iterator[Path]:
     yield root
 
 
+def _has_ref(ref: str) -> bool:
+    done = subprocess.run(
+        ["git", "-C", str(BENCH_DIR.parent), "cat-file", "-e", f"{ref}^{{commit}}"],
+        capture_output=True,
+        check=False,
+    )
+    return done.returncode == 0
+
+
 def with_pythonpath(cmd: list[str], path: Path) -> list[str]:
     return ["env", f"PYTHONPATH={path}", *cmd]
 
@@ -580,8 +591,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--wrk-threads", type=int, default=2, help="wrk threads (1 for 1 client)")
     parser.add_argument(
         "--compare-ref",
-        default="",
-        help="also run edged from this git ref (rows o1, o64, oj64: 'today'); empty: skip",
+        default=DEFAULT_COMPARE_REF,
+        help="also run edged from this git ref (rows o1, o64, oj64); empty: skip "
+        "(default: edged before the serving-speed work)",
     )
     parser.add_argument(
         "--baseline-intra-op-threads",
@@ -718,7 +730,9 @@ def main(argv: list[str] | None = None) -> int:
                 phases.measure("s64", label, port, pid, binary, 64, {"spin_wait": True})
 
         # o: edged at an older ref, its own defaults ("today").
-        if args.compare_ref:
+        if args.compare_ref and not _has_ref(args.compare_ref):
+            print(f"bench: git ref {args.compare_ref} is not here; skipping the o rows")
+        elif args.compare_ref:
             write_model_config(model_dir)
             port = free_port()
             with checkout(args.compare_ref, tmp) as path:
