@@ -246,12 +246,14 @@ def telemetry_cpu(workdir: Path, repeats: int = 30) -> dict[str, float]:
     hub.system.sample()  # primes the CPU-busy baseline, as the record loop does
 
     def one_interval() -> None:
+        readings = []
         if hub.power.available:
             for _ in range(round(hub.config.interval_s / hub.config.power_sample_s)):
                 reading = hub.power.read()
+                readings.append(reading)
                 if reading.total_watts is not None:
                     hub.energy.add_power_sample(reading.t, reading.total_watts)
-        record = hub.build_record()
+        record = hub.build_record(hub.queue_depths(), readings)
         assert hub.spool is not None
         hub.spool.append(record)
 

@@ -26,15 +26,12 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from edged.errors import DeviceError, EdgedError
+from edged._compat import TIMEOUT_ERRORS
+from edged.errors import DemoStepFailedError, EdgedError
 
 DEVICE = "demo-device"
 MANAGER = "fleet-manager"
 GROUP = "demo"
-
-
-class DemoStepFailedError(DeviceError):
-    """A step of ``edged demo`` did not work; the message says which and why."""
 
 
 def free_port(preferred: int = 0) -> int:
@@ -422,7 +419,7 @@ class Demo:
 
         try:
             return await asyncio.wait_for(first_record(), 20)
-        except TimeoutError:
+        except TIMEOUT_ERRORS:
             raise DemoStepFailedError(
                 "no telemetry record with requests arrived within 20 s"
             ) from None

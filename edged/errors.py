@@ -19,6 +19,8 @@ where it helps, what to do.
     │   ├── SelfTestFailedError          a new version failed its test vectors or warm-up
     │   ├── InsufficientMemoryError      old and new version can't both fit, policy refuses
     │   ├── ShuttingDownError            the daemon is draining
+    │   ├── FeatureDisabledError         the endpoint's subsystem is off in the config (-> 404)
+    │   ├── NotPermittedError            operator action over the wrong listener (-> 403)
     │   ├── DaemonUnreachableError       (CLI) the local daemon does not answer
     │   └── ApiError                     (CLI) the local daemon answered with an error
     ├── BundleError                      signed bundles, trust store, crash-safe store
@@ -44,8 +46,8 @@ where it helps, what to do.
     │   ├── ExpiredBundleError           freeze protection
     │   ├── RollbackError                counter below the high-water mark
     │   ├── ReplayError                  counter equal to it, but another bundle
-    │   ├── TargetMismatchError          Architecture/Runtime/ProviderMismatchError,
-    │   │                                EdgedVersionTooOldError
+    │   ├── TargetMismatchError          ArchitectureMismatchError, RuntimeMismatchError,
+    │   │                                ProviderMismatchError, EdgedVersionTooOldError
     │   ├── FileIntegrityError           FileSizeMismatchError, FileHashMismatchError
     │   ├── BundleConfigError            config.toml or test vectors unusable
     │   ├── TrustStoreError              TrustDocumentError, TrustExpiredError, TrustVersionError
@@ -67,8 +69,14 @@ where it helps, what to do.
     │   │                                ChunkHashMismatchError, DownloadStalledError
     │   └── PushFailedError              (CLI) devices failed or did not answer
     ├── TelemetryError                   metrics, power sources, spool
+    │   ├── HistogramMismatchError       snapshots with different bucket layouts
+    │   ├── PowerSourceError             a power source or total rail missing or unreadable
+    │   └── SpoolError                   the on-disk spool cannot be opened, written, acked
+    │       ├── SpoolLockedError         another process owns the spool directory
+    │       └── SpoolRecordTooLargeError a record exceeds the per-record limit
     └── DeviceError                      lifecycle, systemd, doctor
-        └── NotifyError                  $NOTIFY_SOCKET / $WATCHDOG_USEC unusable, or a send failed
+        ├── NotifyError                  $NOTIFY_SOCKET / $WATCHDOG_USEC unusable, or a send failed
+        └── DemoStepFailedError          (CLI) a step of ``edged demo`` did not work
 """
 
 from __future__ import annotations
@@ -147,6 +155,14 @@ class InsufficientMemoryError(ServeError):
 
 class ShuttingDownError(ServeError):
     """The daemon is draining and accepts no new work."""
+
+
+class FeatureDisabledError(ServeError):
+    """The endpoint belongs to a subsystem that the config turns off (e.g. telemetry)."""
+
+
+class NotPermittedError(ServeError):
+    """An operator action (install, rollback) arrived over a listener that may not do it."""
 
 
 class DaemonUnreachableError(ServeError):
@@ -467,3 +483,7 @@ class DeviceError(EdgedError):
 
 class NotifyError(DeviceError):
     """The systemd notification socket or watchdog settings are unusable, or a send failed."""
+
+
+class DemoStepFailedError(DeviceError):
+    """A step of ``edged demo`` did not work; the message says which and why."""

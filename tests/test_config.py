@@ -28,7 +28,9 @@ from edged.errors import ConfigError
         ("[server]\nprot = 1\n", "server.prot", "unknown key"),
     ],
 )
-def test_invalid_values_name_the_key_path(tmp_path: Path, text: str, key_path: str, reason: str) -> None:
+def test_invalid_values_name_the_key_path(
+    tmp_path: Path, text: str, key_path: str, reason: str
+) -> None:
     path = tmp_path / "edged.toml"
     path.write_text(text)
     with pytest.raises(ConfigError) as info:

@@ -2,7 +2,8 @@
 TCP and on a Unix socket. Existing clients such as ``tritonclient.http`` work unchanged.
 
 Errors map to status codes here and nowhere else: bad input 400, unknown model 404 (400 on
-infer, as Triton does), not ready 503, queue full 429 with Retry-After, deadline 504.
+infer, as Triton does), a subsystem turned off 404, an operator action over TCP 403, not ready
+503, queue full 429 with Retry-After, deadline 504.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ from pathlib import Path
 from aiohttp import web
 
 from edged import __version__
+from edged._compat import TIMEOUT_ERRORS
 from edged.bundle import Installer, InstallResult
 from edged.errors import (
     DeadlineExceededError,
     EdgedError,
+    FeatureDisabledError,
     InsufficientMemoryError,
     InvalidRequestError,
     ModelNotFoundError,
     ModelNotReadyError,
+    NotPermittedError,
     QueueFullError,
     SelfTestFailedError,
     ShuttingDownError,
@@ -73,7 +77,7 @@ class AdmissionGate:
     async def drained(self, timeout_s: float) -> bool:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
+        except TIMEOUT_ERRORS:
             return False
         return True
 
@@ -81,6 +85,8 @@ class AdmissionGate:
 GATE: web.AppKey[AdmissionGate] = web.AppKey("gate", AdmissionGate)
 TELEMETRY: web.AppKey[TelemetryHub | None] = web.AppKey("telemetry", TelemetryHub)
 INSTALLER: web.AppKey[Installer | None] = web.AppKey("installer", Installer)
+StatusSource = Callable[[], dict[str, object]]
+STATUS: web.AppKey[StatusSource | None] = web.AppKey("status")
 
 
 def error_response(
@@ -94,6 +100,10 @@ def _status_for(exc: EdgedError, infer: bool) -> tuple[int, dict[str, str] | Non
         return 400, None
     if isinstance(exc, ModelNotFoundError):
         return (400 if infer else 404), None
+    if isinstance(exc, FeatureDisabledError):
+        return 404, None
+    if isinstance(exc, NotPermittedError):
+        return 403, None
     if isinstance(exc, QueueFullError):
         return 429, {"Retry-After": str(exc.retry_after_s)}
     if isinstance(exc, ModelNotReadyError | ShuttingDownError):
@@ -337,13 +347,14 @@ async def shm_unregister(request: web.Request) -> web.Response:
 
 
 async def edged_status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[MANAGER].status())
+    status = request.app[STATUS]
+    return web.json_response(status() if status else request.app[MANAGER].status())
 
 
 def _hub(request: web.Request) -> TelemetryHub:
     hub = request.app[TELEMETRY]
     if hub is None:
-        raise ModelNotFoundError("telemetry is disabled ([telemetry] enabled = false)")
+        raise FeatureDisabledError("telemetry is disabled ([telemetry] enabled = false)")
     return hub
 
 
@@ -353,12 +364,13 @@ async def edged_telemetry(request: web.Request) -> web.Response:
 
 
 async def prometheus_metrics(request: web.Request) -> web.Response:
-    from edged.telemetry.prometheus import render_metrics
+    from edged.telemetry.prometheus import StatusSnapshot, render_metrics
 
-    # A scrape snapshots every histogram (milliseconds of work): not on the event loop.
-    body, content_type = await asyncio.to_thread(
-        render_metrics, _hub(request), request.app[MANAGER]
-    )
+    # A scrape snapshots every histogram (milliseconds of work): not on the event loop. The
+    # manager's state is copied here, on the loop, where swaps change it.
+    hub = _hub(request)
+    models = StatusSnapshot.of(request.app[MANAGER])
+    body, content_type = await asyncio.to_thread(render_metrics, hub, models)
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
@@ -370,7 +382,7 @@ def _installer(request: web.Request) -> Installer:
     file permissions say who may (the bundle itself is verified either way)."""
     sockname = request.transport.get_extra_info("sockname") if request.transport else None
     if not isinstance(sockname, str):
-        raise InvalidRequestError("installs and rollbacks are accepted on the Unix socket only")
+        raise NotPermittedError("installs and rollbacks are accepted on the Unix socket only")
     installer = request.app[INSTALLER]
     if installer is None:
         raise InvalidRequestError("this daemon has no bundle store")
@@ -457,7 +469,10 @@ def build_app(
     shared_memory: bool,
     telemetry: TelemetryHub | None = None,
     installer: Installer | None = None,
+    status: StatusSource | None = None,
 ) -> web.Application:
+    """``status``: what ``/edged/v1/status`` answers (the daemon adds its services' health to
+    the manager's status); the manager's status alone when ``None``."""
     # aiohttp's own limit sits above ours so that we answer with a clear 400 instead.
     app = web.Application(client_max_size=max_body_bytes + 1)
     app[MANAGER] = manager
@@ -466,6 +481,7 @@ def build_app(
     app[GATE] = AdmissionGate()
     app[TELEMETRY] = telemetry
     app[INSTALLER] = installer
+    app[STATUS] = status
     r = _GuardedRoutes(app.router)
     # aiohttp tries the routes under one static prefix in the order they were added: infer,
     # the hot route, first.

@@ -20,6 +20,7 @@ from typing import Any
 
 import psutil
 
+from edged._compat import TIMEOUT_ERRORS
 from edged.config import ModelsConfig
 from edged.errors import (
     DeadlineExceededError,
@@ -415,7 +416,7 @@ class ModelManager:
             return await future
         try:
             return await asyncio.wait_for(future, timeout_s)
-        except TimeoutError as exc:
+        except TIMEOUT_ERRORS as exc:
             entry.scheduler.observer.on_outcome("timeout")
             raise DeadlineExceededError(
                 f"request deadline of {timeout_s * 1000:.0f} ms passed"
@@ -503,6 +504,10 @@ class ModelManager:
             for e in self.events
         ]
         return {"ready": self.ready, "models": models, "events": events}
+
+    def running_workers(self) -> list[str]:
+        """Models whose worker thread has not ended (after ``close``: one stuck in a run)."""
+        return [name for name, e in self._entries.items() if e.scheduler.worker_alive]
 
     def stuck_workers(self) -> dict[str, float]:
         """Models whose worker has been inside one run past ``worker_stuck_after_s``, with

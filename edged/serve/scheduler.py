@@ -166,6 +166,10 @@ class Scheduler:
         self._thread.join(timeout_s)
         return not self._thread.is_alive()
 
+    @property
+    def worker_alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _complete(self, completions: list[Completion]) -> None:
         for future, outcome in completions:
             if future.done():
@@ -261,7 +265,16 @@ class Scheduler:
             return completions
         except Exception as exc:
             self.observer.on_outcome("error", len(live))
-            failure = InferenceFailedError(f"inference failed: {exc}")
+            log.error(
+                "model %s version %s: %d request(s) failed: %s: %s",
+                self.slot.name,
+                version.version,
+                len(live),
+                type(exc).__name__,
+                exc,
+            )
+            failure = InferenceFailedError(f"inference failed: {type(exc).__name__}: {exc}")
+            failure.__cause__ = exc
             completions.extend((item.future, failure) for item in live)
             return completions
         finally:

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from edged._compat import TaskGroup
+from edged._compat import TIMEOUT_ERRORS, TaskGroup
 from edged.config import TelemetryConfig
-from edged.errors import EdgedError, TransportError
+from edged.errors import EdgedError, SpoolError, SpoolRecordTooLargeError, TransportError
 from edged.telemetry.energy import EnergyAttributor, EnergyStats, Interpolation
 from edged.telemetry.metrics import MetricsRegistry, ModelKey, ModelMetrics
 from edged.telemetry.power import (
@@ -30,7 +30,7 @@ from edged.telemetry.power import (
 )
 from edged.telemetry.ratelimit import TokenBucket
 from edged.telemetry.record import build_record
-from edged.telemetry.spool import Spool
+from edged.telemetry.spool import Spool, summarise_records
 from edged.telemetry.system import SystemSampler, SystemSnapshot
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,7 @@ class TelemetryHub:
         self.published = 0
         self._readings: deque[PowerReading] = deque(maxlen=10_000)
         self._new_record = asyncio.Event()
+        self._unwritten: dict[str, Any] | None = None  # gap for records a full disk refused
 
     def _total_is_interval_average(self) -> bool:
         if not self.power.available:
@@ -179,19 +180,69 @@ class TelemetryHub:
         await asyncio.to_thread(self.system.sample)  # primes the CPU-busy baseline
         while True:
             await asyncio.sleep(self.config.interval_s)
-            record = await asyncio.to_thread(self.build_record)
-            assert self.spool is not None
-            record["seq"] = await asyncio.to_thread(self.spool.append, record)
-            self.latest_record = record
-            self._new_record.set()
+            await self._record_once()
 
-    def build_record(self) -> dict[str, Any]:
+    async def _record_once(self) -> None:
+        # What the event loop changes (queue depths, the power readings) is taken here, on the
+        # loop; only the building and the disk write run in a thread.
         depths = self.queue_depths()
+        readings = list(self._readings)
+        self._readings.clear()
+        record = await asyncio.to_thread(self.build_record, depths, readings)
+        seq = await asyncio.to_thread(self._spool_record, record)
+        if seq is not None:
+            record["seq"] = seq
+            self._new_record.set()
+        self.latest_record = record
+
+    async def flush(self, timeout_s: float) -> None:
+        """Shutdown: spool one last record covering the interval so far (bounded wait)."""
+        if self.spool is None:
+            return
+        try:
+            await asyncio.wait_for(self._record_once(), max(timeout_s, 0.001))
+        except TIMEOUT_ERRORS:
+            log.warning("telemetry: the last record was not spooled within %.1fs", timeout_s)
+        except EdgedError as exc:
+            log.warning("telemetry: the last record was not spooled: %s", exc)
+
+    def _spool_record(self, record: dict[str, Any]) -> int | None:
+        """Append to the spool (worker thread). A spool that cannot be written (a full or
+        read-only disk) pauses: records are folded into one gap marker, which is written
+        first once the spool accepts writes again. Telemetry never stops serving."""
+        assert self.spool is not None
+        try:
+            if self._unwritten is not None:
+                self.spool.append(self._unwritten)
+                log.info(
+                    "telemetry spool writable again; %d record(s) were summarised into a gap",
+                    self._unwritten["dropped"],
+                )
+                self._unwritten = None
+            return self.spool.append(record)
+        except SpoolRecordTooLargeError:
+            raise
+        except SpoolError as exc:
+            if self._unwritten is None:
+                log.error("telemetry spool paused: %s", exc)
+            folded = [record] if self._unwritten is None else [self._unwritten, record]
+            self._unwritten = {
+                "v": 1,
+                "type": "gap",
+                "ts": record.get("ts"),
+                "reason": "spool-unwritable",
+                **summarise_records(folded),
+            }
+            return None
+
+    def build_record(
+        self,
+        depths: dict[str, tuple[str | None, int]],
+        readings: list[PowerReading],
+    ) -> dict[str, Any]:
         for name, (version, depth) in depths.items():
             if version is not None:
                 self.registry.model(name, version).set_queue_depth(depth)
-        readings = list(self._readings)
-        self._readings.clear()
         energy = self.energy.take()
         for key, stats in energy.items():
             total = self.energy_totals.get(key, EnergyStats())

@@ -69,6 +69,25 @@ class ModelStatusSource(Protocol):
 
 
 @dataclass(frozen=True)
+class StatusSnapshot:
+    """A ``ModelStatusSource`` copied on the event loop, so that a scrape rendered in a thread
+    never iterates the manager's live state while a swap changes it."""
+
+    models_status: dict[str, Any]
+    depths: dict[str, tuple[str | None, int]]
+
+    @classmethod
+    def of(cls, source: ModelStatusSource) -> StatusSnapshot:
+        return cls(source.status(), source.queue_depths())
+
+    def status(self) -> dict[str, Any]:
+        return self.models_status
+
+    def queue_depths(self) -> dict[str, tuple[str | None, int]]:
+        return self.depths
+
+
+@dataclass(frozen=True)
 class MetricsInputs:
     """Everything one scrape reports, gathered first so that rendering is a pure function."""
 

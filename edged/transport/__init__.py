@@ -9,7 +9,6 @@ daemon service; ``publish`` lets telemetry share its connection). Fleet manager 
 
 from edged.transport.acl import render_acl
 from edged.transport.agent import AgentSettings, FleetAgent, build_fleet_agent
-from edged.transport.backoff import Backoff
 from edged.transport.client import ClientSettings, Message, MqttClient, Will
 from edged.transport.fleet import (
     CommandResult,
@@ -41,7 +40,6 @@ from edged.transport.topics import Target, Topics
 
 __all__ = [
     "AgentSettings",
-    "Backoff",
     "ClientSettings",
     "Command",
     "CommandResult",

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edged import __version__
+from edged._backoff import Backoff
 from edged._compat import TaskGroup
 from edged.bundle.device import detect_device_facts
 from edged.bundle.install import Installer, SwapTarget
@@ -38,7 +39,6 @@ from edged.errors import (
     TransportError,
     WrongTargetError,
 )
-from edged.transport.backoff import Backoff
 from edged.transport.client import ClientSettings, Message, MqttClient, Will
 from edged.transport.download import PartialDownload, check_size, check_space, prune_downloads
 from edged.transport.protocol import (

@@ -13,6 +13,7 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edged._backoff import Backoff
 from edged.bundle.keys import generate_key
 from edged.bundle.trust import load_trust_state
 from edged.config import parse_config
@@ -31,7 +32,6 @@ from edged.errors import (
 )
 from edged.tomlcompat import loads as toml_loads
 from edged.transport.acl import render_acl
-from edged.transport.backoff import Backoff
 from edged.transport.client import map_error
 from edged.transport.protocol import (
     Command,

@@ -1,0 +1,394 @@
+"""Wiring and lifecycle of the daemon: startup, main loop, graceful shutdown.
+
+Signal handlers only set flags (as uvicorn does). SIGTERM / first SIGINT start one shutdown,
+bounded by one deadline (``server.drain_timeout_s``) and done in order: stop admitting
+requests, stop the producers of work (fleet channel, reload), drain admitted requests, close
+the models, flush telemetry. A second SIGINT cancels what is left of it; the daemon then exits
+130 through the same path. SIGHUP: reload the config and the model repository.
+
+One task group owns every long-lived task; side services run under a ``Supervisor``, so a
+failing one is restarted and never takes inference down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from edged._compat import TaskGroup
+from edged.bundle import Installer, detect_device_facts
+from edged.bundle.store import MODELS_DIR
+from edged.config import DaemonConfig
+from edged.daemon.supervisor import Supervisor
+from edged.errors import ConfigError, EdgedError, NotifyError
+from edged.sdnotify import Notifier, Watchdog, watchdog_interval_s
+from edged.serve.api import GATE, build_app
+from edged.serve.manager import ModelManager
+from edged.telemetry.hub import TelemetryHub
+
+if TYPE_CHECKING:  # the MQTT stack is imported only when the fleet channel is enabled
+    from edged.transport.agent import FleetAgent
+
+log = logging.getLogger(__name__)
+
+ConfigLoader = Callable[[], DaemonConfig]
+
+
+class FleetTelemetrySink:
+    """Telemetry records go out on the device's telemetry topic at QoS 1 over the agent's
+    connection; ``publish`` returns once the broker acknowledged (PUBACK)."""
+
+    def __init__(self, agent: FleetAgent, timeout_s: float = 10.0) -> None:
+        self._agent = agent
+        self._timeout_s = timeout_s
+
+    @property
+    def connected(self) -> bool:
+        return self._agent.connected
+
+    async def wait_connected(self) -> None:
+        await self._agent.wait_connected()
+
+    async def publish_telemetry(self, payload: bytes) -> None:
+        await self._agent.publish("telemetry", payload, qos=1, timeout=self._timeout_s)
+
+
+class Daemon:
+    # Producers of new work stop first at shutdown, so nothing starts an install or a reload
+    # while the models close.
+    PRODUCERS = ("fleet", "reload")
+
+    def __init__(self, config: DaemonConfig, reload_config: ConfigLoader | None = None) -> None:
+        """``reload_config`` re-reads the config on SIGHUP (with command-line overrides)."""
+        self.config = config
+        self._reload_config = reload_config
+        self.telemetry = TelemetryHub(config.telemetry, config.state.directory)
+        # Installed bundles live in the store under the state directory, layered over the
+        # configured (seed) repository: an installed version wins, also after a restart.
+        self.manager = ModelManager(
+            config.models,
+            self.telemetry.observer,
+            store=config.state.directory / MODELS_DIR,
+            worker_stuck_after_s=config.server.worker_stuck_after_s,
+        )
+        self.telemetry.queue_depths = self.manager.queue_depths
+        self.installer = Installer(
+            config.state.directory,
+            self.manager,
+            detect_device_facts,
+            keep_previous=max(1, config.state.keep_versions - 1),
+        )
+        self.notifier = Notifier.from_environment()
+        self.watchdog = Watchdog(self.notifier, watchdog_interval_s())
+        self.supervisor = Supervisor(on_failure=self._report_failure)
+        self.supervisor.add("watchdog", self.watchdog.run)
+        self.supervisor.add("reload", self._reload_loop)
+        if config.telemetry.enabled:
+            self.supervisor.add("telemetry", self.telemetry.run)
+        # The MQTT fleet channel (signed deployments and commands); telemetry may publish on it.
+        self.fleet: FleetAgent | None = None
+        if config.mqtt.enabled:
+            from edged.transport.agent import build_fleet_agent
+
+            self.fleet = build_fleet_agent(config, self.manager, self.installer)
+            self.supervisor.add("fleet", self.fleet.run)
+            self.telemetry.device_id = self.fleet.device_id
+            self.telemetry.sink = FleetTelemetrySink(self.fleet)
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._sigint_count = 0
+        self._runner: web.AppRunner | None = None
+        self._shutdown_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self.exit_code = 0
+
+    # --- signals --------------------------------------------------------------------------
+
+    def _on_sigint(self) -> None:
+        self._sigint_count += 1
+        if self._sigint_count > 1:
+            log.warning("second SIGINT: cancelling what is left of the shutdown")
+            self.exit_code = 130
+            if self._shutdown_task is not None:
+                self._shutdown_task.cancel()
+        self._stop.set()
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+
+    def _remove_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+    # --- systemd and failure reports ------------------------------------------------------
+
+    def _notify(self, send: Callable[[str], bool], status: str) -> None:
+        """A state change for systemd; a failing notification socket is logged, never fatal."""
+        try:
+            send(status)
+        except NotifyError as exc:
+            log.warning("%s", exc)
+
+    def _report_failure(self, service: str, exc: BaseException) -> None:
+        """Tell the fleet (when connected) that a side service failed and is restarting."""
+        fleet = self.fleet
+        if fleet is None or not fleet.connected or service == "fleet":
+            return
+        payload = json.dumps(
+            {
+                "type": "service-failure",
+                "ts": time.time(),
+                "service": service,
+                "error": f"{type(exc).__name__}: {exc}",
+                "restarts": next(
+                    (s.restarts for s in self.supervisor.status() if s.name == service), 0
+                ),
+            }
+        ).encode()
+
+        async def publish() -> None:
+            try:
+                await fleet.publish("telemetry/health", payload, qos=1, timeout=10.0)
+            except EdgedError as error:
+                log.info("service failure not reported over MQTT: %s", error)
+
+        task = asyncio.get_running_loop().create_task(publish(), name="report-failure")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def status(self) -> dict[str, object]:
+        """``/edged/v1/status``: the models, recent swaps, and the side services' health."""
+        status = self.manager.status()
+        status["services"] = [s.to_json() for s in self.supervisor.status()]
+        return status
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def _start_api(self) -> list[str]:
+        server = self.config.server
+        app = build_app(
+            self.manager,
+            server.max_body_bytes,
+            server.shared_memory_enabled,
+            self.telemetry,
+            self.installer,
+            status=self.status,
+        )
+        # The drain itself is bounded by the shutdown deadline (the admission gate); handlers
+        # still running once it has passed get this long before they are cancelled.
+        self._runner = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=min(1.0, server.drain_timeout_s),
+        )
+        await self._runner.setup()
+        endpoints = []
+        if server.port >= 0:
+            site = web.TCPSite(self._runner, server.host, server.port, reuse_address=True)
+            await site.start()
+            endpoints.append(f"http://{server.host}:{server.port}")
+        if server.socket_path is not None:
+            path = server.socket_path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            # Bind under a tight umask so the socket never exists with looser permissions.
+            old_umask = os.umask(0o777 & ~server.socket_mode)
+            try:
+                await web.UnixSite(self._runner, str(path)).start()
+            finally:
+                os.umask(old_umask)
+            os.chmod(path, server.socket_mode)
+            endpoints.append(f"unix:{path}")
+        return endpoints
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            self._notify(self.notifier.reloading, "reloading config and model repository")
+            try:
+                if self._reload_config is not None:
+                    new = await asyncio.to_thread(self._reload_config)
+                    self.manager.repository = new.models.repository
+                    self.manager.config = new.models
+                    self.config = new
+                await self.manager.reload_repository()
+                log.info("reloaded: %s", ", ".join(self.manager.model_names()) or "no models")
+            except EdgedError as exc:
+                log.error("reload failed, keeping the running config: %s", exc)
+            finally:
+                self._notify(self.notifier.ready, self._status_line())
+
+    def _recover_store(self) -> None:
+        """Repair whatever a crash interrupted in the bundle store, before anything serves."""
+        self.config.state.directory.mkdir(parents=True, exist_ok=True)
+        self.installer.recover()
+
+    def _status_line(self) -> str:
+        status = self.manager.status()
+        serving = [f"{m['name']}@{m['version']}" for m in status["models"] if m["version"]]
+        return f"serving {', '.join(serving) or 'no models'}"
+
+    def _workers_healthy(self) -> bool:
+        stuck = self.manager.stuck_workers()
+        for name, seconds in stuck.items():
+            log.error("inference worker of %s stuck in one run for %.0fs", name, seconds)
+        return not stuck
+
+    async def run(self) -> int:
+        """Start, serve until SIGTERM/SIGINT, shut down in order; the exit code."""
+        loop = asyncio.get_running_loop()
+        self._install_signals(loop)
+        self.watchdog.add_probe("inference-workers", self._workers_healthy)
+        try:
+            await asyncio.to_thread(self._recover_store)
+            await self.manager.start()
+            endpoints = await self._start_api()
+            log.info("edged serving %s on %s", self.manager.model_names(), ", ".join(endpoints))
+            self._notify(self.notifier.ready, self._status_line())
+            async with TaskGroup() as tg:
+                tasks = {
+                    name: tg.create_task(self.supervisor.run_service(name), name=name)
+                    for name in self.supervisor.names
+                }
+                try:
+                    await self._stop.wait()
+                finally:
+                    await self._shut_down(tasks)
+        finally:
+            self._remove_signals(loop)
+            self.notifier.close()
+        log.info("stopped (exit code %d)", self.exit_code)
+        return self.exit_code
+
+    async def _shut_down(self, tasks: dict[str, asyncio.Task[None]]) -> None:
+        """Run the ordered shutdown as its own task, so that a second SIGINT can cancel it;
+        whatever is left (services, listeners, models) is then closed without waiting."""
+        log.info("stopping: draining in-flight requests")
+        self._notify(self.notifier.stopping, "draining")
+        self._shutdown_task = asyncio.get_running_loop().create_task(
+            self._ordered_shutdown(tasks), name="shutdown"
+        )
+        try:
+            await asyncio.shield(self._shutdown_task)
+        except asyncio.CancelledError:
+            if not self._shutdown_task.cancelled():
+                self._shutdown_task.cancel()
+            self.exit_code = self.exit_code or 130
+            log.warning("shutdown cancelled: closing what is left without waiting")
+        if self._shutdown_task.cancelled():
+            for task in tasks.values():
+                task.cancel()
+            if self._runner is not None:
+                await self._runner.cleanup()
+            await self.manager.close(0.0)
+            self._remove_socket()
+        else:
+            self._shutdown_task.result()
+
+    async def _ordered_shutdown(self, tasks: dict[str, asyncio.Task[None]]) -> None:
+        loop = asyncio.get_running_loop()
+        server = self.config.server
+        deadline = loop.time() + server.drain_timeout_s
+
+        def remaining() -> float:
+            return max(0.0, deadline - loop.time())
+
+        gate = self._runner.app[GATE] if self._runner is not None else None
+        if gate is not None:  # 1. new requests now get 503 + Retry-After
+            gate.start_draining()
+        # 2. nothing starts new work: an install cut off here resumes at the next start
+        await _cancel_and_wait([tasks[n] for n in self.PRODUCERS if n in tasks], remaining())
+        if gate is not None and self._runner is not None:
+            # 3. admitted requests finish; only then do the listeners close, so no admitted
+            # request is cut off. The grace keeps answering 503 to clients that retry.
+            await asyncio.sleep(min(server.drain_grace_s, remaining()))
+            if not await gate.drained(remaining()):
+                log.warning(
+                    "%d request(s) still running after %.1fs", gate.inflight, server.drain_timeout_s
+                )
+            await self._runner.cleanup()
+        await self.manager.close(remaining())  # 4. release the models
+        self._remove_socket()
+        # 5. the last telemetry record goes to the spool; then the rest of the services stop
+        if "telemetry" in tasks and not tasks["telemetry"].done():
+            await self.telemetry.flush(remaining())
+        await _cancel_and_wait(list(tasks.values()), remaining())
+
+    def _remove_socket(self) -> None:
+        socket_path = self.config.server.socket_path
+        if socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                socket_path.unlink()
+
+
+async def _cancel_and_wait(tasks: list[asyncio.Task[None]], timeout_s: float) -> None:
+    """Cancel ``tasks`` and wait for them to end, at most ``timeout_s``."""
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=max(timeout_s, 0.001))
+        for task in pending:
+            log.warning("service %s did not stop in time", task.get_name())
+
+
+EVENT_LOOP_ENV = "EDGED_EVENT_LOOP"
+
+
+def event_loop_kind(environ: Mapping[str, str]) -> str:
+    """``uvloop`` when it is installed, unless ``EDGED_EVENT_LOOP=asyncio`` asks for the
+    standard loop; ``EDGED_EVENT_LOOP=uvloop`` insists on it."""
+    wanted = environ.get(EVENT_LOOP_ENV, "").strip().lower() or "auto"
+    if wanted not in ("auto", "asyncio", "uvloop"):
+        raise ConfigError(EVENT_LOOP_ENV, f"must be auto, asyncio or uvloop; got {wanted!r}")
+    if wanted == "asyncio":
+        return "asyncio"
+    try:
+        import uvloop  # noqa: F401
+    except ImportError as exc:
+        if wanted == "uvloop":
+            raise ConfigError(
+                EVENT_LOOP_ENV, "uvloop is not installed (pip install 'edged[uvloop]')"
+            ) from exc
+        return "asyncio"
+    return "uvloop"
+
+
+def run_daemon(load: ConfigLoader) -> int:
+    """Load the config (an invalid one fails here, before anything starts) and run."""
+    kind = event_loop_kind(os.environ)
+    daemon = Daemon(load(), load)
+    log.info("event loop: %s (%s=asyncio for the standard one)", kind, EVENT_LOOP_ENV)
+    if kind == "uvloop":
+        import uvloop
+
+        code = uvloop.run(daemon.run())
+    else:
+        code = asyncio.run(daemon.run())
+    stuck = daemon.manager.running_workers()
+    if stuck:
+        # A runtime torn down by interpreter exit while a thread still runs inside it aborts
+        # the process; everything else is closed and logged, so leave without that teardown.
+        log.warning("inference worker(s) of %s still inside a run; exiting now", stuck)
+        logging.shutdown()
+        os._exit(code)
+    return code
+
+
+def socket_default() -> Path:
+    runtime_dir = os.environ.get("RUNTIME_DIRECTORY") or os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime_dir or "/tmp") / "edged.sock"  # noqa: S108 - per-user fallback

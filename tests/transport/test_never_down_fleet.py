@@ -1,0 +1,121 @@
+"""Never down with the fleet channel on: the broker dying under load costs no inference
+request, and SIGTERM in the middle of an install ends cleanly, reports no failure, and the
+install resumes after the restart."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edged.bundle.build import BundleSpec, build_bundle_from_dir
+from edged.samples import write_counting_loop, write_test_vectors
+from edged.serve.modelconfig import TEST_VECTORS_FILE
+from edged.transport.fleet import (
+    ManagerSettings,
+    deploy_command,
+    fleet_status,
+    prepare_bundle,
+    publish_chunks,
+    send_command,
+    wait_online,
+    wait_progress,
+)
+from edged.transport.protocol import Progress
+from edged.transport.topics import Target
+from tests.support.broker import Broker
+from tests.support.daemon import DaemonProcess
+from tests.support.load import InferenceLoad
+from tests.support.pki import SigningKeys
+from tests.transport.conftest import CHUNK_BYTES, Devices
+
+pytestmark = pytest.mark.integration
+
+DEVICE_1 = Target.device("device-1")
+# About 2 s per self-test run on this machine: SIGTERM lands inside load_version.
+SLOW_ITERATIONS = 3_000_000
+
+
+def wait_for_log(daemon: DaemonProcess, text: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in daemon.log():
+        if daemon.process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not logged:\n{daemon.log()}")
+        time.sleep(0.02)
+
+
+def test_the_broker_dying_under_load_fails_no_inference_request(
+    devices: Devices, manager: ManagerSettings, broker: Broker
+) -> None:
+    daemon = devices.start("device-1")
+    asyncio.run(wait_online(manager, ["device-1"], timeout_s=20))
+    with InferenceLoad(daemon.port, clients=4) as load:
+        load.wait_for_ok(50)
+        broker.stop()
+        wait_for_log(daemon, "reconnecting in")
+        load.wait_for_ok(200)
+        broker.start()
+        asyncio.run(wait_online(manager, ["device-1"], timeout_s=30))
+        load.wait_for_ok(50)
+    assert load.failures == {}
+
+
+def slow_loop_bundle(directory: Path, signing: SigningKeys) -> Path:
+    """Version 2 of the counting-loop model, whose self-test runs for seconds."""
+    source = directory / "src" / "loop" / "2"
+    write_counting_loop(source)
+    write_test_vectors(
+        source / TEST_VECTORS_FILE,
+        {"x": np.zeros(1, np.float32), "iterations": np.array([SLOW_ITERATIONS], np.int64)},
+        {"y": np.array([SLOW_ITERATIONS], np.float32)},
+    )
+    out = directory / "loop-2.bundle"
+    build_bundle_from_dir(source, BundleSpec.starting_now("loop", 2, 2), [signing.signer], out)
+    return out
+
+
+def test_sigterm_during_an_install_is_not_a_failure_and_the_install_resumes_after_restart(
+    devices: Devices, manager: ManagerSettings, signing: SigningKeys, tmp_path: Path
+) -> None:
+    write_counting_loop(devices.repo / "loop" / "1")
+    bundle = slow_loop_bundle(tmp_path / "bundle", signing)
+    first = devices.start("device-1")
+    asyncio.run(wait_online(manager, ["device-1"], timeout_s=20))
+    prepared = prepare_bundle(bundle.read_bytes(), CHUNK_BYTES)
+    deployment = prepared.deployment
+
+    async def push_it() -> None:
+        await publish_chunks(manager, DEVICE_1, prepared, range(deployment.chunk_count))
+        command = deploy_command(DEVICE_1, deployment)
+        result = await send_command(
+            manager, [signing.signer], DEVICE_1, "deploy", command=command, expected=["device-1"]
+        )
+        assert result.ok, result.replies
+
+    with InferenceLoad(first.port, clients=4) as load:
+        asyncio.run(push_it())
+        wait_for_log(first, "loop/2/model.onnx")  # loaded; its slow self-test is running
+        load.wait_for_ok(20)
+    assert load.failures == {}
+    first.signal(signal.SIGTERM)
+    assert first.process.wait(60) == 0, first.log()
+    log = first.log()
+    assert "now serving version 2" not in log
+    assert "failed" not in log.lower().replace("service", ""), log
+
+    view = asyncio.run(fleet_status(manager, settle_s=0.5))
+    last = view.progress.get("device-1")
+    assert last is None or last.state != "failed", last
+
+    second = devices.start("device-1")
+
+    def served(progress: Progress) -> bool:
+        return progress.deployment == deployment.id and progress.terminal
+
+    final = asyncio.run(wait_progress(manager, "device-1", served, timeout_s=120))
+    assert final.state == "serving", final.reason
+    assert "resuming deployment" in second.log()
