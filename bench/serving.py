@@ -558,6 +558,26 @@ def print_report(
             print(f"\n!!! {r.key} ({r.label}) HAD {r.error_count} FAILED REQUESTS: {r.errors} !!!")
 
 
+def markdown(rows: list[Row], checks: list[dict[str, Any]]) -> str:
+    """The table and the verdicts as Markdown, for bench/README.md."""
+    out = [
+        "| | | throughput | p50 ms | p99 ms | errors | server CPU µs/req | loop µs/req |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        star = "*" if r.noisy else ""
+        out.append(
+            f"| {r.key}{star} | {r.label} | {r.throughput:,.0f} {r.unit} | {r.p50_ms:.2f} | "
+            f"{r.p99_ms:.2f} | {r.error_count if r.unit == 'req/s' else ''} | "
+            f"{_us(r.server_cpu_us_per_request)} | {_us(r.loop_cpu_us_per_request)} |"
+        )
+    out += ["", "| target | measured | bound | verdict |", "|---|---|---|---|"]
+    for c in checks:
+        verdict = ("PASS" if c["pass"] else "MISS") + (" (noisy)" if c["noisy"] else "")
+        out.append(f"| {c['name']} | {c['value']:.2f} | {c['target']} | {verdict} |")
+    return "\n".join(out)
+
+
 def machine() -> dict[str, Any]:
     import onnxruntime as ort
 
@@ -799,7 +819,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nbench: wrote {args.out}")
+    args.out.with_suffix(".md").write_text(markdown(ordered, checks) + "\n")
+    print(f"\nbench: wrote {args.out} and {args.out.with_suffix('.md')}")
     return 1 if failed else 0
 
 
