@@ -7,6 +7,7 @@ One model (ONNX MLP 1024 -> 2048 -> 2048 -> 1000, fp32, dynamic batch, max batch
   cN     ``ThreadingHTTPServer``, one runtime call per request, N clients    the usual server
   dN     ``edged run`` with default settings, N clients
   s64    edged with ``spin_wait = true``, 64 clients                        battery vs spinning
+  wN     edged with ``intra_op_threads`` = all usable cores (no spinning)     the CPU budget's price
   oN     edged at an older git ref (``--compare-ref``), default settings     "today"
 
 N is 1, 64 and 1000 concurrent batch-1 clients (wrk); a ``j`` after the letter marks JSON
@@ -485,10 +486,12 @@ def extra_ratios(rows: dict[str, Row]) -> dict[str, float]:
     pairs = {
         "dj64_over_cj64": ("dj64", "cj64"), "dj1000_over_cj1000": ("dj1000", "cj1000"),
         "d64_over_o64": ("d64", "o64"), "d64_over_b": ("d64", "b"),
-        "dj64_over_d64": ("dj64", "d64"),
+        "dj64_over_d64": ("dj64", "d64"), "w64_over_d64": ("w64", "d64"),
     }  # fmt: skip
     out = {k: rows[x].throughput / rows[y].throughput for k, (x, y) in pairs.items()
            if x in rows and y in rows}  # fmt: skip
+    if "w1" in rows and "d1" in rows:
+        out["w1_over_d1_p50"] = rows["w1"].p50_ms / rows["d1"].p50_ms
     if "dj64" in rows and "oj64" in rows:
         out["dj64_over_oj64_loop_cpu"] = _loop(rows["dj64"]) / _loop(rows["oj64"])
     return out
@@ -749,6 +752,17 @@ def main(argv: list[str] | None = None) -> int:
                 check_response(port, binary)
                 label = "edged, 64 clients, binary, spin_wait=true"
                 phases.measure("s64", label, port, pid, binary, 64, {"spin_wait": True})
+
+        # w: every core for inference (the loop gets no core of its own), for the budget rule.
+        write_model_config(model_dir, intra_op_threads=usable_cores())
+        port = free_port()
+        with server_process(edged_command(repo, port, tmp), port, tmp / "wide.log") as pid:
+            check_response(port, binary)
+            for n in (1, 64):
+                if n in clients:
+                    label = f"edged, {n} client{'s' * (n > 1)}, binary, intra_op={usable_cores()}"
+                    settings = {"intra_op_threads": usable_cores()}
+                    phases.measure(f"w{n}", label, port, pid, binary, n, settings)
 
         # o: edged at an older ref, its own defaults ("today").
         if args.compare_ref and not _has_ref(args.compare_ref):
