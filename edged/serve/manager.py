@@ -387,6 +387,8 @@ class ModelManager:
         cache = entry.cache
         if cache is None:
             future = entry.scheduler.submit(inputs, rows, signature, priority, deadline)
+            if timeout_s is None:  # the common case, without a coroutine in between
+                return await future
             return await self._await_result(entry, future, timeout_s)
         if sum(v.nbytes for v in inputs.values()) > HASH_ON_THREAD_BYTES:
             key = await asyncio.to_thread(input_key, inputs)
