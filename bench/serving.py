@@ -778,7 +778,9 @@ def main(argv: list[str] | None = None) -> int:
                            if n in clients and not (s and n == 1)]  # fmt: skip
                     for suffix, work, n in old:
                         check_response(port, work)
-                        label = f"edged {args.compare_ref}, {n} client{'s' * (n > 1)}, {work.kind}"
+                        label = (
+                            f"edged {args.compare_ref[:10]}, {n} client{'s' * (n > 1)}, {work.kind}"
+                        )
                         settings = {"ref": args.compare_ref}
                         phases.measure(f"o{suffix}{n}", label, port, pid, work, n, settings)
 
