@@ -74,3 +74,18 @@ def test_the_daemon_gives_each_model_its_share(tmp_path: Path) -> None:
     share = max(1, (usable_cores() - 1) // 2)
     assert f"intra_op_threads={share} spin_wait=False" in runtimes["a"]
     assert "intra_op_threads=5 spin_wait=True" in runtimes["b"]
+
+
+@pytest.mark.parametrize(("spin", "entry"), [(False, "0"), (True, "1")])
+def test_the_onnx_session_gets_the_threads_and_spin_setting(
+    tmp_path: Path, spin: bool, entry: str
+) -> None:
+    from edged.runtime import load_model
+
+    version = tmp_path / "m" / "1"
+    write_onnx_mlp(version, SAMPLE_MLP_LAYERS, seed=1)
+    model = load_model(version, RuntimeOptions(intra_op_threads=1, spin_wait=spin))
+    options = model._session.get_session_options()  # type: ignore[attr-defined]
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == entry
+    assert options.get_session_config_entry("session.inter_op.allow_spinning") == entry
