@@ -97,9 +97,9 @@ class OnnxBackend:
             so.intra_op_num_threads = options.intra_op_threads
         if options.inter_op_threads:
             so.inter_op_num_threads = options.inter_op_threads
-        if not options.spin_wait:
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        spin = "1" if options.spin_wait else "0"  # ONNX Runtime's own default is to spin
+        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        so.add_session_config_entry("session.inter_op.allow_spinning", spin)
         if options.memory_lean:
             so.add_session_config_entry("session.disable_prepacking", "1")
             so.enable_cpu_mem_arena = False
@@ -124,7 +124,8 @@ class OnnxBackend:
             log.warning("%s: wanted %s, running on %s", path, options.providers[0], active[0])
         description = (
             f"onnxruntime {ort.__version__} providers={','.join(active)} "
-            f"memory_lean={options.memory_lean}"
+            f"intra_op_threads={options.intra_op_threads or 'default'} "
+            f"spin_wait={options.spin_wait} memory_lean={options.memory_lean}"
         )
         log.info("loaded %s: %s", path, description)
         return OnnxModel(session, description)

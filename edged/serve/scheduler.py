@@ -117,6 +117,7 @@ class Scheduler:
         self._queues: list[deque[PendingRequest]] = [deque() for _ in range(MAX_PRIORITY_LEVELS)]
         self._count = 0
         self._stopping = False
+        self._worker_waiting = False  # guarded by _cond: only then does submit notify
         # Brackets each run: a worker inside one run for too long counts as hung.
         self.stall = StallDetector(stuck_after_s)
         self._thread = threading.Thread(
@@ -153,7 +154,8 @@ class Scheduler:
                 )
             self._queues[priority - 1].append(item)
             self._count += 1
-            self._cond.notify()
+            if self._worker_waiting:  # a busy worker looks at the queue before it waits
+                self._cond.notify()
         return future
 
     def stop(self) -> None:
@@ -185,7 +187,9 @@ class Scheduler:
         while True:
             with self._cond:
                 while not self._count and not self._stopping:
+                    self._worker_waiting = True
                     self._cond.wait()
+                    self._worker_waiting = False
                 if not self._count:
                     return
                 batch = self._take_batch_locked()
@@ -228,7 +232,9 @@ class Scheduler:
             remaining = fill_deadline - time.monotonic()
             if remaining <= 0 or self._stopping:
                 return batch
+            self._worker_waiting = True
             self._cond.wait(remaining)
+            self._worker_waiting = False
 
     def _run(self, batch: list[PendingRequest]) -> list[Completion]:
         now = time.monotonic()
