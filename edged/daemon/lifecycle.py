@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from edged._compat import TaskGroup
+from edged.api.app import build_app
+from edged.api.context import GATE
 from edged.bundle import Installer, detect_device_facts
 from edged.bundle.store import MODELS_DIR
 from edged.config import DaemonConfig
 from edged.daemon.sdnotify import Notifier, Watchdog, watchdog_interval_s
 from edged.daemon.supervisor import Supervisor
 from edged.errors import ConfigError, EdgedError, NotifyError
-from edged.serve.api import GATE, build_app
 from edged.serve.manager import ModelManager
 from edged.telemetry.hub import TelemetryHub
 

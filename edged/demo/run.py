@@ -190,7 +190,7 @@ interval_s = 1.0
             stderr=subprocess.STDOUT,
         )
     try:
-        from edged.client import Endpoint, LocalClient
+        from edged.api.client import Endpoint, LocalClient
 
         client = LocalClient(Endpoint(socket_path=socket_path), timeout_s=2)
         deadline = time.monotonic() + 60
@@ -390,7 +390,7 @@ class Demo:
         return 0
 
     def _client(self, holder: dict[str, Any]) -> Any:
-        from edged.client import Endpoint, LocalClient
+        from edged.api.client import Endpoint, LocalClient
 
         return LocalClient(Endpoint(socket_path=holder["socket"]))
 

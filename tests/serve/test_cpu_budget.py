@@ -7,9 +7,9 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from edged.demo.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
 
 from edged.config import ModelsConfig, parse_config
+from edged.demo.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
 from edged.errors import ConfigError
 from edged.runtime.budget import CpuBudget, usable_cores
 from edged.runtime.options import RuntimeOptions

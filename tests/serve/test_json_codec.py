@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edged.errors import InvalidRequestError
-from edged.serve.tensors import (
+from edged.api.tensors import (
     InferRequest,
     OutputRequest,
     encode_infer_response,
     parse_infer_request,
 )
+from edged.errors import InvalidRequestError
 
 # (body, Inference-Header-Content-Length, message of the json codec or "OK <inputs>")
 RECORDED: list[tuple[bytes, int | None, str]] = [

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from edged.demo.samples import write_onnx_mlp
 
 from edged.config import ModelsConfig
+from edged.demo.samples import write_onnx_mlp
 from edged.serve import cache, manager, modelconfig, repository
 from edged.serve.manager import HASH_ON_THREAD_BYTES, ModelManager
 

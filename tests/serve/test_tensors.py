@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from edged.api.tensors import encode_infer_response, parse_infer_request
 from edged.errors import InvalidRequestError
-from edged.serve.tensors import encode_infer_response, parse_infer_request
 
 
 def binary_request(
