@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import weakref
 
 from aiohttp import web
@@ -32,8 +31,6 @@ from edged.errors import (
 )
 from edged.runtime.base import backend_for
 from edged.serve.slot import ServedVersion
-
-log = logging.getLogger(__name__)
 
 
 async def server_metadata(request: web.Request) -> web.Response:

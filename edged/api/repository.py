@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import logging
-
 from aiohttp import web
 
-from edged.api.context import (
-    MANAGER,
-)
-
-log = logging.getLogger(__name__)
+from edged.api.context import MANAGER
 
 
 async def repository_index(request: web.Request) -> web.Response:

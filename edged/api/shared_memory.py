@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 
 from aiohttp import web
 
@@ -12,11 +11,7 @@ from edged.api.context import (
     read_body,
 )
 from edged.api.shm import SharedMemoryRegistry
-from edged.errors import (
-    InvalidRequestError,
-)
-
-log = logging.getLogger(__name__)
+from edged.errors import InvalidRequestError
 
 
 def _shm(request: web.Request) -> SharedMemoryRegistry:
