@@ -37,7 +37,7 @@ from edged.bundle.manifest import (
 from edged.bundle.reader import read_head
 from edged.bundle.verify import release_tuple
 from edged.errors import BundleConfigError, ConfigError, ManifestSchemaError, UnsafePathError
-from edged.serve.modelconfig import TEST_VECTORS_FILE, parse_model_config
+from edged.modelrepo.config import TEST_VECTORS_FILE, parse_model_config
 
 DAY_S = 86_400
 DEFAULT_EXPIRES_IN_DAYS = 90

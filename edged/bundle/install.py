@@ -48,7 +48,7 @@ from edged.errors import (
     VersionConflictError,
     VersionNotHeldError,
 )
-from edged.serve.modelconfig import TEST_VECTORS_FILE, load_model_config, load_test_vectors
+from edged.modelrepo.config import TEST_VECTORS_FILE, load_model_config, load_test_vectors
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from edged.errors import (
     ManifestSchemaError,
     UnsafePathError,
 )
+from edged.modelrepo.layout import MAX_VERSION
 
 MANIFEST_TYPE = "edged/bundle-manifest"
 SPEC_VERSION = 1
@@ -37,19 +38,6 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 EDGED_VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})$")
 MAX_COUNTER = 2**53 - 1
-MAX_VERSION = MAX_COUNTER  # the one rule for version numbers, in manifests and in the store
-VERSION_NAME_RE = re.compile(r"^[1-9][0-9]{0,15}$")  # 2**53 - 1 has 16 digits
-
-
-def parse_version_name(text: str) -> int | None:
-    """A version directory name or ``CURRENT`` value as a version number, else None.
-
-    Exactly the decimal spelling ``str(version)`` of a version the manifest schema allows.
-    """
-    if not VERSION_NAME_RE.match(text):
-        return None
-    value = int(text)
-    return value if value <= MAX_VERSION else None
 
 
 def check_relative_path(path: str, limits: BundleLimits, what: str = "path") -> tuple[str, ...]:

@@ -32,6 +32,8 @@ from edged.errors import (
     SelfTestFailedError,
     ShuttingDownError,
 )
+from edged.modelrepo import layout as repository
+from edged.modelrepo.config import ModelConfig, config_for_version
 from edged.runtime.base import (
     NUMPY_TO_DATATYPE,
     Array,
@@ -40,9 +42,7 @@ from edged.runtime.base import (
     load_model,
 )
 from edged.runtime.budget import CpuBudget, usable_cores
-from edged.serve import repository
 from edged.serve.cache import ResultCache, input_key
-from edged.serve.modelconfig import ModelConfig, config_for_version
 from edged.serve.scheduler import (
     BatchObserver,
     BatchSignature,

@@ -27,8 +27,8 @@ from edged.errors import (
     QueueFullError,
     ShuttingDownError,
 )
+from edged.modelrepo.config import BatchingConfig
 from edged.runtime.base import Array
-from edged.serve.modelconfig import BatchingConfig
 from edged.serve.slot import ModelSlot
 from edged.serve.stall import StallDetector
 

@@ -11,10 +11,10 @@ import pytest
 from edged.config import ModelsConfig, parse_config
 from edged.demo.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
 from edged.errors import ConfigError
+from edged.modelrepo.config import parse_model_config
 from edged.runtime.budget import CpuBudget, usable_cores
 from edged.runtime.options import RuntimeOptions
 from edged.serve.manager import ModelManager
-from edged.serve.modelconfig import parse_model_config
 
 
 @pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 1), (4, 3), (8, 7)])

@@ -14,7 +14,9 @@ import pytest
 
 from edged.config import ModelsConfig
 from edged.demo.samples import write_onnx_mlp
-from edged.serve import cache, manager, modelconfig, repository
+from edged.modelrepo import config as modelconfig
+from edged.modelrepo import layout as repository
+from edged.serve import cache, manager
 from edged.serve.manager import HASH_ON_THREAD_BYTES, ModelManager
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edged._toml import Table, load_toml_file
+from edged.config.names import NAME_RE, PREFIX_RE
 
 DEFAULT_CONFIG_PATH = Path("/etc/edged/edged.toml")
 
@@ -188,7 +189,6 @@ def _mqtt(t: Table, base: Path) -> MqttConfig:
     )
     t.reject_unknown()
     from edged.errors import ConfigError
-    from edged.transport.topics import NAME_RE, PREFIX_RE
 
     if not PREFIX_RE.match(cfg.topic_prefix):
         raise ConfigError(
