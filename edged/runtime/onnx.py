@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 
 from edged.errors import InferenceFailedError, ModelLoadError
-from edged.runtime.base import Array, ModelMetadata, TensorSpec, register_backend, weight_bytes
+from edged.runtime.base import (
+    Array,
+    ModelMetadata,
+    RuntimeProbe,
+    TensorSpec,
+    register_backend,
+    weight_bytes,
+)
 from edged.runtime.options import RuntimeOptions
 
 log = logging.getLogger(__name__)
@@ -87,6 +94,15 @@ class OnnxBackend:
     kind = "onnx"
     platform = "onnxruntime_onnx"  # the name Triton clients know it by
     model_file = "model.onnx"
+    runtime_name = "onnxruntime"
+    required = True
+    install_hint = "reinstall edged (pip install onnxruntime)"
+
+    def probe(self) -> RuntimeProbe:
+        import onnxruntime as ort
+
+        providers = tuple(ort.get_available_providers())
+        return RuntimeProbe(f"{ort.__version__}: {', '.join(providers)}", providers)
 
     def load(self, version_dir: Path, options: RuntimeOptions) -> OnnxModel:
         import onnxruntime as ort
