@@ -32,7 +32,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from typing import Any
 import numpy as np
 from cpuload import NOISY_CORES, OtherLoad, ServerCpu, children_cpu_s, wait_for_quiet
 
+from edged._net import free_port
 from edged.demo.samples import BENCH_MLP_LAYERS, make_bench_mlp
 from edged.runtime import LoadedModel, load_model
 from edged.runtime.budget import CpuBudget, usable_cores
@@ -235,12 +235,6 @@ def raw_row(model: LoadedModel, x: Array, duration_s: float, key: str, label: st
 
 
 # --- servers under test ---------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http_call(
