@@ -29,6 +29,7 @@ from edged.errors import (
 )
 from edged.modelrepo.config import BatchingConfig
 from edged.runtime.base import Array
+from edged.serve.batching import Batch, fill
 from edged.serve.slot import ModelSlot
 from edged.serve.stall import StallDetector
 
@@ -205,33 +206,18 @@ class Scheduler:
         current = self.slot.current
         dynamic = current is not None and current.model.dynamic_batch
         max_rows = self.batching.max_batch_size if dynamic else 1
-        batch: list[PendingRequest] = []
-        rows = 0
-        signature: BatchSignature | None = None
         delay_s = self.batching.max_queue_delay_us / 1e6
-        fill_deadline: float | None = None
+        batch: Batch[PendingRequest] = Batch()
         while True:
-            for queue in self._queues:
-                while queue:
-                    item = queue[0]
-                    if signature is None:
-                        signature = item.signature
-                        fill_deadline = item.enqueued_at + delay_s
-                    elif item.signature != signature or rows + item.rows > max_rows:
-                        break
-                    queue.popleft()
-                    self._count -= 1
-                    batch.append(item)
-                    rows += item.rows
-                    if rows >= max_rows:
-                        return batch
-                if batch and queue:
-                    return batch  # next item is incompatible: keep FIFO order
-            if not delay_s or fill_deadline is None:
-                return batch
-            remaining = fill_deadline - time.monotonic()
+            taken = len(batch.items)
+            complete = fill(batch, self._queues, max_rows)
+            self._count -= len(batch.items) - taken
+            first = batch.first_enqueued_at
+            if complete or not delay_s or first is None:
+                return batch.items
+            remaining = first + delay_s - time.monotonic()
             if remaining <= 0 or self._stopping:
-                return batch
+                return batch.items
             self._worker_waiting = True
             self._cond.wait(remaining)
             self._worker_waiting = False
