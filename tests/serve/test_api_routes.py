@@ -88,3 +88,35 @@ def test_routes_map_errors_and_close_the_gate_while_draining(model_repo: Path) -
             assert app[GATE].inflight == 0
 
     run(main)
+
+
+def test_a_disabled_subsystem_is_404_and_an_operator_action_over_tcp_is_403(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    from edged.bundle import Installer, detect_device_facts
+
+    async def main() -> None:
+        manager = ModelManager(ModelsConfig(repository=model_repo))
+        await manager.start()
+        installer = Installer(tmp_path / "state", manager, detect_device_facts)
+        app = build_app(manager, 1 << 20, shared_memory=False, installer=installer)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            async with aiohttp.ClientSession() as session:
+                for path in ("/edged/v1/telemetry", "/metrics"):
+                    async with session.get(url + path) as response:
+                        assert response.status == 404, path
+                        assert "telemetry is disabled" in (await response.json())["error"]
+                async with session.post(f"{url}/edged/v1/bundles", data=b"x") as response:
+                    assert response.status == 403
+                    assert "Unix socket only" in (await response.json())["error"]
+                async with session.post(f"{url}/edged/v1/models/mlp/rollback") as response:
+                    assert response.status == 403
+        finally:
+            await runner.cleanup()
+            await manager.close()
+
+    run(main)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
@@ -22,6 +23,7 @@ from edged.config import ModelsConfig
 from edged.demo.samples import SAMPLE_MLP_LAYERS, write_failing_version, write_onnx_mlp
 from edged.errors import (
     DeadlineExceededError,
+    InferenceFailedError,
     InsufficientMemoryError,
     InvalidRequestError,
     ModelLoadError,
@@ -403,3 +405,29 @@ def test_unknown_model_and_version(model_repo: Path) -> None:
             await manager.close()
 
     run(scenario)
+
+
+def test_a_runtime_failure_keeps_its_cause_and_is_logged(
+    model_repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        manager = ModelManager(ModelsConfig(repository=model_repo))
+        await manager.start()
+        current = manager.entry("fc").slot.current
+        assert current is not None
+
+        def broken_run(feeds: Any) -> Any:
+            raise RuntimeError("CUDA error: an illegal memory access")
+
+        current.model.run = broken_run  # type: ignore[method-assign]
+        try:
+            with pytest.raises(InferenceFailedError, match="RuntimeError: CUDA error") as caught:
+                await manager.infer("fc", x_fc())
+        finally:
+            del current.model.run
+        assert isinstance(caught.value.__cause__, RuntimeError)
+        await manager.close()
+
+    with caplog.at_level(logging.ERROR, logger="edged.serve.scheduler"):
+        run(scenario)
+    assert "model fc version 1: 1 request(s) failed: RuntimeError: CUDA error" in caplog.text
