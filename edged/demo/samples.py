@@ -25,6 +25,8 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from edged.modelrepo.config import TEST_VECTORS_FILE
+
 F32 = npt.NDArray[np.float32]
 Activation = Literal["relu", "none"]
 
@@ -33,7 +35,6 @@ PRODUCER = "edged.samples"
 ONNX_MODEL_FILE = "model.onnx"
 ONNX_DATA_FILE = "model.onnx.data"
 TFLITE_MODEL_FILE = "model.tflite"
-TEST_VECTORS_FILE = "test_vectors.npz"
 _MODEL_FILES = (ONNX_MODEL_FILE, ONNX_DATA_FILE, TFLITE_MODEL_FILE, TEST_VECTORS_FILE)
 
 # ONNX Runtime maps an external initializer into memory only when its offset is a multiple of
