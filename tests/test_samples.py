@@ -13,7 +13,7 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter
 
 from edged.demo import samples
-from edged.modelrepo.config import load_model_config, load_test_vectors
+from edged.modelrepo.config import TEST_VECTORS_FILE, load_model_config, load_test_vectors
 
 COMMITTED_REPOSITORY = Path(samples.__file__).resolve().parent / "models"
 COMMITTED_SOURCES = Path(samples.__file__).resolve().parent / "sources"
@@ -21,7 +21,7 @@ Arrays = dict[str, npt.NDArray[Any]]
 
 
 def _vectors(version_dir: Path) -> tuple[Arrays, Arrays]:
-    with np.load(version_dir / samples.TEST_VECTORS_FILE, allow_pickle=False) as npz:
+    with np.load(version_dir / TEST_VECTORS_FILE, allow_pickle=False) as npz:
         inputs = {k.removeprefix("input:"): npz[k] for k in npz.files if k.startswith("input:")}
         outputs = {k.removeprefix("output:"): npz[k] for k in npz.files if k.startswith("output:")}
     return inputs, outputs
@@ -106,7 +106,7 @@ def test_onnx_mlp_without_external_data_is_one_file(tmp_path: Path) -> None:
     samples.write_onnx_mlp(tmp_path / "1", (4, 3), seed=0, external_data=False, activation="none")
     assert sorted(p.name for p in (tmp_path / "1").iterdir()) == [
         samples.ONNX_MODEL_FILE,
-        samples.TEST_VECTORS_FILE,
+        TEST_VECTORS_FILE,
     ]
     inputs, outputs = _vectors(tmp_path / "1")
     assert _matches(_run_onnx(tmp_path / "1", inputs), outputs)
@@ -172,9 +172,9 @@ def test_same_seed_gives_the_same_bytes(tmp_path: Path) -> None:
     for version, file in [
         ("1", samples.ONNX_DATA_FILE),
         ("1", samples.ONNX_MODEL_FILE),
-        ("1", samples.TEST_VECTORS_FILE),
+        ("1", TEST_VECTORS_FILE),
         ("2", samples.TFLITE_MODEL_FILE),
-        ("2", samples.TEST_VECTORS_FILE),
+        ("2", TEST_VECTORS_FILE),
     ]:
         a = (tmp_path / "a" / version / file).read_bytes()
         b = (tmp_path / "b" / version / file).read_bytes()
@@ -204,7 +204,7 @@ def test_rewriting_a_version_replaces_its_model_and_leaves_no_staging_dirs(
     assert sorted(p.name for p in version_dir.iterdir()) == [
         samples.TFLITE_MODEL_FILE,
         "notes.txt",
-        samples.TEST_VECTORS_FILE,
+        TEST_VECTORS_FILE,
     ]
     assert [p.name for p in version_dir.parent.iterdir()] == ["1"]
 
