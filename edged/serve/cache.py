@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 
@@ -20,6 +21,13 @@ def input_key(inputs: dict[str, Array]) -> bytes:
         digest.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
         digest.update(np.ascontiguousarray(value).data)
     return digest.digest()
+
+
+# Keys of larger inputs are hashed on a thread (blake2b: about 1 ms per MiB here).
+HASH_ON_THREAD_BYTES = 256 * 1024
+
+Submit = Callable[[], "asyncio.Future[InferenceResult]"]
+Wait = Callable[["asyncio.Future[InferenceResult]"], Awaitable[InferenceResult]]
 
 
 class ResultCache:
@@ -42,6 +50,31 @@ class ResultCache:
         self._results.move_to_end(key)
         while len(self._results) > self.max_entries:
             self._results.popitem(last=False)
+
+    async def result(
+        self, inputs: dict[str, Array], version: str, submit: Submit, wait: Wait
+    ) -> InferenceResult:
+        """This version's cached result for ``inputs``, else the run of identical inputs already
+        in flight, else a new run (``submit``); ``wait`` awaits a run's future (deadlines)."""
+        if sum(v.nbytes for v in inputs.values()) > HASH_ON_THREAD_BYTES:
+            key = await asyncio.to_thread(input_key, inputs)
+        else:
+            key = input_key(inputs)
+        hit = self.get(key)
+        if hit is not None and hit.model_version == version:
+            return hit
+        shared = self.inflight.get(key)
+        if shared is not None:
+            self.coalesced += 1
+            return await wait(asyncio.shield(shared))
+        future = submit()
+        self.inflight[key] = future
+        try:
+            result = await wait(asyncio.shield(future))
+        finally:
+            self.inflight.pop(key, None)
+        self.put(key, result)
+        return result
 
     def clear(self) -> None:
         self._results.clear()

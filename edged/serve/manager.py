@@ -42,7 +42,7 @@ from edged.runtime.base import (
     load_model,
 )
 from edged.runtime.budget import CpuBudget, usable_cores
-from edged.serve.cache import ResultCache, input_key
+from edged.serve.cache import ResultCache
 from edged.serve.scheduler import (
     BatchObserver,
     BatchSignature,
@@ -56,8 +56,6 @@ from edged.serve.slot import ModelSlot, ServedVersion
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-# Result-cache keys of larger inputs are hashed on a thread (blake2b: about 1 ms per MiB here).
-HASH_ON_THREAD_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -390,25 +388,12 @@ class ModelManager:
             if timeout_s is None:  # the common case, without a coroutine in between
                 return await future
             return await self._await_result(entry, future, timeout_s)
-        if sum(v.nbytes for v in inputs.values()) > HASH_ON_THREAD_BYTES:
-            key = await asyncio.to_thread(input_key, inputs)
-        else:
-            key = input_key(inputs)
-        hit = cache.get(key)
-        if hit is not None and hit.model_version == current.version:
-            return hit
-        shared = cache.inflight.get(key)
-        if shared is not None:
-            cache.coalesced += 1
-            return await self._await_result(entry, asyncio.shield(shared), timeout_s)
-        future = entry.scheduler.submit(inputs, rows, signature, priority, deadline)
-        cache.inflight[key] = future
-        try:
-            result = await self._await_result(entry, asyncio.shield(future), timeout_s)
-        finally:
-            cache.inflight.pop(key, None)
-        cache.put(key, result)
-        return result
+        return await cache.result(
+            inputs,
+            current.version,
+            lambda: entry.scheduler.submit(inputs, rows, signature, priority, deadline),
+            lambda future: self._await_result(entry, future, timeout_s),
+        )
 
     @staticmethod
     async def _await_result(

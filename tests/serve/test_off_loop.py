@@ -17,7 +17,8 @@ from edged.demo.samples import write_onnx_mlp
 from edged.modelrepo import config as modelconfig
 from edged.modelrepo import layout as repository
 from edged.serve import cache, manager
-from edged.serve.manager import HASH_ON_THREAD_BYTES, ModelManager
+from edged.serve.cache import HASH_ON_THREAD_BYTES
+from edged.serve.manager import ModelManager
 
 
 def _recording(calls: list[tuple[str, bool]], name: str, fn: Callable[..., Any]) -> Any:
@@ -66,7 +67,7 @@ def test_large_inputs_are_hashed_off_the_event_loop(
     write_onnx_mlp(repo / "wide" / "1", [width, 4], seed=1)
     (repo / "wide" / "config.toml").write_text("[cache]\nenabled = true\n")
     calls: list[tuple[str, bool]] = []
-    monkeypatch.setattr(manager, "input_key", _recording(calls, "hash", cache.input_key))
+    monkeypatch.setattr(cache, "input_key", _recording(calls, "hash", cache.input_key))
     rng = np.random.default_rng(0)
     big = {"input": rng.standard_normal((1, width), dtype=np.float32)}
 
