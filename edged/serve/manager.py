@@ -25,7 +25,6 @@ from edged.config import ModelsConfig
 from edged.errors import (
     DeadlineExceededError,
     EdgedError,
-    InsufficientMemoryError,
     InvalidRequestError,
     ModelNotFoundError,
     ModelNotReadyError,
@@ -43,6 +42,7 @@ from edged.runtime.base import (
 )
 from edged.runtime.budget import CpuBudget, usable_cores
 from edged.serve.cache import ResultCache
+from edged.serve.memory import MemoryRequest, must_unload_first
 from edged.serve.scheduler import (
     BatchObserver,
     BatchSignature,
@@ -55,7 +55,6 @@ from edged.serve.slot import ModelSlot, ServedVersion
 
 log = logging.getLogger(__name__)
 
-MiB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -308,28 +307,23 @@ class ModelManager:
         self, name: str, version: str, estimate: int, old: ServedVersion | None
     ) -> bool:
         """True when the old version must be unloaded first; raises if the policy refuses."""
-        available = psutil.virtual_memory().available - self.config.memory_reserve_bytes
-        in_use = sum(
-            e.slot.current.memory_estimate_bytes
-            for e in self._entries.values()
-            if e.slot.current is not None
-        )
-        limit = self.config.memory_limit_bytes
-        headroom = available if not limit else min(available, limit - in_use)
-        if estimate <= headroom:
-            return False
-        freed = old.memory_estimate_bytes if old is not None else 0
-        need = f"version {version} of {name} needs about {estimate // MiB} MiB"
-        have = f"{max(headroom, 0) // MiB} MiB is free for models"
-        if (
-            self.config.memory_policy == "unload-first"
-            and old is not None
-            and estimate <= headroom + freed
-        ):
-            return True
-        keep = f"; version {old.version} keeps serving" if old is not None else ""
-        raise InsufficientMemoryError(
-            f"{need} but {have} (policy {self.config.memory_policy}){keep}"
+        return must_unload_first(
+            MemoryRequest(
+                model=name,
+                version=version,
+                estimate_bytes=estimate,
+                old_version=old.version if old is not None else None,
+                old_estimate_bytes=old.memory_estimate_bytes if old is not None else 0,
+                available_bytes=psutil.virtual_memory().available
+                - self.config.memory_reserve_bytes,
+                in_use_bytes=sum(
+                    e.slot.current.memory_estimate_bytes
+                    for e in self._entries.values()
+                    if e.slot.current is not None
+                ),
+                limit_bytes=self.config.memory_limit_bytes,
+                policy=self.config.memory_policy,
+            )
         )
 
     async def unload(self, name: str) -> None:
