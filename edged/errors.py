@@ -53,6 +53,7 @@ where it helps, what to do.
     │   │   └── VectorFileError          an .npz test-vector file malformed or over a limit
     │   ├── TrustStoreError              TrustDocumentError, TrustExpiredError, TrustVersionError
     │   ├── InstallFailedError           an unexpected failure inside the installer (a bug)
+    │   ├── RevertedReleaseError         the release failed probation here before
     │   └── StoreError                   StoreCorruptError, VersionConflictError,
     │                                    VersionNotHeldError, InstallBusyError
     ├── TransportError                   MQTT fleet channel
@@ -333,6 +334,10 @@ class VectorFileError(BundleConfigError):
 
 class InstallFailedError(BundleError):
     """Something unexpected failed inside the installer; nothing was installed."""
+
+
+class RevertedReleaseError(BundleError):
+    """The release failed probation on this device and was reverted; it is not re-installed."""
 
 
 class TrustStoreError(BundleError):

@@ -23,7 +23,7 @@ from typing import BinaryIO, NoReturn, Protocol, TypeVar
 from edged.bundle.archive import ArchiveReader
 from edged.bundle.fsutil import Checkpoint, no_checkpoint
 from edged.bundle.limits import DEFAULT_LIMITS, BundleLimits
-from edged.bundle.manifest import CONFIG_NAME, Manifest
+from edged.bundle.manifest import CONFIG_NAME, Manifest, parse_version_name
 from edged.bundle.reader import (
     TOO_FEW_SIGNATURES,
     NullSink,
@@ -31,6 +31,7 @@ from edged.bundle.reader import (
     read_head,
     refuse_late_signatures,
 )
+from edged.bundle.reverted import RevertedList, RevertedRelease
 from edged.bundle.store import HeldVersion, ModelStore, RecoveryReport, StagingSink
 from edged.bundle.trust import TrustState
 from edged.bundle.truststore import TrustStore
@@ -50,6 +51,7 @@ from edged.errors import (
     VersionNotHeldError,
 )
 from edged.serve.modelconfig import TEST_VECTORS_FILE, load_model_config, load_test_vectors
+from edged.serve.watch import ProbationOutcome
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +153,7 @@ class Installer:
         self.upload_lock = asyncio.Lock()  # one bundle upload at a time (edged.bundle.upload)
         self.last_result: InstallResult | None = None
         self._recorded: tuple[EdgedError, InstallResult] | None = None  # what _fail logged last
+        self.reverted = RevertedList(state_dir)
 
     @property
     def device(self) -> DeviceFacts:
@@ -247,6 +250,57 @@ class Installer:
         async with self._lock:
             with self.store.locked():
                 return await self._rollback(model, to_version)
+
+    async def record_probation(self, outcome: ProbationOutcome) -> InstallResult | None:
+        """The serving side ended a probation: log it; after a revert, point ``CURRENT`` back
+        at the version serving again, list the release as reverted and remove it."""
+        version = parse_version_name(outcome.version)
+        if version is None:
+            return None  # not a store version (a seed repository's); nothing to record
+        async with self._lock:
+            with self.store.locked():
+                return await _in_thread(self._record_probation, outcome, version)
+
+    def _record_probation(self, outcome: ProbationOutcome, version: int) -> InstallResult:
+        now = int(self.clock())
+        model = outcome.model
+        held = self.store.inspect_version(self.store.version_dir(model, version))
+        manifest = held.manifest if held is not None else None
+        digest = held.manifest_sha256 if held is not None else None
+        previous = parse_version_name(outcome.previous_version)
+        if outcome.decision != "reverted":
+            return self._record(
+                "probation",
+                outcome.decision,
+                manifest,
+                digest,
+                previous,
+                "probation",
+                now,
+                message=f"{model} version {version}: {outcome.reason}",
+                model=model,
+            )
+        if held is not None and digest is not None:
+            self.reverted.add(
+                RevertedRelease(digest, model, version, held.manifest.counter, outcome.reason, now)
+            )
+        if self.store.current_version(model) == version and previous is not None:
+            self.store.set_current(model, previous)
+        if self.store.current_version(model) != version and held is not None:
+            self.store.discard(held.path)
+        return self._record(
+            "probation",
+            "reverted",
+            manifest,
+            digest,
+            previous,
+            "probation",
+            now,
+            error_name="ProbationFailedError",
+            message=f"{model} version {version} reverted to {outcome.previous_version}: "
+            f"{outcome.reason}",
+            model=model,
+        )
 
     def result_for(self, exc: BaseException) -> InstallResult | None:
         """The install-log entry recorded for ``exc``, if this installer raised it after
@@ -456,6 +510,7 @@ class Installer:
                 refuse_late_signatures(reader, pending, exc)
                 raise
             manifest = verified.manifest
+            self.reverted.check(verified.digest)
             self._checkpoint("manifest verified")
             try:
                 existing = self._existing(manifest, verified)

@@ -72,6 +72,8 @@ class ModelSlot:
         """Make ``new`` current; retire the old version (closed once its handles are gone)."""
         with self._lock:
             old, self._current = self._current, new
+            if new is not None:
+                new._retired = False  # a held version swapped back in (probation revert)
             close = False
             if old is not None:
                 old._retired = True

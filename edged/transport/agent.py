@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import json
 import logging
@@ -41,12 +42,16 @@ from edged.errors import (
     TransportError,
     WrongTargetError,
 )
+from edged.serve.watch import ProbationOutcome
 from edged.transport.client import ClientSettings, Message, MqttClient, Will
 from edged.transport.download import PartialDownload, check_size, check_space, prune_downloads
 from edged.transport.protocol import (
     FAILED,
     INSTALLED,
+    PROBATION,
+    PROMOTED,
     RECEIVED,
+    REVERTED,
     SERVING,
     VERIFIED,
     Command,
@@ -590,6 +595,40 @@ class FleetAgent:
                 log.exception("deployment %s: unexpected error", job.deployment.id)
             job = None
 
+    def _probation_state(self, d: Deployment) -> tuple[str, str]:
+        """After ``serving``: on probation, or how it already ended (or that there is none)."""
+        for m in self.manager.status().get("models", []):
+            if m.get("name") != d.model:
+                continue
+            watching = m.get("probation")
+            if watching and str(watching.get("version")) == str(d.version):
+                return PROBATION, str(watching.get("reason", ""))
+            last = m.get("last_probation")
+            if last and str(last.get("version")) == str(d.version):
+                if last.get("decision") == "reverted":
+                    return REVERTED, str(last.get("reason", ""))
+                return PROMOTED, str(last.get("reason", ""))
+        return PROMOTED, "no probation: no earlier version to compare with"
+
+    async def report_probation(self, outcome: ProbationOutcome) -> None:
+        """A probation ended: the deployment that installed the version says how."""
+        last = self._last_progress
+        if (
+            last is None
+            or last.state != PROBATION
+            or last.model != outcome.model
+            or str(last.version) != outcome.version
+            or outcome.decision not in ("promoted", "reverted")
+        ):
+            return
+        state = PROMOTED if outcome.decision == "promoted" else REVERTED
+        progress = dataclasses.replace(
+            last, state=state, reason=outcome.reason, at=int(time.time())
+        )
+        with contextlib.suppress(TransportError):
+            await self._report(progress)
+        await self._refresh_status_now()
+
     async def _report(self, progress: Progress) -> None:
         self._last_progress = progress
         self._progress_unsent = True
@@ -653,6 +692,8 @@ class FleetAgent:
             self._check_serving(d)
             await self._report(_progress(self.device_id, d, SERVING, n, fetched))
             log.info("deployment %s: %s version %s is serving", d.id, d.model, d.version)
+            state, reason = self._probation_state(d)
+            await self._report(_progress(self.device_id, d, state, n, fetched, reason=reason))
         except asyncio.CancelledError:
             raise  # shutdown: active.json stays, the download resumes at the next start
         except ShuttingDownError as exc:

@@ -43,7 +43,11 @@ VERIFIED = "verified"
 INSTALLED = "installed"
 SERVING = "serving"
 FAILED = "failed"
-PROGRESS_STATES = (RECEIVED, VERIFIED, INSTALLED, SERVING, FAILED)
+# After ``serving``: the new version's probation (docs/serving.md) and how it ended.
+PROBATION = "probation"
+PROMOTED = "promoted"
+REVERTED = "reverted"
+PROGRESS_STATES = (RECEIVED, VERIFIED, INSTALLED, SERVING, FAILED, PROBATION, PROMOTED, REVERTED)
 TERMINAL_STATES = (SERVING, FAILED)
 
 
