@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from cpuload import NOISY_CORES, OtherLoad, wait_for_quiet
 
-from edged.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
+from edged.demo.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCH_DIR / "out" / "memory_lean.json"

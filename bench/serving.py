@@ -47,9 +47,9 @@ from typing import Any
 import numpy as np
 from cpuload import NOISY_CORES, OtherLoad, ServerCpu, children_cpu_s, wait_for_quiet
 
+from edged.demo.samples import BENCH_MLP_LAYERS, make_bench_mlp
 from edged.runtime import LoadedModel, load_model
 from edged.runtime.options import RuntimeOptions
-from edged.samples import BENCH_MLP_LAYERS, make_bench_mlp
 
 BENCH_DIR = Path(__file__).resolve().parent
 LUA_SCRIPT = BENCH_DIR / "infer.lua"

@@ -59,9 +59,9 @@ from serving import (
 )
 
 from edged.config import TelemetryConfig
+from edged.demo.samples import BENCH_MLP_LAYERS, make_bench_mlp
 from edged.runtime import load_model
 from edged.runtime.options import RuntimeOptions
-from edged.samples import BENCH_MLP_LAYERS, make_bench_mlp
 from edged.telemetry.hub import TelemetryHub
 from edged.telemetry.spool import Spool
 

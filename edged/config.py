@@ -6,12 +6,19 @@ safe for a development machine. An invalid value raises ``ConfigError`` naming i
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edged.configreader import Table, load_toml_file
+from edged._toml import Table, load_toml_file
 
 DEFAULT_CONFIG_PATH = Path("/etc/edged/edged.toml")
+
+
+def default_socket_path() -> Path:
+    """systemd's ``$RUNTIME_DIRECTORY`` (the unit's), else ``$XDG_RUNTIME_DIR``, else /tmp."""
+    runtime_dir = os.environ.get("RUNTIME_DIRECTORY") or os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime_dir or "/tmp") / "edged.sock"  # noqa: S108 - per-user fallback
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,11 @@ import onnxruntime as ort
 import pytest
 from ai_edge_litert.interpreter import Interpreter
 
-from edged import samples
+from edged.demo import samples
 from edged.serve.modelconfig import load_model_config, load_test_vectors
 
-COMMITTED_REPOSITORY = Path(__file__).resolve().parents[1] / "models"
+COMMITTED_REPOSITORY = Path(samples.__file__).resolve().parent / "models"
+COMMITTED_SOURCES = Path(samples.__file__).resolve().parent / "sources"
 Arrays = dict[str, npt.NDArray[Any]]
 
 
@@ -243,11 +244,11 @@ def test_committed_samples_are_what_the_generator_writes(tmp_path: Path) -> None
         for p in (COMMITTED_REPOSITORY / model).rglob("*")
         if p.is_file()
     )
-    assert generated == committed, "run `python models/generate.py` and commit models/"
+    assert generated == committed, "run `python -m edged.demo.samples` and commit edged/demo/"
     for relative in generated:
         assert (tmp_path / relative).read_bytes() == (
             COMMITTED_REPOSITORY / relative
-        ).read_bytes(), f"models/{relative} is stale: run `python models/generate.py`"
+        ).read_bytes(), f"{relative} is stale: run `python -m edged.demo.samples`"
     total = sum((COMMITTED_REPOSITORY / p).stat().st_size for p in committed)
     assert total < 200 * 1024
 
@@ -260,3 +261,12 @@ def test_bench_mlp_matches_its_test_vector(tmp_path: Path) -> None:
     inputs, outputs = _vectors(tmp_path / "1")
     assert inputs["input"].shape[1] == 1024
     assert _matches(_run_onnx(tmp_path / "1", inputs), outputs)
+
+
+def test_committed_demo_sources_are_what_the_generator_writes(tmp_path: Path) -> None:
+    samples.make_demo_sources(tmp_path)
+    generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    committed = sorted(p.relative_to(COMMITTED_SOURCES) for p in COMMITTED_SOURCES.rglob("*"))
+    assert generated == [p for p in committed if (COMMITTED_SOURCES / p).is_file()]
+    for relative in generated:
+        assert (tmp_path / relative).read_bytes() == (COMMITTED_SOURCES / relative).read_bytes()

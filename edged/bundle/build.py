@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edged import __version__, tomlcompat
+from edged import __version__, _toml
 from edged.bundle.archive import ArchiveReader, write_archive
 from edged.bundle.keys import CONTEXT_MANIFEST, Signature, sign_payload
 from edged.bundle.limits import DEFAULT_LIMITS, BundleLimits
@@ -145,8 +145,8 @@ def _test_vector_paths(spec: BundleSpec, files: Mapping[str, Content]) -> tuple[
     content = files.get(config_path, b"")
     try:
         text = content.decode("utf-8") if isinstance(content, bytes) else content.read_text("utf-8")
-        config = parse_model_config(tomlcompat.loads(text), config_path)
-    except (UnicodeDecodeError, tomlcompat.TOMLDecodeError, ConfigError) as exc:
+        config = parse_model_config(_toml.loads(text), config_path)
+    except (UnicodeDecodeError, _toml.TOMLDecodeError, ConfigError) as exc:
         raise BundleConfigError(f"{config_path}: {exc}") from exc
     prefix = f"{spec.model}/{spec.version}/"
     used = [prefix + v.file for v in config.test_vectors if v.file is not None]

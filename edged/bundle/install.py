@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO, NoReturn, Protocol, TypeVar
 
+from edged._fs import Checkpoint, no_checkpoint
 from edged.bundle.archive import ArchiveReader
-from edged.bundle.fsutil import Checkpoint, no_checkpoint
 from edged.bundle.limits import DEFAULT_LIMITS, BundleLimits
 from edged.bundle.manifest import CONFIG_NAME, Manifest, parse_version_name
 from edged.bundle.reader import (

@@ -12,7 +12,6 @@ public keys only.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edged._fs import create_new_file
 from edged.errors import (
     BadSignatureError,
     DuplicateSignatureError,
@@ -171,27 +171,20 @@ def public_key_pem(key: Ed25519PublicKey) -> bytes:
 
 def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
     """Write a PKCS#8 PEM private key with mode 0600; never overwrites an existing file."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise KeyFileError(f"{path} exists; refusing to overwrite a key") from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot create {path}: {exc.strerror}") from exc
-    with os.fdopen(fd, "wb") as f:
-        f.write(private_key_pem(key))
-        f.flush()
-        os.fsync(f.fileno())
+    _write_key_file(path, private_key_pem(key), 0o600)
 
 
 def write_public_key(path: Path, key: Ed25519PublicKey) -> None:
+    _write_key_file(path, public_key_pem(key), 0o644)
+
+
+def _write_key_file(path: Path, pem: bytes, mode: int) -> None:
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        create_new_file(path, pem, mode)
     except FileExistsError:
         raise KeyFileError(f"{path} exists; refusing to overwrite a key") from None
     except OSError as exc:
         raise KeyFileError(f"cannot create {path}: {exc.strerror}") from exc
-    with os.fdopen(fd, "wb") as f:
-        f.write(public_key_pem(key))
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:

@@ -34,8 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
-from edged.bundle.canonical import Json, encode_canonical, parse_strict
-from edged.bundle.fsutil import (
+from edged._fs import (
     Checkpoint,
     atomic_write,
     discard_dir,
@@ -46,6 +45,7 @@ from edged.bundle.fsutil import (
     remove_temp_files,
     rename_durably,
 )
+from edged.bundle.canonical import Json, encode_canonical, parse_strict
 from edged.bundle.keys import KEYID_RE
 from edged.bundle.limits import DEFAULT_LIMITS, BundleLimits
 from edged.bundle.manifest import (

@@ -15,7 +15,6 @@ file I/O.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edged._time import utc_text
 from edged.bundle.canonical import Json, encode_canonical, parse_strict
 from edged.bundle.keys import (
     CONTEXT_COMMAND,
@@ -106,14 +106,6 @@ class TrustState:
             revoked=self.signers.revoked,
             what=what,
         )
-
-
-def utc_text(epoch: int) -> str:
-    """Unix seconds as ``YYYY-MM-DD HH:MM:SSZ`` (for messages)."""
-    try:
-        return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
-    except (OverflowError, OSError, ValueError):
-        return f"{epoch} (Unix seconds)"
 
 
 # --- parsing -----------------------------------------------------------------------------

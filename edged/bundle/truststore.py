@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from edged.bundle.fsutil import atomic_write
+from edged._fs import atomic_write
 from edged.bundle.limits import DEFAULT_LIMITS, BundleLimits
 from edged.bundle.trust import TrustState, apply_signers_update, load_trust_state
 from edged.errors import TrustDocumentError

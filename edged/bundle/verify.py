@@ -12,10 +12,11 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from edged._time import utc_text
 from edged.bundle.keys import CONTEXT_MANIFEST, Signature, verify_payload
 from edged.bundle.limits import DEFAULT_LIMITS, BundleLimits
 from edged.bundle.manifest import Manifest, manifest_digest, parse_manifest
-from edged.bundle.trust import TrustState, utc_text
+from edged.bundle.trust import TrustState
 from edged.errors import (
     ArchitectureMismatchError,
     BundleError,

@@ -12,25 +12,31 @@ from collections.abc import Callable
 from edged import __version__
 from edged.errors import EdgedError
 
-# Modules that contribute sub-commands; each has `register(subparsers) -> None`.
-COMMAND_MODULES = (
-    "edged.cli.run",
-    "edged.cli.client",
-    "edged.cli.configcmd",
-    "edged.cli.fleet",
-    "edged.cli.bundle",
-    "edged.cli.top",
-    "edged.cli.install",
-    "edged.cli.doctor",
-    "edged.cli.demo",
-)
+# Each command and the module that registers it (`register(subparsers) -> None`). A command
+# imports only its own module, so `edged status` or `edged run` does not pay for every tool's
+# imports (the daemon, rich tables, the fleet manager's MQTT client...); --help imports them all.
+COMMANDS = {
+    "run": "edged.cli.run",
+    "models": "edged.cli.client",
+    "status": "edged.cli.client",
+    "infer": "edged.cli.client",
+    "load": "edged.cli.client",
+    "config": "edged.cli.configcmd",
+    "push": "edged.cli.fleet",
+    "fleet": "edged.cli.fleet",
+    "keygen": "edged.cli.bundle",
+    "bundle": "edged.cli.bundle",
+    "trust": "edged.cli.bundle",
+    "top": "edged.cli.top",
+    "install": "edged.cli.install",
+    "rollback": "edged.cli.install",
+    "installs": "edged.cli.install",
+    "doctor": "edged.cli.doctor",
+    "demo": "edged.cli.demo",
+}
+COMMAND_MODULES = tuple(dict.fromkeys(COMMANDS.values()))
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-# `edged run` starts the daemon: it imports only its own command module, so start-up does not
-# pay for every tool's imports (rich tables, the fleet manager's MQTT client...).
-FAST_PATHS = {"run": ("edged.cli.run",)}
 
 
 def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.ArgumentParser:
@@ -51,7 +57,8 @@ def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.Argumen
 
 def run_cli(argv: list[str]) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(FAST_PATHS.get(command or "", COMMAND_MODULES))
+    module = COMMANDS.get(command or "")
+    parser = build_parser((module,) if module else COMMAND_MODULES)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

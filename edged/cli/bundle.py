@@ -9,7 +9,6 @@ Private keys are only read here, on the signer's machine; a device only ever get
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 import tempfile
@@ -20,6 +19,8 @@ from typing import Any, BinaryIO
 from rich.console import Console
 from rich.table import Table
 
+from edged._fs import atomic_write
+from edged._time import utc_text
 from edged.bundle.archive import ArchiveReader
 from edged.bundle.build import (
     DEFAULT_ARCH,
@@ -29,7 +30,6 @@ from edged.bundle.build import (
     build_bundle_from_dir,
 )
 from edged.bundle.device import detect_device_facts
-from edged.bundle.fsutil import atomic_write
 from edged.bundle.keys import (
     KEYID_RE,
     generate_key,
@@ -226,10 +226,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=handle_trust_sign)
 
 
-def _when(epoch: int) -> str:
-    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
 def _write_new(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, data)
@@ -295,7 +291,9 @@ def _print_manifest(
     info = Table(show_header=False, title=title)
     info.add_row("model", f"{manifest.model} version {manifest.version}")
     info.add_row("release counter", str(manifest.counter))
-    info.add_row("created / expires", f"{_when(manifest.created)} / {_when(manifest.expires)}")
+    info.add_row(
+        "created / expires", f"{utc_text(manifest.created)} / {utc_text(manifest.expires)}"
+    )
     info.add_row(
         "targets",
         f"arch {', '.join(t.arch)}; runtime {t.runtime}; "
@@ -498,7 +496,7 @@ def handle_trust_show(args: argparse.Namespace) -> int:
         "signing key id",
         "status",
         title=f"{store.signers_path}: version {s.version}, threshold {s.threshold} of "
-        f"{len(s.keys)}, expires {_when(s.expires)}{expired}",
+        f"{len(s.keys)}, expires {utc_text(s.expires)}{expired}",
     )
     for keyid in sorted(s.keys):
         signers.add_row(keyid, "trusted")

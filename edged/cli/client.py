@@ -14,20 +14,22 @@ from rich.console import Console
 from rich.table import Table
 
 from edged.client import Endpoint, LocalClient
-from edged.daemon import socket_default
+from edged.config import default_socket_path
 from edged.errors import InvalidRequestError
 from edged.runtime.base import DATATYPE_TO_NUMPY, Array
 
 
 def add_endpoint_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--socket", type=Path, help=f"daemon Unix socket (default {socket_default()})")
+    p.add_argument(
+        "--socket", type=Path, help=f"daemon Unix socket (default {default_socket_path()})"
+    )
     p.add_argument("--url", help="daemon URL instead of the socket, e.g. http://127.0.0.1:8000")
 
 
 def client_from(args: argparse.Namespace) -> LocalClient:
     if args.url:
         return LocalClient(Endpoint(url=args.url))
-    return LocalClient(Endpoint(socket_path=args.socket or socket_default()))
+    return LocalClient(Endpoint(socket_path=args.socket or default_socket_path()))
 
 
 def register(subparsers: Any) -> None:

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edged.config import DEFAULT_CONFIG_PATH
-from edged.doctor import FAIL, MIN_FREE_BYTES, PASS, DoctorOptions, run_checks
+from edged.daemon.doctor import FAIL, MIN_FREE_BYTES, PASS, DoctorOptions, run_checks
 
 STYLE = {PASS: "green", "warn": "yellow", FAIL: "bold red"}
 

@@ -1,5 +1,5 @@
 """``edged push`` and ``edged fleet ...``: the fleet manager's tools (the logic lives in
-``edged.transport.fleet`` and ``edged.transport.fleetdir``). Connection and signing settings
+``edged.fleet.channel`` and ``edged.fleet.directory``). Connection and signing settings
 come from the options, else the fleet directory (``--fleet`` / ``EDGED_FLEET_DIR``), else the
 ``EDGED_FLEET_*`` variables."""
 
@@ -19,12 +19,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
+from edged._toml import load_toml_file
 from edged.bundle.keys import load_private_key
 from edged.cli.fleetsetup import register_setup
-from edged.configreader import load_toml_file
 from edged.errors import ConfigError, FleetSetupError
-from edged.transport.acl import DEFAULT_MANAGERS, render_acl
-from edged.transport.fleet import (
+from edged.fleet.acl import DEFAULT_MANAGERS, render_acl
+from edged.fleet.channel import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_PUSH_TIMEOUT_S,
     CommandResult,
@@ -36,8 +36,8 @@ from edged.transport.fleet import (
     push,
     send_command,
 )
-from edged.transport.fleetdir import ManagerContext, manager_context
-from edged.transport.pki import issue_client, issue_server, load_ca, make_ca
+from edged.fleet.directory import ManagerContext, manager_context
+from edged.fleet.pki import issue_client, issue_server, load_ca, make_ca
 from edged.transport.tls import TlsFiles
 from edged.transport.topics import Target, Topics
 

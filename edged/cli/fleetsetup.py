@@ -1,5 +1,5 @@
 """``edged fleet init|add-device|add-manager|renew|set-groups|csr``: make and grow a fleet
-directory (the logic lives in ``edged.transport.fleetdir``). Nothing here replaces a CA or a key.
+directory (the logic lives in ``edged.fleet.directory``). Nothing here replaces a CA or a key.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from edged.errors import ConfigError, TlsSetupError
-from edged.transport.brokerconf import DEVICE_PORT, MANAGER_PORT
-from edged.transport.fleetdir import (
+from edged.fleet.brokerconf import DEVICE_PORT, MANAGER_PORT
+from edged.fleet.directory import (
     DEFAULT_MANAGER,
     FleetDir,
     add_device,
@@ -20,7 +20,7 @@ from edged.transport.fleetdir import (
     renew,
     set_groups,
 )
-from edged.transport.pki import make_csr, write_private_key_pem
+from edged.fleet.pki import make_csr, write_private_key_pem
 
 
 def _fleet_arg(p: argparse.ArgumentParser) -> None:

@@ -8,8 +8,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edged.config import DEFAULT_CONFIG_PATH, DaemonConfig, StateConfig, load_config
-from edged.daemon import run_daemon, socket_default
+from edged.config import (
+    DEFAULT_CONFIG_PATH,
+    DaemonConfig,
+    StateConfig,
+    default_socket_path,
+    load_config,
+)
+from edged.daemon import run_daemon
 
 
 def register(subparsers: Any) -> None:
@@ -17,7 +23,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--models", type=Path, help="model repository directory (models.repository)")
     p.add_argument("--host", help="TCP address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (default 8000; -1 disables TCP)")
-    p.add_argument("--socket", type=Path, help=f"Unix socket path (default {socket_default()})")
+    p.add_argument(
+        "--socket", type=Path, help=f"Unix socket path (default {default_socket_path()})"
+    )
     p.add_argument("--no-socket", action="store_true", help="do not listen on a Unix socket")
     p.add_argument(
         "--config",
@@ -53,7 +61,7 @@ def load_with_overrides(args: argparse.Namespace) -> DaemonConfig:
     config = load_config(config_path)
     server = config.server
     if server.socket_path is None and not args.no_socket:
-        server = replace(server, socket_path=socket_default())
+        server = replace(server, socket_path=default_socket_path())
     if args.no_socket:
         server = replace(server, socket_path=None)
     if args.socket is not None:

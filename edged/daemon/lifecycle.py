@@ -20,7 +20,6 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -30,9 +29,9 @@ from edged.bundle import Installer, detect_device_facts
 from edged.bundle.rollout_policy import policy_for_swap
 from edged.bundle.store import MODELS_DIR
 from edged.config import DaemonConfig
+from edged.daemon.sdnotify import Notifier, Watchdog, watchdog_interval_s
 from edged.daemon.supervisor import Supervisor
 from edged.errors import EdgedError, NotifyError
-from edged.sdnotify import Notifier, Watchdog, watchdog_interval_s
 from edged.serve.api import GATE, build_app
 from edged.serve.manager import ModelManager
 from edged.serve.watch import ProbationOutcome
@@ -371,8 +370,3 @@ def run_daemon(load: ConfigLoader) -> int:
         logging.shutdown()
         os._exit(code)
     return code
-
-
-def socket_default() -> Path:
-    runtime_dir = os.environ.get("RUNTIME_DIRECTORY") or os.environ.get("XDG_RUNTIME_DIR")
-    return Path(runtime_dir or "/tmp") / "edged.sock"  # noqa: S108 - per-user fallback

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from edged.configreader import Table, load_toml_file
+from edged._toml import Table, load_toml_file
 from edged.errors import ConfigError
 from edged.runtime.options import RuntimeOptions
 

@@ -28,9 +28,9 @@ from edged.errors import (
     ShuttingDownError,
 )
 from edged.runtime.base import Array
-from edged.sdnotify import StallDetector
 from edged.serve.modelconfig import BatchingConfig
 from edged.serve.slot import ModelSlot
+from edged.serve.stall import StallDetector
 
 log = logging.getLogger(__name__)
 

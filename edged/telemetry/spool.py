@@ -42,6 +42,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from edged._fs import atomic_write, fsync_dir, remove_temp_files
 from edged.errors import SpoolError, SpoolLockedError, SpoolRecordTooLargeError
 
 logger = logging.getLogger(__name__)
@@ -87,14 +88,6 @@ def _frame(payload: bytes) -> bytes:
 
 def _segment_name(first_seq: int) -> str:
     return f"{first_seq:020d}{_SEGMENT_SUFFIX}"
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Spool:
@@ -302,7 +295,7 @@ class Spool:
         path = self.directory / _segment_name(first_seq)
         self._active_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._segments.append(_Segment(path))
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     def _make_room(self, frame_bytes: int) -> None:
         if self._size + frame_bytes <= self.max_bytes:
@@ -361,18 +354,12 @@ class Spool:
                 raise SpoolError(f"cannot delete spool segment {segment.path}: {exc}") from exc
             self._segments.remove(segment)
             self._size -= segment.size
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     def _save_state(self) -> None:
         state = {"acked_seq": self._acked, "high_seq": self._next_seq - 1}
-        tmp = self.directory / f"{_STATE_FILE}.tmp"
         try:
-            with tmp.open("w", encoding="utf-8") as f:
-                json.dump(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.directory / _STATE_FILE)
-            _fsync_dir(self.directory)
+            atomic_write(self.directory / _STATE_FILE, json.dumps(state).encode(), 0o600)
         except OSError as exc:
             raise SpoolError(
                 f"cannot save telemetry spool state in {self.directory}: {exc}"
@@ -393,7 +380,7 @@ class Spool:
 
     def _recover(self) -> None:
         acked, high = self._load_state()
-        (self.directory / f"{_STATE_FILE}.tmp").unlink(missing_ok=True)
+        remove_temp_files(self.directory)  # an interrupted state write
         paths = sorted(
             (p for p in self.directory.glob(f"*{_SEGMENT_SUFFIX}") if p.stem.isdigit()),
             key=lambda p: int(p.stem),

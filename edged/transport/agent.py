@@ -575,7 +575,7 @@ class FleetAgent:
         return job
 
     def _save_active(self, job: _Job | None) -> None:
-        from edged.bundle.fsutil import atomic_write
+        from edged._fs import atomic_write
 
         if job is None:
             self._active_file.unlink(missing_ok=True)

@@ -23,7 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
-from edged.bundle.fsutil import atomic_write
+from edged._fs import atomic_write
 from edged.errors import (
     ChunkHashMismatchError,
     DownloadError,

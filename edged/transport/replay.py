@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edged.bundle.fsutil import atomic_write
+from edged._fs import atomic_write
 from edged.errors import ReplayedCommandError, StaleCommandError
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import pytest
 
 from edged.bundle.install import Installer
 from edged.bundle.offline import OfflineSelfTest
-from edged.samples import write_failing_version, write_onnx_mlp, write_tflite_fc
+from edged.demo.samples import write_failing_version, write_onnx_mlp, write_tflite_fc
 from tests.bundle.helpers import (
     DEVICE,
     LAYERS,

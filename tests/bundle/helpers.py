@@ -16,6 +16,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edged._fs import Checkpoint, no_checkpoint
 from edged.bundle.build import (
     BundleSpec,
     Content,
@@ -26,7 +27,6 @@ from edged.bundle.build import (
 )
 from edged.bundle.canonical import Json, encode_canonical
 from edged.bundle.device import normalise_arch
-from edged.bundle.fsutil import Checkpoint, no_checkpoint
 from edged.bundle.install import Installer, InstallResult
 from edged.bundle.keys import Signature
 from edged.bundle.offline import OfflineSelfTest, run_self_test

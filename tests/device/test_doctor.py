@@ -21,9 +21,9 @@ from cryptography.x509.oid import NameOID
 
 from edged.bundle.build import BundleSpec, build_bundle_from_dir
 from edged.bundle.offline import install_direct
-from edged.doctor import FAIL, PASS, WARN, Check, DoctorOptions, run_checks
-from edged.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
-from edged.transport.pki import Issued, new_key
+from edged.daemon.doctor import FAIL, PASS, WARN, Check, DoctorOptions, run_checks
+from edged.demo.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
+from edged.fleet.pki import Issued, new_key
 from tests.support.broker import Broker, mosquitto_missing_reason, running_broker
 from tests.support.daemon import SAMPLE_MODELS
 from tests.support.pki import FleetPki, SigningKeys

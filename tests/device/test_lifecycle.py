@@ -22,7 +22,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from edged.samples import write_counting_loop
+from edged.demo.samples import write_counting_loop
 from tests.support.daemon import DaemonProcess, running_daemon
 
 pytestmark = pytest.mark.integration

@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 
-from edged.errors import DeviceError, NotifyError
-from edged.sdnotify import (
+from edged.daemon.sdnotify import (
     LOOP_PROBE_NAME,
     Notifier,
-    StallDetector,
     Watchdog,
     watchdog_interval_s,
 )
+from edged.errors import DeviceError, NotifyError
+from edged.serve.stall import StallDetector
 
 
 class Receiver:
@@ -285,7 +285,7 @@ def test_pings_stop_while_a_probe_reports_unhealthy_and_resume_after(
         await asyncio.sleep(0.15)
         assert len(pings) > stopped_at
 
-    with caplog.at_level(logging.INFO, logger="edged.sdnotify"):
+    with caplog.at_level(logging.INFO, logger="edged.daemon.sdnotify"):
         _run_with_watchdog(path_receiver, watchdog, scenario)
     assert "unhealthy inference" in caplog.text
     assert "resuming pings" in caplog.text
@@ -321,7 +321,7 @@ def test_a_probe_that_raises_counts_as_unhealthy(
         await asyncio.sleep(0.2)
         assert pings == []
 
-    with caplog.at_level(logging.ERROR, logger="edged.sdnotify"):
+    with caplog.at_level(logging.ERROR, logger="edged.daemon.sdnotify"):
         _run_with_watchdog(path_receiver, watchdog, scenario)
     assert watchdog.failing == ("broken",)
     assert "probe broken raised" in caplog.text
@@ -347,7 +347,7 @@ def test_a_late_event_loop_withholds_that_ping(
         assert len(pings) == 2
         assert len(watchdog.failing) == 0
 
-    with caplog.at_level(logging.WARNING, logger="edged.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="edged.daemon.sdnotify"):
         _run_with_watchdog(path_receiver, watchdog, scenario)
     assert "unhealthy event-loop" in caplog.text
 

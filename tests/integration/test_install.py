@@ -16,7 +16,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from edged.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
+from edged.demo.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
 from tests.support.daemon import DaemonProcess, running_daemon
 
 pytestmark = pytest.mark.integration

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from edged.samples import write_counting_loop
+from edged.demo.samples import write_counting_loop
 from tests.support.daemon import DaemonProcess, running_daemon
 from tests.support.load import InferenceLoad
 

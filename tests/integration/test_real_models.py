@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from edged.samples import write_test_vectors
+from edged.demo.samples import write_test_vectors
 from tests.support.daemon import running_daemon
 
 pytestmark = pytest.mark.integration

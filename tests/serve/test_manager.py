@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from edged.config import ModelsConfig
+from edged.demo.samples import SAMPLE_MLP_LAYERS, write_failing_version, write_onnx_mlp
 from edged.errors import (
     DeadlineExceededError,
     InsufficientMemoryError,
@@ -26,7 +27,6 @@ from edged.errors import (
     QueueFullError,
     SelfTestFailedError,
 )
-from edged.samples import SAMPLE_MLP_LAYERS, write_failing_version, write_onnx_mlp
 from edged.serve.manager import ModelManager
 from edged.serve.scheduler import InferenceResult
 

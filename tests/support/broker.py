@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edged.transport.acl import render_acl
+from edged.fleet.acl import render_acl
 from edged.transport.topics import Topics
 from tests.support.daemon import free_port
 from tests.support.pki import FLEET_MANAGER, FleetPki

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SAMPLE_MODELS = REPO_ROOT / "models"
+SAMPLE_MODELS = REPO_ROOT / "edged" / "demo" / "models"
 SHARED_MODELS = REPO_ROOT.parent / "shared" / "models"
 
 

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edged.bundle.keys import generate_key, write_private_key
 from edged.bundle.trust import build_root, build_signers
 from edged.bundle.truststore import ROOT_FILE, SIGNERS_FILE
-from edged.transport.pki import ClientFiles, Issued, issue_client, issue_server, make_ca
+from edged.fleet.pki import ClientFiles, Issued, issue_client, issue_server, make_ca
 
 FLEET_MANAGER = "fleet-manager"
 

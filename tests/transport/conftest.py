@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from edged.bundle.build import BundleSpec, build_bundle_from_dir
-from edged.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
+from edged.demo.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
+from edged.fleet.channel import ManagerSettings
 from edged.serve.modelconfig import TEST_VECTORS_FILE
-from edged.transport.fleet import ManagerSettings
 from edged.transport.tls import TlsFiles
 from tests.support.broker import Broker, mosquitto_missing_reason, running_broker
 from tests.support.daemon import SAMPLE_MODELS, DaemonProcess, running_daemon, wait_ready

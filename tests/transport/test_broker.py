@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from edged.errors import SubscribeDeniedError, TlsHandshakeError
-from edged.transport.brokerconf import SHIPPED_FILES, render_mosquitto_conf
+from edged.fleet.brokerconf import SHIPPED_FILES, render_mosquitto_conf
+from edged.fleet.pki import ClientFiles, issue_client, make_ca, write_client
 from edged.transport.client import ClientSettings, Message, MqttClient
-from edged.transport.pki import ClientFiles, issue_client, make_ca, write_client
 from edged.transport.tls import TlsFiles, client_context
 from tests.support.broker import Broker, mosquitto_missing_reason
 from tests.support.daemon import REPO_ROOT, free_port

@@ -72,8 +72,8 @@ def test_vectors_from_sample_inputs_refuses_wrong_names_and_never_overwrites(
     import numpy as np
 
     from edged.cli.vectors import write_test_vectors
+    from edged.demo.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
     from edged.errors import BundleConfigError
-    from edged.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
 
     version = tmp_path / "mlp" / "1"
     write_onnx_mlp(version, SAMPLE_MLP_LAYERS, seed=0)

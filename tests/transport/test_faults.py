@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 import pytest
 
 from edged.bundle.build import BundleSpec, build_bundle_from_dir
-from edged.samples import write_onnx_mlp
-from edged.transport.fleet import (
+from edged.demo.samples import write_onnx_mlp
+from edged.fleet.channel import (
     ManagerSettings,
     PreparedBundle,
     clean_chunks,

@@ -23,8 +23,7 @@ import pytest
 from edged.bundle.keys import generate_key
 from edged.client import Endpoint, LocalClient
 from edged.errors import TransportError
-from edged.transport.client import ClientSettings, MqttClient
-from edged.transport.fleet import (
+from edged.fleet.channel import (
     CommandResult,
     DeviceOutcome,
     ManagerSettings,
@@ -38,6 +37,7 @@ from edged.transport.fleet import (
     wait_online,
     wait_progress,
 )
+from edged.transport.client import ClientSettings, MqttClient
 from edged.transport.protocol import Command, Progress, encode_command, new_nonce
 from edged.transport.tls import TlsFiles, client_context
 from edged.transport.topics import Target

@@ -12,7 +12,7 @@ from cryptography.exceptions import InvalidSignature
 
 from edged.cli.app import run_cli
 from edged.errors import FleetSetupError, TlsSetupError
-from edged.transport.fleetdir import (
+from edged.fleet.directory import (
     FleetDir,
     add_device,
     add_manager,
@@ -21,7 +21,7 @@ from edged.transport.fleetdir import (
     renew,
     set_groups,
 )
-from edged.transport.pki import load_cert, make_csr
+from edged.fleet.pki import load_cert, make_csr
 from edged.transport.tls import TlsFiles, certificate_common_name, client_context
 
 

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 from edged.bundle.build import BundleSpec, build_bundle_from_dir
-from edged.samples import write_counting_loop, write_test_vectors
-from edged.serve.modelconfig import TEST_VECTORS_FILE
-from edged.transport.fleet import (
+from edged.demo.samples import write_counting_loop, write_test_vectors
+from edged.fleet.channel import (
     ManagerSettings,
     deploy_command,
     fleet_status,
@@ -25,6 +24,7 @@ from edged.transport.fleet import (
     wait_online,
     wait_progress,
 )
+from edged.serve.modelconfig import TEST_VECTORS_FILE
 from edged.transport.protocol import Progress
 from edged.transport.topics import Target
 from tests.support.broker import Broker

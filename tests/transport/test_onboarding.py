@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edged.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
+from edged.demo.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
 from edged.serve.modelconfig import TEST_VECTORS_FILE
 from tests.support.broker import Broker, mosquitto_missing_reason
 from tests.support.daemon import SAMPLE_MODELS, free_port, running_daemon

@@ -14,6 +14,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edged._backoff import Backoff
+from edged._toml import loads as toml_loads
 from edged.bundle.keys import generate_key
 from edged.bundle.trust import load_trust_state
 from edged.config import parse_config
@@ -30,8 +31,7 @@ from edged.errors import (
     TlsHandshakeError,
     UnknownKeyError,
 )
-from edged.tomlcompat import loads as toml_loads
-from edged.transport.acl import render_acl
+from edged.fleet.acl import render_acl
 from edged.transport.client import map_error
 from edged.transport.protocol import (
     Command,

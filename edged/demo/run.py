@@ -29,6 +29,9 @@ from rich.console import Console
 from edged._compat import TIMEOUT_ERRORS
 from edged.errors import DemoStepFailedError, EdgedError
 
+# Sample models shipped with the package: the demo needs no model generator (onnx) at run time.
+SHIPPED_MODELS = Path(__file__).resolve().parent / "models"
+SHIPPED_SOURCES = Path(__file__).resolve().parent / "sources"  # the version the demo pushes
 DEVICE = "demo-device"
 MANAGER = "fleet-manager"
 GROUP = "demo"
@@ -73,7 +76,7 @@ class Pki:
 
 
 def make_pki(directory: Path) -> Pki:
-    from edged.transport.pki import issue_client, issue_server, make_ca
+    from edged.fleet.pki import issue_client, issue_server, make_ca
 
     ca = make_ca("edged demo CA")
     directory.mkdir(parents=True, exist_ok=True)
@@ -95,7 +98,7 @@ def make_pki(directory: Path) -> Pki:
 def running_broker(directory: Path, pki: Pki, port: int) -> Iterator[Path]:
     """Mosquitto with one TLS listener on loopback that requires client certificates; the
     certificate CN is the username and the edged ACL applies."""
-    from edged.transport.acl import render_acl
+    from edged.fleet.acl import render_acl
     from edged.transport.topics import Topics
 
     acl = directory / "edged.acl"
@@ -273,15 +276,13 @@ class Demo:
             self.step("local mosquitto with a mutual-TLS listener", start_broker)
 
             def start_daemon() -> str:
-                from edged.samples import make_sample_repository
-
-                make_sample_repository(self.work / "models")
+                shutil.copytree(SHIPPED_MODELS, self.work / "models")
                 holder["socket"] = stack.enter_context(
                     running_daemon(
                         self.work / "device", self.work / "models", pki, broker_port, http_port
                     )
                 )
-                from edged.transport.fleet import ManagerSettings, wait_online
+                from edged.fleet.channel import ManagerSettings, wait_online
                 from edged.transport.tls import TlsFiles
 
                 cert, key = pki.manager
@@ -309,13 +310,11 @@ class Demo:
 
             def push_v2() -> str:
                 from edged.bundle.build import BundleSpec, build_bundle_from_dir
-                from edged.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
-                from edged.transport.fleet import push
+                from edged.fleet.channel import push
                 from edged.transport.topics import Target
 
+                shutil.copytree(SHIPPED_SOURCES, self.work / "build")
                 source = self.work / "build" / "mlp" / "2"
-                write_onnx_mlp(source, SAMPLE_MLP_LAYERS, seed=0, bias_shift=1.0)
-                shutil.copy(self.work / "models" / "mlp" / "config.toml", source.parent)
                 bundle = self.work / "mlp-2.bundle"
                 build_bundle_from_dir(
                     source, BundleSpec.starting_now("mlp", 2, 1), [holder["signer"]], bundle

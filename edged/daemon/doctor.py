@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edged import __version__
+from edged._time import utc_text
 from edged.config import DaemonConfig, load_config
 from edged.errors import ConfigError, EdgedError
 
@@ -42,10 +43,6 @@ class DoctorOptions:
     min_free_bytes: int = MIN_FREE_BYTES
 
 
-def _utc(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-
 def check_config(path: Path | None) -> tuple[Check, DaemonConfig | None]:
     if path is None:
         return Check(
@@ -65,11 +62,11 @@ def check_clock(now: float) -> Check:
         return Check(
             "clock",
             FAIL,
-            f"system time is {_utc(now)}",
+            f"system time is {utc_text(now)}",
             "set the clock (timedatectl set-ntp true, or fit an RTC battery): bundle and "
             "certificate expiry checks need it",
         )
-    return Check("clock", PASS, f"system time {_utc(now)}")
+    return Check("clock", PASS, f"system time {utc_text(now)}")
 
 
 def check_certificates(config: DaemonConfig, now: float) -> list[Check]:
@@ -94,7 +91,10 @@ def check_certificates(config: DaemonConfig, now: float) -> list[Check]:
         if now >= not_after:
             checks.append(
                 Check(
-                    label, FAIL, f"{subject} expired {_utc(not_after)}", "issue a new certificate"
+                    label,
+                    FAIL,
+                    f"{subject} expired {utc_text(not_after)}",
+                    "issue a new certificate",
                 )
             )
         elif now < not_before:
@@ -102,7 +102,7 @@ def check_certificates(config: DaemonConfig, now: float) -> list[Check]:
                 Check(
                     label,
                     FAIL,
-                    f"{subject} not valid before {_utc(not_before)}",
+                    f"{subject} not valid before {utc_text(not_before)}",
                     "check the clock, or the certificate",
                 )
             )
@@ -110,7 +110,7 @@ def check_certificates(config: DaemonConfig, now: float) -> list[Check]:
             days = int((not_after - now) // 86400)
             checks.append(Check(label, WARN, f"{subject} expires in {days} days", "renew it soon"))
         else:
-            checks.append(Check(label, PASS, f"{subject} valid until {_utc(not_after)}"))
+            checks.append(Check(label, PASS, f"{subject} valid until {utc_text(not_after)}"))
     assert mqtt.key_file is not None
     try:
         check_key_permissions(mqtt.key_file)
@@ -139,13 +139,13 @@ def check_trust_store(config: DaemonConfig, now: float) -> Check:
         return Check(
             "trust store",
             FAIL,
-            f"signers list version {signers.version} expired {_utc(signers.expires)}: "
+            f"signers list version {signers.version} expired {utc_text(signers.expires)}: "
             "no bundle can install",
             "apply a newer root-signed signers list (`edged trust apply`)",
         )
     detail = (
         f"signers v{signers.version}, {signers.threshold} of {len(signers.keys)} keys, "
-        f"expires {_utc(signers.expires)}"
+        f"expires {utc_text(signers.expires)}"
     )
     if signers.expires - now < CERT_WARN_DAYS * 86400:
         return Check("trust store", WARN, detail, "push a renewed signers list before it expires")

@@ -466,6 +466,17 @@ def make_sample_repository(repo: Path) -> None:
     write_tflite_fc(repo / "fc" / "1", *SAMPLE_FC_SHAPE, seed=0)
 
 
+# What the demo pushes: the sample MLP with its biases shifted, so its answers visibly change.
+DEMO_V2_BIAS_SHIFT = 1.0
+
+
+def make_demo_sources(directory: Path) -> None:
+    """Write the version the demo builds into a bundle and pushes: ``<directory>/mlp/2``."""
+    version_dir = directory / "mlp" / "2"
+    write_onnx_mlp(version_dir, SAMPLE_MLP_LAYERS, seed=0, bias_shift=DEMO_V2_BIAS_SHIFT)
+    (directory / "mlp" / "config.toml").write_text(_MLP_CONFIG, encoding="utf-8")
+
+
 def make_bench_mlp(version_dir: Path, seed: int = 0) -> None:
     """The benchmark model: ONNX MLP 1024 -> 2048 -> 2048 -> 1000, fp32, external data (~33 MB).
 
@@ -536,3 +547,18 @@ def write_counting_loop(version_dir: Path) -> None:
             {"x": x, "iterations": np.array([3], np.int64)},
             {"y": x + np.float32(3)},
         )
+
+
+def main() -> None:
+    """``python -m edged.demo.samples``: regenerate the sample models shipped in the package.
+
+    The models are deterministic, so regenerating leaves git clean unless the generator changed.
+    """
+    here = Path(__file__).resolve().parent
+    make_sample_repository(here / "models")
+    make_demo_sources(here / "sources")
+    print(f"sample models written to {here / 'models'} and {here / 'sources'}")
+
+
+if __name__ == "__main__":
+    main()

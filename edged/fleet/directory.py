@@ -25,21 +25,21 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edged.bundle.fsutil import atomic_write
+from edged._fs import atomic_write
+from edged._toml import load_toml_file
 from edged.bundle.keys import generate_key, load_private_key, write_private_key
 from edged.bundle.trust import build_root, build_signers
 from edged.bundle.truststore import ROOT_FILE, SIGNERS_FILE
-from edged.configreader import load_toml_file
 from edged.errors import ConfigError, FleetSetupError
-from edged.transport.acl import render_acl
-from edged.transport.brokerconf import (
+from edged.fleet.acl import render_acl
+from edged.fleet.brokerconf import (
     DEVICE_PORT,
     MANAGER_PORT,
     BrokerFiles,
     render_mosquitto_conf,
 )
-from edged.transport.fleet import ManagerSettings
-from edged.transport.pki import (
+from edged.fleet.channel import ManagerSettings
+from edged.fleet.pki import (
     Issued,
     cert_pem,
     csr_public_key,

@@ -119,3 +119,20 @@ def empty_dir(path: Path) -> list[str]:
             child.unlink(missing_ok=True)
         removed.append(child.name)
     return removed
+
+
+def create_new_file(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` with ``mode`` from the first byte (a private key is never readable by
+    others, not even briefly), write and fsync it; ``FileExistsError`` if it exists: a key or
+    certificate is never replaced by accident. Parent directories are created."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)

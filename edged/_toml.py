@@ -1,13 +1,24 @@
-"""Typed, path-aware reading of TOML tables: every error names the key path that was wrong."""
+"""Typed, path-aware reading of TOML: every error names the key path that was wrong.
+
+``tomllib`` on Python >= 3.11, the ``tomli`` backport on 3.10 (JetPack 6).
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from edged import tomlcompat
 from edged.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on JetPack 6's Python 3.10
+    import tomli as tomllib
+
+TOMLDecodeError = tomllib.TOMLDecodeError
+loads = tomllib.loads
 
 T = TypeVar("T")
 
@@ -18,9 +29,9 @@ def load_toml_file(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from exc
     try:
-        data: dict[str, Any] = tomlcompat.loads(text)
+        data: dict[str, Any] = loads(text)
         return data
-    except tomlcompat.TOMLDecodeError as exc:
+    except TOMLDecodeError as exc:
         raise ConfigError("", f"{path} is not valid TOML: {exc}") from exc
 
 

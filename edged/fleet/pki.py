@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from edged._fs import create_new_file
 from edged.errors import TlsSetupError
 
 DEFAULT_VALIDITY_DAYS = 825
@@ -45,15 +45,9 @@ class Issued:
     def write(self, cert_path: Path, key_path: Path) -> None:
         """Write the certificate (0644) and the key (0600, created with that mode)."""
         cert_path.parent.mkdir(parents=True, exist_ok=True)
-        key_path.parent.mkdir(parents=True, exist_ok=True)
         cert_path.write_bytes(self.cert_pem)
         key_path.unlink(missing_ok=True)
-        try:
-            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as exc:
-            raise TlsSetupError(f"cannot create key file {key_path}: {exc.strerror}") from exc
-        with os.fdopen(fd, "wb") as f:
-            f.write(self.key_pem)
+        write_private_key_pem(key_path, self.key_pem)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -247,12 +241,9 @@ def csr_public_key(csr_pem: bytes, common_name: str) -> ec.EllipticCurvePublicKe
 
 def write_private_key_pem(path: Path, pem: bytes) -> None:
     """A private key file created with mode 0600; never replaces an existing file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        create_new_file(path, pem, 0o600)
     except FileExistsError:
         raise TlsSetupError(f"{path} exists; refusing to overwrite a key") from None
     except OSError as exc:
         raise TlsSetupError(f"cannot create key file {path}: {exc.strerror}") from exc
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)

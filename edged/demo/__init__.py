@@ -1,0 +1,8 @@
+"""``edged demo``: the whole loop on one machine (``run``), on sample models shipped with the
+package (``models/``, and ``mlp-v2/``, the version the demo pushes). ``samples`` regenerates
+them and builds the test and benchmark models; it needs the optional ``samples`` extra (onnx).
+"""
+
+from edged.demo.run import run_demo
+
+__all__ = ["run_demo"]
