@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edged.bundle.fsutil import atomic_write
+from edged._fs import atomic_write
 from edged.errors import RevertedReleaseError, StoreCorruptError
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edged.bundle.rollout_policy import rollout_json
-from edged.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp, write_test_vectors
+from edged.demo.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp, write_test_vectors
 from edged.serve.probation import ProbationPolicy
 from tests.integration.test_install import edged, trust_init
 from tests.support.daemon import DaemonProcess, running_daemon
