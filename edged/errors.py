@@ -71,6 +71,7 @@ where it helps, what to do.
     │   ├── DownloadError                TooLargeError, InsufficientSpaceError,
     │   │                                ChunkHashMismatchError, DownloadStalledError
     │   ├── PushFailedError              (CLI) devices failed or did not answer
+    │   ├── RolloutError                 (CLI) a staged rollout: bad plan, state or lock
     │   └── FleetSetupError              fleet directory / PKI: missing, or would be overwritten
     ├── TelemetryError                   metrics, power sources, spool
     │   ├── HistogramMismatchError       snapshots with different bucket layouts
@@ -466,6 +467,11 @@ class FleetSetupError(TransportError):
 
 class PushFailedError(TransportError):
     """(CLI) A push or command did not succeed on every targeted device."""
+
+
+class RolloutError(TransportError):
+    """(CLI) A staged rollout cannot start or go on: bad plan, unreadable state, or another
+    process drives it."""
 
 
 # --- telemetry -----------------------------------------------------------------------------

@@ -261,7 +261,7 @@ class Installer:
             with self.store.locked():
                 return await _in_thread(self._record_probation, outcome, version)
 
-    def _record_probation(self, outcome: ProbationOutcome, version: int) -> InstallResult:
+    def _record_probation(self, outcome: ProbationOutcome, version: int) -> InstallResult | None:
         now = int(self.clock())
         model = outcome.model
         held = self.store.inspect_version(self.store.version_dir(model, version))
@@ -269,6 +269,8 @@ class Installer:
         digest = held.manifest_sha256 if held is not None else None
         previous = parse_version_name(outcome.previous_version)
         if outcome.decision != "reverted":
+            if outcome.decision != "promoted":
+                return None  # superseded or stopped: no verdict to record
             return self._record(
                 "probation",
                 outcome.decision,

@@ -48,7 +48,6 @@ from edged.transport.download import PartialDownload, check_size, check_space, p
 from edged.transport.protocol import (
     FAILED,
     INSTALLED,
-    PROBATION,
     PROMOTED,
     RECEIVED,
     REVERTED,
@@ -595,14 +594,15 @@ class FleetAgent:
                 log.exception("deployment %s: unexpected error", job.deployment.id)
             job = None
 
-    def _probation_state(self, d: Deployment) -> tuple[str, str]:
-        """After ``serving``: on probation, or how it already ended (or that there is none)."""
+    def _probation_state(self, d: Deployment) -> tuple[str, str] | None:
+        """After ``serving``: how the probation already ended, that there is none, or None
+        while it runs (``report_probation`` reports its end)."""
         for m in self.manager.status().get("models", []):
             if m.get("name") != d.model:
                 continue
             watching = m.get("probation")
             if watching and str(watching.get("version")) == str(d.version):
-                return PROBATION, str(watching.get("reason", ""))
+                return None
             last = m.get("last_probation")
             if last and str(last.get("version")) == str(d.version):
                 if last.get("decision") == "reverted":
@@ -615,7 +615,7 @@ class FleetAgent:
         last = self._last_progress
         if (
             last is None
-            or last.state != PROBATION
+            or last.state != SERVING
             or last.model != outcome.model
             or str(last.version) != outcome.version
             or outcome.decision not in ("promoted", "reverted")
@@ -692,8 +692,10 @@ class FleetAgent:
             self._check_serving(d)
             await self._report(_progress(self.device_id, d, SERVING, n, fetched))
             log.info("deployment %s: %s version %s is serving", d.id, d.model, d.version)
-            state, reason = self._probation_state(d)
-            await self._report(_progress(self.device_id, d, state, n, fetched, reason=reason))
+            ended = self._probation_state(d)
+            if ended is not None:
+                state, reason = ended
+                await self._report(_progress(self.device_id, d, state, n, fetched, reason=reason))
         except asyncio.CancelledError:
             raise  # shutdown: active.json stays, the download resumes at the next start
         except ShuttingDownError as exc:

@@ -43,12 +43,11 @@ VERIFIED = "verified"
 INSTALLED = "installed"
 SERVING = "serving"
 FAILED = "failed"
-# After ``serving``: the new version's probation (docs/serving.md) and how it ended.
-PROBATION = "probation"
+# After ``serving`` (which may start a probation, docs/serving.md): how the probation ended.
 PROMOTED = "promoted"
 REVERTED = "reverted"
-PROGRESS_STATES = (RECEIVED, VERIFIED, INSTALLED, SERVING, FAILED, PROBATION, PROMOTED, REVERTED)
-TERMINAL_STATES = (SERVING, FAILED)
+PROGRESS_STATES = (RECEIVED, VERIFIED, INSTALLED, SERVING, FAILED, PROMOTED, REVERTED)
+TERMINAL_STATES = (SERVING, FAILED, PROMOTED, REVERTED)
 
 
 def new_nonce() -> str:

@@ -10,15 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from edged.bundle.rollout_policy import rollout_json
-from edged.demo.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp, write_test_vectors
+from edged.demo.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
 from edged.serve.probation import ProbationPolicy
 from tests.integration.test_install import edged, trust_init
 from tests.support.daemon import DaemonProcess, running_daemon
 from tests.support.load import InferenceLoad
+from tests.support.slowmodel import write_slow_mlp, write_sqrt_model
 
 pytestmark = pytest.mark.integration
 
@@ -51,35 +51,6 @@ def bundle(keys: Path, tmp_path: Path, model_dir: Path, version: int, policy: Pa
         "--key", str(keys / "signer.key"), "--rollout", str(policy), "-o", str(out),
     )  # fmt: skip
     return out
-
-
-def write_sqrt_model(version_dir: Path) -> None:
-    """``output = sqrt(input) @ W + b``: finite on its (non-negative) test vectors, NaN for
-    any negative live input."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(5)
-    weight = rng.standard_normal((64, 10), dtype=np.float32) * np.float32(0.1)
-    bias = np.zeros(10, np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("Sqrt", ["input"], ["root"]),
-            helper.make_node("MatMul", ["root", "w"], ["mm"]),
-            helper.make_node("Add", ["mm", "b"], ["output"]),
-        ],
-        "sqrt",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 10])],
-        initializer=[numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    version_dir.mkdir(parents=True)
-    onnx.save_model(model, str(version_dir / "model.onnx"))
-    x = np.abs(rng.standard_normal((2, 64), dtype=np.float32))
-    write_test_vectors(
-        version_dir / "test_vectors.npz", {"input": x}, {"output": np.sqrt(x) @ weight + bias}
-    )
 
 
 def status(daemon: DaemonProcess) -> dict[str, Any]:
@@ -143,7 +114,7 @@ def test_a_much_slower_release_is_reverted_by_the_latency_gate_without_failed_re
     work = tmp_path / "d"
     trust_init(keys, work / "state")
     slow_dir = tmp_path / "build" / "2"
-    write_onnx_mlp(slow_dir, (64, 1024, 1024, 10), seed=1)
+    write_slow_mlp(slow_dir)
     policy = ProbationPolicy(min_s=1, max_s=300, min_requests=60, max_p99_latency_ratio_pct=300)
     slow = bundle(keys, tmp_path, slow_dir, 2, policy_file(tmp_path, policy))
     with running_daemon(model_repo, work) as daemon, InferenceLoad(daemon.port, clients=3) as load:
