@@ -511,7 +511,7 @@ class ModelManager:
         cache = entry.cache
         if cache is None:
             future = entry.scheduler.submit(inputs, rows, signature, priority, deadline)
-            return self._watched(entry, await self._await_result(entry, future, timeout_s))
+            return self._watched(entry, inputs, await self._await_result(entry, future, timeout_s))
         key = input_key(inputs)
         hit = cache.get(key)
         if hit is not None and hit.model_version == current.version:
@@ -527,18 +527,19 @@ class ModelManager:
         finally:
             cache.inflight.pop(key, None)
         cache.put(key, result)
-        return self._watched(entry, result)
+        return self._watched(entry, inputs, result)
 
-    def _watched(self, entry: ModelEntry, result: InferenceResult) -> InferenceResult:
-        """During probation, count the new version's answers that hold NaN or Inf."""
+    def _watched(
+        self, entry: ModelEntry, inputs: dict[str, Array], result: InferenceResult
+    ) -> InferenceResult:
+        """During probation, count the new version's answers that hold NaN or Inf, and offer
+        the request for a shadow run on the replaced version."""
         watch = entry.probation
-        if (
-            watch is not None
-            and result.model_version == watch.candidate.version
-            and not all(
-                np.isfinite(v).all() for v in result.outputs.values() if v.dtype.kind in "fc"
-            )
-        ):
+        if watch is None or result.model_version != watch.candidate.version:
+            return result
+        if watch.shadow is not None:
+            watch.shadow.offer(inputs, result.outputs, loaded=entry.scheduler.queue_depth > 0)
+        if not all(np.isfinite(v).all() for v in result.outputs.values() if v.dtype.kind in "fc"):
             self.stats.record_nonfinite(entry.name, result.model_version)
         return result
 

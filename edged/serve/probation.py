@@ -19,6 +19,9 @@ import numpy as np
 
 # A latency ratio needs this many samples of the baseline; fewer and the gate is not judged.
 MIN_BASELINE_SAMPLES = 20
+# A p99 less than this above the baseline's is scheduler noise, never a regression: with
+# sub-millisecond models a ratio alone would trip on a single preemption.
+LATENCY_NOISE_FLOOR_S = 0.001
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,7 @@ def _latency_trip(
         f"p99 {cand * 1000:.2f} ms on version {candidate.version} vs {base * 1000:.2f} ms "
         f"on version {baseline.version}"
     )
-    if ratio * 100 > limit:
+    if ratio * 100 > limit and cand - base > LATENCY_NOISE_FLOOR_S:
         return GateTrip("p99_latency_ratio", f"{ratio:.2f}x", f"{limit / 100:.2f}x", detail)
     notes.append(f"p99 latency {ratio:.2f}x of version {baseline.version}")
     return None

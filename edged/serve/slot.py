@@ -61,6 +61,14 @@ class ModelSlot:
                 version._refs += 1
             return version
 
+    def hold(self, version: ServedVersion) -> bool:
+        """One more handle on ``version`` (current or not), unless it is being closed."""
+        with self._lock:
+            if version._retired and version._refs == 0:
+                return False
+            version._refs += 1
+            return True
+
     def release(self, version: ServedVersion) -> None:
         with self._lock:
             version._refs -= 1

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edged.serve.probation import ProbationPolicy, Verdict, VersionWindow, judge
+from edged.serve.shadow import ShadowRunner
 from edged.serve.slot import ServedVersion
 from edged.serve.versionstats import VersionStats
 
@@ -75,6 +76,9 @@ class ProbationWatch:
         self.started = time.monotonic()
         self.last: Verdict | None = None
         self.task: asyncio.Task[None] | None = None
+        self.shadow: ShadowRunner | None = None
+        if policy.shadow is not None and held is not None:
+            self.shadow = ShadowRunner(policy.shadow, entry.slot, held, candidate.version, stats)
 
     @property
     def elapsed_s(self) -> float:
@@ -111,6 +115,7 @@ class ProbationWatch:
             "previous_version": self.previous_version,
             "elapsed_s": round(self.elapsed_s, 1),
             "previous_loaded": self.held is not None,
+            "shadow_dropped": self.shadow.dropped if self.shadow is not None else None,
             "verdict": verdict.decision if verdict else "watch",
             "reason": verdict.reason if verdict else "",
         }

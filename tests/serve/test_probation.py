@@ -11,13 +11,13 @@ from edged.serve.probation import (
 )
 
 POLICY = ProbationPolicy(min_s=10, max_s=100, min_requests=100, max_p99_latency_ratio_pct=200)
-BASE = VersionWindow("1", requests=500, errors=0, nonfinite=0, latencies_s=(0.001,) * 500)
+BASE = VersionWindow("1", requests=500, errors=0, nonfinite=0, latencies_s=(0.002,) * 500)
 
 
 def window(**kw: object) -> VersionWindow:
     values: dict[str, object] = {
         "version": "2", "requests": 200, "errors": 0, "nonfinite": 0,
-        "latencies_s": (0.0011,) * 200,
+        "latencies_s": (0.0022,) * 200,
     }  # fmt: skip
     values.update(kw)
     return VersionWindow(**values)  # type: ignore[arg-type]
@@ -39,13 +39,20 @@ def test_too_few_requests_keep_watching_until_max_s_then_promote_saying_so() -> 
 
 
 def test_a_slower_version_trips_the_latency_gate_with_value_and_limit() -> None:
-    verdict = judge(POLICY, BASE, window(latencies_s=(0.0035,) * 200), 1)
+    verdict = judge(POLICY, BASE, window(latencies_s=(0.007,) * 200), 1)
     assert verdict.decision == "revert"
     assert verdict.trip is not None
     assert (verdict.trip.gate, verdict.trip.measured, verdict.trip.limit) == (
         "p99_latency_ratio", "3.50x", "2.00x",
     )  # fmt: skip
     assert "measured 3.50x, limit 2.00x" in verdict.reason
+
+
+def test_a_sub_millisecond_p99_increase_is_noise_not_a_regression() -> None:
+    tiny = VersionWindow("1", 500, 0, 0, (0.00005,) * 500)
+    verdict = judge(POLICY, tiny, window(latencies_s=(0.0004,) * 200), 10)
+    assert verdict.decision == "promote"  # 8x, but only 0.35 ms more
+    assert judge(POLICY, tiny, window(latencies_s=(0.002,) * 200), 1).decision == "revert"
 
 
 def test_the_latency_gate_waits_for_min_requests_and_a_baseline() -> None:
