@@ -143,6 +143,7 @@ class RolloutState:
     wave_started_at: float = 0.0
     reason: str = ""
     devices: dict[str, DeviceRecord] = field(default_factory=dict)
+    wave_started: list[float] = field(default_factory=list)  # Unix time each wave began
     wave_done_at: list[float] = field(default_factory=list)
     messages_sent: int = 0
 
@@ -448,6 +449,7 @@ class _Engine:
         if s.wave < len(s.waves):
             if not s.wave_started_at:
                 s.wave_started_at = time.time()
+                s.wave_started.append(s.wave_started_at)
                 self.save()
                 self.event(f"wave {s.wave + 1} of {len(s.waves)}: {', '.join(s.waves[s.wave])}")
                 return

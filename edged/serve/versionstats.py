@@ -13,14 +13,26 @@ from collections.abc import Callable
 from edged.serve.probation import VersionWindow
 from edged.serve.scheduler import BatchObserver
 
-LATENCY_SAMPLES = 2048  # per version: the most recent per-request compute times
+LATENCY_SAMPLES = 2048  # per version: the most recent compute times per inference
+# The first batches of a version that just started serving pay for warm-up (first-touch page
+# faults of mapped weights, allocator growth): not counted in its latency window.
+WARMUP_BATCHES = 20
 VERSIONS_KEPT = 4  # per model: older versions' windows are forgotten
 
 
 class _Counters:
-    __slots__ = ("errors", "latencies", "nonfinite", "requests", "shadow_agreed", "shadow_compared")
+    __slots__ = (
+        "batches",
+        "errors",
+        "latencies",
+        "nonfinite",
+        "requests",
+        "shadow_agreed",
+        "shadow_compared",
+    )
 
     def __init__(self) -> None:
+        self.batches = 0
         self.requests = 0
         self.errors = 0
         self.nonfinite = 0
@@ -46,10 +58,14 @@ class VersionStats:
         return counters
 
     def record_batch(self, model: str, version: str, rows: int, compute_s: float) -> None:
+        """One batch: its rows answered, and its compute time per row, once per row (a
+        version that batches more under load is compared per inference, not per batch)."""
         with self._lock:
             counters = self._get(model, version)
             counters.requests += rows
-            counters.latencies.extend([compute_s] * min(rows, LATENCY_SAMPLES))
+            counters.batches += 1
+            if counters.batches > WARMUP_BATCHES:
+                counters.latencies.extend([compute_s / rows] * min(rows, LATENCY_SAMPLES))
 
     def record_errors(self, model: str, version: str, count: int) -> None:
         with self._lock:

@@ -9,6 +9,7 @@ from edged.serve.probation import (
     VersionWindow,
     judge,
 )
+from edged.serve.versionstats import WARMUP_BATCHES, VersionStats
 
 POLICY = ProbationPolicy(min_s=10, max_s=100, min_requests=100, max_p99_latency_ratio_pct=200)
 BASE = VersionWindow("1", requests=500, errors=0, nonfinite=0, latencies_s=(0.002,) * 500)
@@ -90,3 +91,16 @@ def test_shadow_disagreement_is_not_promoted() -> None:
     assert judge(policy, BASE, window(shadow_compared=40, shadow_agreed=40), 5).decision == (
         "promote"
     )
+
+
+def test_version_windows_count_per_inference_and_skip_the_warm_up() -> None:
+    stats = VersionStats()
+    for _ in range(WARMUP_BATCHES):
+        stats.record_batch("m", "2", 1, 0.5)  # warm-up: counted, not timed
+    stats.record_batch("m", "2", 4, 0.008)
+    stats.record_errors("m", "2", 2)
+    window = stats.window("m", "2")
+    assert (window.requests, window.errors) == (WARMUP_BATCHES + 4, 2)
+    assert window.latencies_s == (0.002,) * 4
+    stats.reset("m", "2")
+    assert stats.window("m", "2").requests == 0
