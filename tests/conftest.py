@@ -23,3 +23,13 @@ def shared_models() -> Path:
     if not SHARED_MODELS.is_dir():
         pytest.skip(f"real models folder {SHARED_MODELS} is absent (it ships beside the checkout)")
     return SHARED_MODELS
+
+
+@pytest.fixture
+def loop_repo(tmp_path: Path) -> Path:
+    """A repository with the counting-loop model, whose run time its input sets."""
+    from edged.demo.samples import write_counting_loop
+
+    repo = tmp_path / "repo"
+    write_counting_loop(repo / "loop" / "1")
+    return repo

@@ -2,7 +2,7 @@
 in by the serving side -> CURRENT pointer and high-water mark -> old versions pruned.
 
 Any failure leaves the serving version and the high-water mark untouched, removes what the
-attempt created, and is recorded in ``<state>/install-log.jsonl`` and ``Installer.last_result``.
+attempt created, and is recorded in the install log (``journal``) and ``Installer.last_result``.
 """
 
 from __future__ import annotations
@@ -11,17 +11,16 @@ import asyncio
 import contextlib
 import functools
 import io
-import json
 import logging
-import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, NoReturn, Protocol, TypeVar
 
 from edged._fs import Checkpoint, no_checkpoint
 from edged.bundle.archive import ArchiveReader
+from edged.bundle.journal import InstallJournal
 from edged.bundle.limits import DEFAULT_LIMITS, BundleLimits
 from edged.bundle.manifest import CONFIG_NAME, Manifest, parse_version_name
 from edged.bundle.reader import (
@@ -58,7 +57,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_KEEP_PREVIOUS = 2
-MAX_LOG_BYTES = 1024 * 1024
 
 
 class SwapTarget(Protocol):
@@ -72,7 +70,7 @@ class SwapTarget(Protocol):
 
 @dataclass(frozen=True)
 class InstallResult:
-    action: str  # "install" | "rollback"
+    action: str  # "install" | "rollback" | "probation"
     # installed | reinstalled | already-installed | rolled-back | rejected | load-failed
     # | record-failed (serving switched, but CURRENT could not be written)
     # | failed (an unexpected error: a bug) | interrupted (cancelled, KeyboardInterrupt)
@@ -93,6 +91,26 @@ class InstallResult:
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """What every result of one install or rollback attempt shares; a call site adds only its
+    outcome and error or message."""
+
+    action: str  # "install" | "rollback" | "probation"
+    source: str
+    at: int  # Unix seconds
+    manifest: Manifest | None = None
+    digest: str | None = None
+    previous: int | None = None
+    model: str | None = None  # named when there is no manifest to take it from
+
+    def knowing(self, verified: VerifiedManifest | None, previous: int | None) -> _Attempt:
+        """This attempt once it has verified a manifest (if it has) and knows what served."""
+        if verified is None:
+            return replace(self, previous=previous)
+        return replace(self, manifest=verified.manifest, digest=verified.digest, previous=previous)
 
 
 class _AlreadyInstalled(Exception):
@@ -140,6 +158,7 @@ class Installer:
         if keep_previous < 1:
             raise ValueError("keep_previous must be at least 1 (the previous version is kept)")
         self.store = ModelStore(state_dir, limits, checkpoint)
+        self.journal = InstallJournal(self.store.log_path)
         self.trust = TrustStore(self.store.trust_dir, limits)
         self.target = target
         # A callable is asked on first use: detecting the runtimes imports ONNX Runtime, which
@@ -201,6 +220,7 @@ class Installer:
         raised.
         """
         now = int(self.clock())
+        attempt = _Attempt("install", source, now)
         try:
             reader = ArchiveReader(io.BytesIO(prefix), self.limits)
             try:
@@ -223,14 +243,14 @@ class Installer:
             # the install of the whole upload tells which.
             return True
         except EdgedError as exc:
-            self._fail("install", "rejected", None, None, None, source, now, exc)
+            self._fail(attempt, "rejected", exc)
         except Exception as exc:
             error = InstallFailedError(
                 f"checking the upload of {source} failed unexpectedly "
                 f"({type(exc).__name__}: {exc}); nothing was installed"
             )
             error.__cause__ = exc
-            self._fail("install", "failed", None, None, None, source, now, error)
+            self._fail(attempt, "failed", error)
         return True
 
     async def install_bytes(self, data: bytes, source: str = "<bytes>") -> InstallResult:
@@ -265,43 +285,38 @@ class Installer:
         now = int(self.clock())
         model = outcome.model
         held = self.store.inspect_version(self.store.version_dir(model, version))
-        manifest = held.manifest if held is not None else None
-        digest = held.manifest_sha256 if held is not None else None
         previous = parse_version_name(outcome.previous_version)
-        if outcome.decision != "reverted":
-            if outcome.decision != "promoted":
-                return None  # superseded or stopped: no verdict to record
+        attempt = _Attempt(
+            "probation",
+            "probation",
+            now,
+            manifest=held.manifest if held is not None else None,
+            digest=held.manifest_sha256 if held is not None else None,
+            previous=previous,
+            model=model,
+        )
+        if outcome.decision == "promoted":
             return self._record(
-                "probation",
-                outcome.decision,
-                manifest,
-                digest,
-                previous,
-                "probation",
-                now,
-                message=f"{model} version {version}: {outcome.reason}",
-                model=model,
+                attempt, "promoted", message=f"{model} version {version}: {outcome.reason}"
             )
-        if held is not None and digest is not None:
+        if outcome.decision != "reverted":
+            return None  # superseded or stopped: no verdict to record
+        if held is not None:
             self.reverted.add(
-                RevertedRelease(digest, model, version, held.manifest.counter, outcome.reason, now)
+                RevertedRelease(
+                    held.manifest_sha256, model, version, held.manifest.counter, outcome.reason, now
+                )
             )
         if self.store.current_version(model) == version and previous is not None:
             self.store.set_current(model, previous)
         if self.store.current_version(model) != version and held is not None:
             self.store.discard(held.path)
         return self._record(
-            "probation",
+            attempt,
             "reverted",
-            manifest,
-            digest,
-            previous,
-            "probation",
-            now,
             error_name="ProbationFailedError",
             message=f"{model} version {version} reverted to {outcome.previous_version}: "
             f"{outcome.reason}",
-            model=model,
         )
 
     def result_for(self, exc: BaseException) -> InstallResult | None:
@@ -326,15 +341,7 @@ class Installer:
 
     def history(self, limit: int = 50) -> list[dict[str, object]]:
         """The newest ``limit`` install-log entries, oldest first."""
-        try:
-            lines = self.store.log_path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            return []
-        entries: list[dict[str, object]] = []
-        for line in lines[-limit:]:
-            with contextlib.suppress(ValueError):
-                entries.append(json.loads(line))
-        return entries
+        return self.journal.history(limit)
 
     # --- install --------------------------------------------------------------------------
 
@@ -344,23 +351,14 @@ class Installer:
                 return await self._install_locked(opener, source)
 
     async def _install_locked(self, opener: Callable[[], BinaryIO], source: str) -> InstallResult:
-        now = int(self.clock())
+        attempt = _Attempt("install", source, int(self.clock()))
         progress = _Progress()
         try:
-            return await self._install_steps(opener, source, now, progress)
+            return await self._install_steps(opener, attempt, progress)
         except EdgedError as exc:
             if self.result_for(exc) is not None:
                 raise
-            self._fail(
-                "install",
-                "rejected",
-                progress.verified.manifest if progress.verified else None,
-                progress.verified.digest if progress.verified else None,
-                progress.previous,
-                source,
-                now,
-                exc,
-            )
+            self._fail(attempt.knowing(progress.verified, progress.previous), "rejected", exc)
         except BaseException as exc:
             # The generic guard: whatever escaped (a bug, a cancellation) leaves no new
             # version behind and an install-log entry saying what happened.
@@ -370,17 +368,11 @@ class Installer:
             if progress.created is not None and not progress.switched and not unsure:
                 with contextlib.suppress(BaseException):
                     await _in_thread(self.store.discard, progress.created)
-            m = progress.verified.manifest if progress.verified else None
-            digest = progress.verified.digest if progress.verified else None
+            known = attempt.knowing(progress.verified, progress.previous)
             if not isinstance(exc, Exception):
                 self._record(
-                    "install",
+                    known,
                     "interrupted",
-                    m,
-                    digest,
-                    progress.previous,
-                    source,
-                    now,
                     error_name=type(exc).__name__,
                     message=f"install of {source} interrupted ({type(exc).__name__}); "
                     "nothing was installed",
@@ -395,15 +387,14 @@ class Installer:
                 f"install of {source} failed unexpectedly ({type(exc).__name__}: {exc}); " + outcome
             )
             error.__cause__ = exc
-            self._fail("install", "failed", m, digest, progress.previous, source, now, error)
+            self._fail(known, "failed", error)
 
     async def _install_steps(
-        self, opener: Callable[[], BinaryIO], source: str, now: int, progress: _Progress
+        self, opener: Callable[[], BinaryIO], attempt: _Attempt, progress: _Progress
     ) -> InstallResult:
-        manifest: Manifest | None = None
-        previous: int | None = None
+        source = attempt.source
         try:
-            staged = await _in_thread(self._stage, opener, now)
+            staged = await _in_thread(self._stage, opener, attempt.at)
         except _AlreadyInstalled as done:
             m = done.verified.manifest
             if not done.verified.reinstall:
@@ -414,27 +405,23 @@ class Installer:
                     self.store.advance_high_water, m.model, m.counter, v.digest, v.signed_by
                 )
             return self._record(
-                "install",
+                attempt.knowing(done.verified, m.version),
                 "already-installed",
-                m,
-                done.verified.digest,
-                m.version,
-                source,
-                now,
                 message=f"{m.model} version {m.version} (counter {m.counter}) is already serving",
             )
         except EdgedError as exc:
-            self._fail("install", "rejected", None, None, None, source, now, exc)
+            self._fail(attempt, "rejected", exc)
         except OSError as exc:
             where = f" ({Path(exc.filename).name})" if exc.filename else ""
             error = StoreError(f"disk error while staging {source}: {exc.strerror or exc}{where}")
             error.__cause__ = exc
-            self._fail("install", "rejected", None, None, None, source, now, error)
+            self._fail(attempt, "rejected", error)
         verified = staged.verified
         manifest = verified.manifest
         progress.verified = verified
         progress.created = staged.staging
         previous = progress.previous = self.store.current_version(manifest.model)
+        attempt = attempt.knowing(verified, previous)
         version_dir = self.store.version_dir(manifest.model, manifest.version)
         if staged.staging is not None:
             try:
@@ -448,9 +435,7 @@ class Installer:
                     f"cannot publish {manifest.model} version {manifest.version}: {exc}"
                 )
                 error.__cause__ = exc
-                self._fail(
-                    "install", "rejected", manifest, verified.digest, previous, source, now, error
-                )
+                self._fail(attempt, "rejected", error)
             progress.created = version_dir
         self._checkpoint("load_version")
         progress.loading = True
@@ -464,7 +449,7 @@ class Installer:
             # Not the bundle's fault when the daemon is stopping: whoever asked (the fleet
             # channel) installs it again at the next start.
             outcome = "interrupted" if isinstance(exc, ShuttingDownError) else "load-failed"
-            self._fail("install", outcome, manifest, verified.digest, previous, source, now, exc)
+            self._fail(attempt, outcome, exc)
         self._checkpoint("load_version done")
         progress.switched = True
         try:
@@ -475,18 +460,11 @@ class Installer:
                 f"current failed ({exc}); after a restart version {previous} serves again"
             )
             error.__cause__ = exc
-            self._fail(
-                "install", "record-failed", manifest, verified.digest, previous, source, now, error
-            )
+            self._fail(attempt, "record-failed", error)
         outcome = "installed" if staged.staging is not None else "reinstalled"
         return self._record(
-            "install",
+            attempt,
             outcome,
-            manifest,
-            verified.digest,
-            previous,
-            source,
-            now,
             message=f"{manifest.model} now serves version {manifest.version} "
             f"(counter {manifest.counter}, was {previous})",
         )
@@ -570,25 +548,18 @@ class Installer:
     async def _rollback(self, model: str, to_version: int | None) -> InstallResult:
         now = int(self.clock())
         current = self.store.current_version(model)
+        attempt = _Attempt("rollback", "operator", now, previous=current, model=model)
         try:
             held = await _in_thread(self.store.held_versions, model)
             target = _rollback_target(model, current, held, to_version)
         except EdgedError as exc:
-            self._fail("rollback", "rejected", None, None, current, "operator", now, exc, model)
+            self._fail(attempt, "rejected", exc)
+        attempt = replace(attempt, manifest=target.manifest, digest=target.manifest_sha256)
         self._checkpoint("load_version")
         try:
             await self.target.load_version(model, target.path)
         except EdgedError as exc:
-            self._fail(
-                "rollback",
-                "load-failed",
-                target.manifest,
-                target.manifest_sha256,
-                current,
-                "operator",
-                now,
-                exc,
-            )
+            self._fail(attempt, "load-failed", exc)
         self._checkpoint("load_version done")
         try:
             await _in_thread(self.store.set_current, model, target.version)
@@ -598,24 +569,10 @@ class Installer:
                 f"failed ({exc}); after a restart version {current} serves again"
             )
             error.__cause__ = exc
-            self._fail(
-                "rollback",
-                "record-failed",
-                target.manifest,
-                target.manifest_sha256,
-                current,
-                "operator",
-                now,
-                error,
-            )
+            self._fail(attempt, "record-failed", error)
         return self._record(
-            "rollback",
+            attempt,
             "rolled-back",
-            target.manifest,
-            target.manifest_sha256,
-            current,
-            "operator",
-            now,
             message=f"{model} rolled back from version {current} to {target.version}",
         )
 
@@ -623,66 +580,37 @@ class Installer:
 
     def _record(
         self,
-        action: str,
+        attempt: _Attempt,
         outcome: str,
-        manifest: Manifest | None,
-        digest: str | None,
-        previous: int | None,
-        source: str,
-        now: int,
         *,
         error: EdgedError | None = None,
         error_name: str | None = None,
         message: str = "",
-        model: str | None = None,
     ) -> InstallResult:
+        manifest = attempt.manifest
         result = InstallResult(
-            action=action,
+            action=attempt.action,
             outcome=outcome,
-            model=manifest.model if manifest else model,
+            model=manifest.model if manifest else attempt.model,
             version=manifest.version if manifest else None,
             counter=manifest.counter if manifest else None,
-            previous_version=previous,
-            manifest_sha256=digest,
-            source=source,
-            at=now,
+            previous_version=attempt.previous,
+            manifest_sha256=attempt.digest,
+            source=attempt.source,
+            at=attempt.at,
             error=type(error).__name__ if error else error_name,
             message=message or (str(error) if error else ""),
         )
         self.last_result = result
-        self._append_log(result)
+        self.journal.append(result.to_json())
         level = logging.INFO if result.error is None else logging.WARNING
-        log.log(level, "%s %s: %s", action, outcome, result.message)
+        log.log(level, "%s %s: %s", attempt.action, outcome, result.message)
         return result
 
-    def _fail(
-        self,
-        action: str,
-        outcome: str,
-        manifest: Manifest | None,
-        digest: str | None,
-        previous: int | None,
-        source: str,
-        now: int,
-        exc: EdgedError,
-        model: str | None = None,
-    ) -> NoReturn:
-        result = self._record(
-            action, outcome, manifest, digest, previous, source, now, error=exc, model=model
-        )
+    def _fail(self, attempt: _Attempt, outcome: str, exc: EdgedError) -> NoReturn:
+        result = self._record(attempt, outcome, error=exc)
         self._recorded = (exc, result)
         raise exc
-
-    def _append_log(self, result: InstallResult) -> None:
-        path = self.store.log_path
-        line = json.dumps(result.to_json(), sort_keys=True) + "\n"
-        try:
-            if path.exists() and path.stat().st_size > MAX_LOG_BYTES:
-                os.replace(path, path.with_name(path.name + ".1"))
-            with path.open("a", encoding="utf-8") as f:
-                f.write(line)
-        except OSError as exc:
-            log.error("cannot write the install log %s: %s", path, exc)
 
 
 def _check_config(staging: Path, manifest: Manifest, limits: BundleLimits) -> None:

@@ -22,7 +22,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from edged.demo.samples import write_counting_loop
 from tests.support.daemon import DaemonProcess, running_daemon
 
 pytestmark = pytest.mark.integration
@@ -105,13 +104,6 @@ def hang_worker(daemon: DaemonProcess) -> threading.Thread:
     )
     thread.start()
     return thread
-
-
-@pytest.fixture
-def loop_repo(tmp_path: Path) -> Path:
-    repo = tmp_path / "repo"
-    write_counting_loop(repo / "loop" / "1")
-    return repo
 
 
 def test_second_sigint_forces_exit_while_a_drain_waits(loop_repo: Path, tmp_path: Path) -> None:

@@ -23,24 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from edged.demo.samples import write_counting_loop
-from tests.support.daemon import DaemonProcess, running_daemon
+from tests.support.daemon import running_daemon
 from tests.support.load import InferenceLoad
 
 pytestmark = pytest.mark.integration
 
 FAST_TELEMETRY = "[telemetry]\ninterval_s = 0.1\npower_sample_s = 0.05\n"
-
-
-def wait_for_log(daemon: DaemonProcess, text: str, timeout_s: float = 30.0, count: int = 1) -> None:
-    """Bounded poll of the daemon's log (real state) until ``text`` appears ``count`` times."""
-    deadline = time.monotonic() + timeout_s
-    while daemon.log().count(text) < count:
-        if daemon.process.poll() is not None:
-            raise AssertionError(f"daemon exited ({daemon.process.returncode}):\n{daemon.log()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{text!r} not logged within {timeout_s}s:\n{daemon.log()}")
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -94,10 +82,10 @@ def test_a_full_spool_disk_pauses_telemetry_with_a_gap_and_serving_goes_on(
         with InferenceLoad(daemon.port, clients=8) as load:
             load.wait_for_ok(50)
             filler = fill(spool_dir)
-            wait_for_log(daemon, "telemetry spool paused")
+            daemon.wait_for_log("telemetry spool paused")
             load.wait_for_ok(200)  # still serving with the disk full
             filler.unlink()
-            wait_for_log(daemon, "telemetry spool writable again")
+            daemon.wait_for_log("telemetry spool writable again")
             load.wait_for_ok(50)
         assert load.failures == {}
         with urllib.request.urlopen(f"{daemon.url}/edged/v1/telemetry", timeout=10) as r:
@@ -114,7 +102,7 @@ def test_a_spool_that_cannot_open_is_restarted_with_backoff_and_shown_in_status(
     (work / "state" / "telemetry").write_text("a file where the spool directory should be")
     with running_daemon(model_repo, work, FAST_TELEMETRY) as daemon:
         with InferenceLoad(daemon.port, clients=4) as load:
-            wait_for_log(daemon, "service telemetry failed (restart 2)")
+            daemon.wait_for_log("service telemetry failed (restart 2)")
             load.wait_for_ok(100)
         assert load.failures == {}
         done = subprocess.run(
@@ -156,10 +144,10 @@ def test_a_removed_notify_socket_and_a_broken_config_on_sighup_never_stop_servin
                 receiver.close()
                 address.unlink()  # systemd's socket is gone: every notification now fails
                 daemon.signal(signal.SIGHUP)  # RELOADING=1 and READY=1 cannot be sent
-                wait_for_log(daemon, "reloaded:")
+                daemon.wait_for_log("reloaded:")
                 (work / "edged.toml").write_text("[server\nbroken = ")
                 daemon.signal(signal.SIGHUP)
-                wait_for_log(daemon, "reload failed, keeping the running config")
+                daemon.wait_for_log("reload failed, keeping the running config")
                 load.wait_for_ok(100)
             assert load.failures == {}
             assert daemon.stop() == 0, daemon.log()  # STOPPING=1 cannot be sent either
@@ -201,13 +189,6 @@ def start_hung_request(url: str) -> threading.Thread:
     thread = threading.Thread(target=call, daemon=True)
     thread.start()
     return thread
-
-
-@pytest.fixture
-def loop_repo(tmp_path: Path) -> Path:
-    repo = tmp_path / "repo"
-    write_counting_loop(repo / "loop" / "1")
-    return repo
 
 
 def timeouts_counted(url: str) -> float:

@@ -42,6 +42,16 @@ class DaemonProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_for_log(self, text: str, timeout_s: float = 60.0, count: int = 1) -> None:
+        """Bounded poll of the log (real state) until ``text`` appears ``count`` times."""
+        deadline = time.monotonic() + timeout_s
+        while self.log().count(text) < count:
+            if self.process.poll() is not None:
+                raise AssertionError(f"daemon exited ({self.process.returncode}):\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged within {timeout_s}s:\n{self.log()}")
+            time.sleep(0.02)
+
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,6 @@ from edged.serve.modelconfig import TEST_VECTORS_FILE
 from edged.transport.protocol import Progress
 from edged.transport.topics import Target
 from tests.support.broker import Broker
-from tests.support.daemon import DaemonProcess
 from tests.support.load import InferenceLoad
 from tests.support.pki import SigningKeys
 from tests.transport.conftest import CHUNK_BYTES, Devices
@@ -40,14 +38,6 @@ DEVICE_1 = Target.device("device-1")
 SLOW_ITERATIONS = 3_000_000
 
 
-def wait_for_log(daemon: DaemonProcess, text: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while text not in daemon.log():
-        if daemon.process.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"{text!r} not logged:\n{daemon.log()}")
-        time.sleep(0.02)
-
-
 def test_the_broker_dying_under_load_fails_no_inference_request(
     devices: Devices, manager: ManagerSettings, broker: Broker
 ) -> None:
@@ -56,7 +46,7 @@ def test_the_broker_dying_under_load_fails_no_inference_request(
     with InferenceLoad(daemon.port, clients=4) as load:
         load.wait_for_ok(50)
         broker.stop()
-        wait_for_log(daemon, "reconnecting in")
+        daemon.wait_for_log("reconnecting in")
         load.wait_for_ok(200)
         broker.start()
         asyncio.run(wait_online(manager, ["device-1"], timeout_s=30))
@@ -98,7 +88,7 @@ def test_sigterm_during_an_install_is_not_a_failure_and_the_install_resumes_afte
 
     with InferenceLoad(first.port, clients=4) as load:
         asyncio.run(push_it())
-        wait_for_log(first, "loop/2/model.onnx")  # loaded; its slow self-test is running
+        first.wait_for_log("loop/2/model.onnx")  # loaded; its slow self-test is running
         load.wait_for_ok(20)
     assert load.failures == {}
     first.signal(signal.SIGTERM)

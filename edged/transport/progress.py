@@ -1,0 +1,81 @@
+"""Deployment progress reports: the retained ``progress`` message, kept and sent again after a
+reconnect when the broker did not take it."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from edged.errors import TransportError
+from edged.transport.client import MqttClient
+from edged.transport.link import Link
+from edged.transport.protocol import Deployment, Progress, encode_json
+from edged.transport.settings import AgentSettings
+
+log = logging.getLogger(__name__)
+
+
+class ProgressReporter:
+    def __init__(self, settings: AgentSettings, link: Link) -> None:
+        self.device_id = settings.device_id
+        self.topics = settings.topics
+        self._link = link
+        self._last_progress: Progress | None = None
+        self._progress_unsent = False
+
+    @property
+    def last(self) -> Progress | None:
+        return self._last_progress
+
+    async def report(self, progress: Progress) -> None:
+        self._last_progress = progress
+        self._progress_unsent = True
+        client = self._link.client
+        if client is not None:
+            await self._send(client, progress)
+
+    async def resend(self, client: MqttClient) -> None:
+        """On a new connection: the last report, if the broker has not taken it yet."""
+        if self._progress_unsent and self._last_progress is not None:
+            await self._send(client, self._last_progress)
+
+    async def _send(self, client: MqttClient, progress: Progress) -> None:
+        try:
+            await client.publish(
+                self.topics.progress(self.device_id),
+                encode_json(progress.to_json()),
+                qos=1,
+                retain=True,
+            )
+        except TransportError as exc:
+            log.debug("progress not sent (sent again after reconnecting): %s", exc)
+            return
+        if progress is self._last_progress:
+            self._progress_unsent = False
+
+
+def deployment_progress(
+    device: str,
+    d: Deployment,
+    state: str,
+    chunks_done: int = 0,
+    chunks_fetched: int = 0,
+    reason: str = "",
+) -> Progress:
+    return Progress(
+        device=device,
+        deployment=d.id,
+        model=d.model,
+        version=d.version,
+        state=state,
+        chunks_done=chunks_done,
+        chunks_total=d.chunk_count,
+        chunks_fetched=chunks_fetched,
+        reason=reason,
+        at=int(time.time()),
+    )
+
+
+def error_reason(exc: BaseException) -> str:
+    """How a failure reads in a progress report or a command reply."""
+    return f"{type(exc).__name__}: {exc}"
