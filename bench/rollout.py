@@ -55,13 +55,11 @@ def device_config(broker: Any, pki: FleetPki, device: str) -> str:
 async def observe(settings: ManagerSettings, counts: Counter[str], stop: asyncio.Event) -> None:
     """Count every message the broker delivers on the edged topics, by kind."""
     async with _connected(settings) as (client, fleet):
-        original = fleet.take
 
         def take(message: Any) -> None:
             parts = message.topic.split("/")
             kind = parts[3] if len(parts) > 3 and parts[1] in ("devices", "groups") else parts[1]
             counts[kind] += 1
-            original(message)
 
         fleet.take = take  # type: ignore[method-assign]
         await client.subscribe(["edged/#"], qos=1)
