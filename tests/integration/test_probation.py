@@ -93,6 +93,8 @@ def assert_reverted(
     model = status(daemon)
     assert model["version"] == "1"
     assert model["probation"] is None
+    text = edged("status", "--socket", str(daemon.socket_path)).stdout
+    assert "probation" in text and "reverted" in text
     entry = installs(daemon)[-1]
     assert (entry["action"], entry["outcome"], entry["version"]) == ("probation", "reverted", 2)
     assert f"gate {gate}" in entry["message"]
