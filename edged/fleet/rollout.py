@@ -65,6 +65,7 @@ ANNOUNCED = "announced"
 PASSED = "passed"  # promoted after probation
 REFUSED = "refused"
 ROLLED_BACK = "rolled-back"
+ROLLBACK_FAILED = "rollback-failed"  # e.g. the version before is not held in its store
 BAD_STATES = frozenset({REVERTED, FAILED, REFUSED})
 DECIDED_STATES = BAD_STATES | {PASSED}
 
@@ -305,7 +306,7 @@ class _Engine:
 
     def observe(self, fleet: _Fleet) -> None:
         for device, record in self.state.devices.items():
-            if record.state in (PENDING, OFFLINE, ROLLED_BACK):
+            if record.state in (PENDING, OFFLINE, ROLLED_BACK, ROLLBACK_FAILED):
                 continue
             progress = fleet.progress.get(device)
             if progress is not None and progress.deployment == self.state.deployment:
@@ -473,7 +474,8 @@ class _Engine:
         took = [
             d
             for d, r in s.devices.items()
-            if r.state not in (PENDING, OFFLINE, REVERTED, FAILED, REFUSED, ROLLED_BACK)
+            if r.state
+            not in (PENDING, OFFLINE, REVERTED, FAILED, REFUSED, ROLLED_BACK, ROLLBACK_FAILED)
         ]
         # A device still installing is waited for (up to the wave timeout), then rolled back.
         busy = [d for d in took if s.devices[d].state != PASSED]
@@ -495,24 +497,25 @@ class _Engine:
                 correlation_data=command.nonce.encode("ascii"),
             )
             s.messages_sent += 1
-            reply = await self.wait_reply(fleet, device, command.nonce)
+            ok, reply = await self.wait_reply(fleet, device, command.nonce)
             self.set_device(
                 device,
-                ROLLED_BACK,
-                reply if reply else "rollback sent; no answer (it runs when the device is back)",
+                ROLLED_BACK if ok else ROLLBACK_FAILED,
+                reply or "rollback sent; no answer (it runs when the device is back)",
             )
         for device in s.devices:
             await self.clear_chunks(client, device)
         return True
 
-    async def wait_reply(self, fleet: _Fleet, device: str, nonce: str) -> str:
+    async def wait_reply(self, fleet: _Fleet, device: str, nonce: str) -> tuple[bool, str]:
+        """(ok, what the device answered); an unanswered rollback counts as sent."""
         deadline = time.monotonic() + self.settings.timeout_s * 3
         while time.monotonic() < deadline:
             reply = fleet.replies.get(device)
             if reply is not None and reply.nonce == nonce:
-                return "rolled back" if reply.ok else f"rollback failed: {reply.error}"
+                return reply.ok, "rolled back" if reply.ok else f"rollback failed: {reply.error}"
             await fleet.wait_change(0.5)
-        return ""
+        return True, ""
 
 
 async def drive(

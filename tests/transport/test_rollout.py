@@ -224,3 +224,60 @@ def test_a_slow_release_is_reverted_on_the_canary_and_the_rollout_aborts_before_
         assert not log.exists() or '"version": 2' not in log.read_text()
         assert not (devices.workdir_of(name) / "state" / "models" / "mlp" / "2").exists()
     assert "aborted" in done.stdout
+
+
+def test_an_operator_abort_rolls_back_every_device_that_took_the_release(
+    tmp_path: Path,
+    devices: Devices,
+    broker: Broker,
+    pki: FleetPki,
+    signing: SigningKeys,
+    manager: ManagerSettings,
+) -> None:
+    names = ["edge-1", "edge-2", "edge-3"]
+    policy = ProbationPolicy(min_s=1, max_s=60, min_requests=0)
+    daemons = start_all(devices, names)
+    asyncio.run(wait_online(manager, names, timeout_s=30))
+    # Version 2 first, so that each device's store holds the version a rollback returns to.
+    first = build_release(tmp_path, signing, 2, policy, slow=False)
+    for name in names:
+        pushed = subprocess.run(
+            [*EDGED, "push", str(first), "--device", name, "--timeout", "60",
+             "--signing-key", str(signing.signer_file), *connection_args(broker, pki)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    release = build_release(tmp_path, signing, 3, policy, slow=False)
+    store = RolloutStore(tmp_path / "rollouts")
+    start = subprocess.Popen(
+        rollout_cli(broker, pki, signing, store.directory, "start", str(release), "--group", GROUP,
+                    "--waves", "50", "--id", "stop", *device_args(names)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    wait_state(store, "stop", lambda s: s.devices["edge-1"].state == "passed", start)
+    start.send_signal(signal.SIGKILL)
+    start.communicate(timeout=30)
+
+    aborted = subprocess.run(
+        rollout_cli(broker, pki, signing, store.directory, "abort", "stop"),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert aborted.returncode == 0, aborted.stdout + aborted.stderr
+    state = store.load("stop")
+    assert state.status == "aborted"
+    assert state.reason == "aborted by the operator"
+    took = [n for n in names if state.devices[n].state != "pending"]
+    assert "edge-1" in took
+    for name in took:
+        assert state.devices[name].previous_version == "2"
+        assert state.devices[name].state == "rolled-back", state.devices[name]
+        assert state.devices[name].reason == "rolled back"
+    for daemon, name in zip(daemons, names, strict=True):
+        assert serving_version(daemon) == "2", name  # never 3 any more, and nothing older
+    # Resuming a finished rollout changes nothing.
+    again = subprocess.run(
+        rollout_cli(broker, pki, signing, store.directory, "resume", "stop"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert again.returncode == 1
+    assert store.load("stop").status == "aborted"
