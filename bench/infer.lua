@@ -1,20 +1,25 @@
--- wrk script: POST one Open Inference Protocol request with a binary tensor body.
---   wrk -t2 -c64 -d10s -s bench/infer.lua http://127.0.0.1:PORT/v2/models/mlp/infer -- BODY_FILE HEADER_LENGTH
--- BODY_FILE holds the JSON header followed by the raw tensor bytes (bench/serving.py writes it);
--- HEADER_LENGTH is the length of the JSON part (the Inference-Header-Content-Length header).
+-- wrk script: POST one Open Inference Protocol request read from a file.
+--   wrk -t2 -c64 -d10s -s bench/infer.lua http://127.0.0.1:PORT/v2/models/mlp/infer -- BODY_FILE [HEADER_LENGTH]
+-- With HEADER_LENGTH the body is a binary-tensor request: the JSON header followed by the raw
+-- tensor bytes (bench/serving.py writes it), HEADER_LENGTH the length of the JSON part (the
+-- Inference-Header-Content-Length header). Without it the body is a plain JSON request.
 -- done() prints one line "WRK_RESULT {json}" for bench/serving.py to parse.
 
 function init(args)
-   if #args ~= 2 then
-      error("usage: wrk ... -s infer.lua URL -- BODY_FILE HEADER_LENGTH")
+   if #args < 1 or #args > 2 then
+      error("usage: wrk ... -s infer.lua URL -- BODY_FILE [HEADER_LENGTH]")
    end
    local file = assert(io.open(args[1], "rb"))
    local body = file:read("*a")
    file:close()
    wrk.method = "POST"
    wrk.body = body
-   wrk.headers["Content-Type"] = "application/octet-stream"
-   wrk.headers["Inference-Header-Content-Length"] = args[2]
+   if #args == 2 then
+      wrk.headers["Content-Type"] = "application/octet-stream"
+      wrk.headers["Inference-Header-Content-Length"] = args[2]
+   else
+      wrk.headers["Content-Type"] = "application/json"
+   end
 end
 
 function done(summary, latency, requests)

@@ -1,26 +1,25 @@
-"""Serving benchmark: edged against the raw runtime and a thread-per-request server.
+"""Serving benchmark: edged against a thread-per-request server and the raw runtime, in one run.
 
-One model (ONNX MLP 1024 -> 2048 -> 2048 -> 1000, fp32, dynamic batch), one run:
+One model (ONNX MLP 1024 -> 2048 -> 2048 -> 1000, fp32, dynamic batch, max batch 32):
 
-  (a)  raw runtime loop at batch 1                   single-request latency floor
-  (b)  raw runtime loop at max batch (32)            throughput ceiling
-  (c)  ThreadingHTTPServer, one runtime call per request, 64 concurrent batch-1 clients (wrk)
-  (d)  ``edged run``, the same 64 concurrent batch-1 clients (wrk)
-  (d1) ``edged run``, one client sending requests back to back (wrk -t1 -c1)
+  a      raw ``load_model(...).run`` at batch 1 (edged's thread settings)   latency floor
+  b      raw runtime at batch 32, the batching limit (same settings)         throughput ceiling
+  cN     ``ThreadingHTTPServer``, one runtime call per request, N clients    the usual server
+  dN     ``edged run`` with default settings, N clients
+  s64    edged with ``spin_wait = true``, 64 clients                        battery vs spinning
+  wN     edged with ``intra_op_threads`` = all usable cores (no spinning)     the CPU budget's price
+  oN     edged at an older git ref (``--compare-ref``), default settings     "today"
 
-(c) and (d) get the byte-identical binary Open Inference Protocol request from the same wrk
-load (bench/infer.lua), so the client costs the same. (d) runs once per ``intra_op_threads``
-candidate; the one with the higher throughput is reported as (d), the others in parentheses.
+N is 1, 64 and 1000 concurrent batch-1 clients (wrk); a ``j`` after the letter marks JSON
+tensor bodies (what curl and most scripts send), rows without it send the binary tensor
+extension. Every HTTP row reports throughput, latency, failed requests, and CPU time per
+request from /proc accounting: the server's (all threads), edged's event-loop thread alone
+("loop"), and wrk's. CPU accounting is far less noisy than wall clock on a shared machine.
 
-Besides throughput and latency, each HTTP row shows the server's CPU time per request (for
-edged split into the event-loop thread and the rest) and each row shows how many cores other
-processes on the machine used meanwhile: a phase where that exceeds ``NOISY_CORES`` is marked,
-since its numbers measure the neighbours as much as the server.
+Prints one table and the ratios against the serving issue's targets, and writes everything to
+bench/out/serving.json. Exit status 1 when any edged request failed.
 
-Prints one table and the ratios d/c, d/b and d1/a (p50 latency) against their targets and
-writes everything to bench/out/serving.json. Exit status 1 when any request failed.
-
-    python bench/serving.py [--duration-s 10] [--intra-op-threads 1 2]
+    python bench/serving.py [--duration-s 5] [--compare-ref REF] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,8 +45,10 @@ from typing import Any
 import numpy as np
 from cpuload import NOISY_CORES, OtherLoad, ServerCpu, children_cpu_s, wait_for_quiet
 
+from edged._net import free_port
 from edged.demo.samples import BENCH_MLP_LAYERS, make_bench_mlp
 from edged.runtime import LoadedModel, load_model
+from edged.runtime.budget import CpuBudget, usable_cores
 from edged.runtime.options import RuntimeOptions
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -64,11 +64,19 @@ STOP_TIMEOUT_S = 15.0
 WRK_TIMEOUT = "10s"  # a stalled request is counted in the latency, not dropped as a timeout
 RAW_WARMUP_RUNS = 20
 
-# The issue's targets: (name, ratio key, comparison, bound).
+CLIENTS = (1, 64, 1000)
+# edged before the serving-speed work (issue 13): the "today" of rows o1, o64, oj64.
+DEFAULT_COMPARE_REF = "5f0bd17d2133d7027405e79ba558c79ae4b8b761"
+
+# The serving issue's targets: (name, ratio key, comparison, bound, rows it is made of).
 TARGETS = (
-    ("d/c throughput", "d_over_c", ">=", 10.0),
-    ("d/b throughput", "d_over_b", ">=", 0.6),
-    ("single-client d1/a p50 latency", "d1_over_a_p50", "<=", 1.2),
+    ("d64/c64 throughput, binary", "d64_over_c64", ">=", 10.0, ("d64", "c64")),
+    ("d1000/c1000 throughput, binary", "d1000_over_c1000", ">=", 10.0, ("d1000", "c1000")),
+    ("dj64/oj64 throughput, JSON", "dj64_over_oj64", ">=", 4.0, ("dj64", "oj64")),
+    ("d1 p50 - a p50 (ms)", "d1_minus_a_p50_ms", "<=", 0.2, ("d1", "a")),
+    ("d1 p50 / o1 p50 (single client)", "d1_over_o1_p50", "<=", 1.0, ("d1", "o1")),
+    ("d64/o64 loop CPU per request", "d64_over_o64_loop_cpu", "<=", 0.6, ("d64", "o64")),
+    ("d64/s64 throughput (spin off/on)", "d64_over_s64", ">=", 0.95, ("d64", "s64")),
 )
 
 Array = np.ndarray[Any, Any]
@@ -131,7 +139,18 @@ def infer_body(x: Array) -> tuple[bytes, int]:
     return header + data, len(header)
 
 
-def decode_output(data: bytes, header_length: int) -> Array:
+def json_infer_body(x: Array) -> bytes:
+    """The same request with a JSON tensor, as curl or a script would send it."""
+    doc = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                       "data": x.ravel().tolist()}]}  # fmt: skip
+    return json.dumps(doc).encode()
+
+
+def decode_output(data: bytes, header_length: int | None) -> Array:
+    if header_length is None:
+        out = json.loads(data)["outputs"][0]
+        values: Array = np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+        return values
     doc = json.loads(data[:header_length])
     out = doc["outputs"][0]
     size = out["parameters"]["binary_data_size"]
@@ -218,12 +237,6 @@ def raw_row(model: LoadedModel, x: Array, duration_s: float, key: str, label: st
 # --- servers under test ---------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def http_call(
     port: int,
     method: str,
@@ -241,10 +254,12 @@ def http_call(
 
 
 @contextlib.contextmanager
-def server_process(cmd: Sequence[str], port: int, log_path: Path) -> Iterator[int]:
+def server_process(
+    cmd: Sequence[str], port: int, log_path: Path, cwd: Path | None = None
+) -> Iterator[int]:
     """Start a server, wait until ``/v2/health/ready`` answers 200, stop it with SIGTERM."""
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
         try:
             deadline = time.monotonic() + READY_TIMEOUT_S
             while True:
@@ -269,26 +284,58 @@ def server_process(cmd: Sequence[str], port: int, log_path: Path) -> Iterator[in
                 proc.wait()
 
 
-def edged_command(repo: Path, port: int, tmp: Path) -> list[str]:
+def edged_command(repo: Path, port: int, tmp: Path, state: str = "state") -> list[str]:
     config = tmp / "edged.toml"
     config.write_text("# bench: defaults only, so /etc/edged/edged.toml cannot leak in\n")
     return [
         sys.executable, "-m", "edged.cli.main", "run",
         "--models", str(repo), "--port", str(port), "--no-socket",
-        "--config", str(config), "--state-dir", str(tmp / "state"),
+        "--config", str(config), "--state-dir", str(tmp / state),
     ]  # fmt: skip
 
 
-def write_model_config(model_dir: Path, intra_op_threads: int) -> None:
+def write_model_config(
+    model_dir: Path, intra_op_threads: int = 0, spin_wait: bool | None = None
+) -> None:
+    """0 threads and ``spin_wait`` None leave the daemon's defaults."""
+    runtime = ""
+    if intra_op_threads:
+        runtime += f"intra_op_threads = {intra_op_threads}\n"
+    if spin_wait is not None:
+        runtime += f"spin_wait = {'true' if spin_wait else 'false'}\n"
     (model_dir / "config.toml").write_text(
         "# Written by bench/serving.py.\n"
-        "[runtime]\n"
-        f"intra_op_threads = {intra_op_threads}\n"
-        "\n"
-        "[batching]\n"
+        + (f"[runtime]\n{runtime}\n" if runtime else "")
+        + "[batching]\n"
         f"max_batch_size = {MAX_BATCH}\n"
         "max_queue_delay_us = 0\n"
     )
+
+
+@contextlib.contextmanager
+def checkout(ref: str, tmp: Path) -> Iterator[Path]:
+    """The ``edged`` package at git ``ref``, extracted under ``tmp`` (for PYTHONPATH)."""
+    root = tmp / f"ref-{ref.replace('/', '_')}"
+    root.mkdir()
+    repo = BENCH_DIR.parent
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", ref, "edged"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    yield root
+
+
+def _has_ref(ref: str) -> bool:
+    done = subprocess.run(
+        ["git", "-C", str(BENCH_DIR.parent), "cat-file", "-e", f"{ref}^{{commit}}"],
+        capture_output=True,
+        check=False,
+    )
+    return done.returncode == 0
+
+
+def with_pythonpath(cmd: list[str], path: Path) -> list[str]:
+    return ["env", f"PYTHONPATH={path}", *cmd]
 
 
 # --- load generator ---------------------------------------------------------------------------
@@ -300,18 +347,29 @@ class Workload:
 
     body_file: Path
     body: bytes
-    header_length: int
+    header_length: int | None  # None: a JSON body
     expected: Array
+
+    @property
+    def kind(self) -> str:
+        return "JSON" if self.header_length is None else "binary"
 
 
 def check_response(port: int, work: Workload) -> None:
     """One request before the load: the server must answer 200 with the runtime's output."""
-    headers = {HEADER_LENGTH: str(work.header_length), "Content-Type": "application/octet-stream"}
+    if work.header_length is None:
+        headers = {"Content-Type": "application/json"}
+    else:
+        headers = {
+            HEADER_LENGTH: str(work.header_length),
+            "Content-Type": "application/octet-stream",
+        }
     path = f"/v2/models/{MODEL_NAME}/infer"
     status, resp_headers, data = http_call(port, "POST", path, work.body, headers)
     if status != 200:
         raise RuntimeError(f"check request got HTTP {status}: {data[:500]!r}")
-    got = decode_output(data, int(resp_headers[HEADER_LENGTH]))
+    length = resp_headers.get(HEADER_LENGTH)
+    got = decode_output(data, int(length) if length is not None else None)
     if got.shape != work.expected.shape or not np.allclose(
         got, work.expected, atol=1e-4, rtol=1e-3
     ):
@@ -325,8 +383,10 @@ def run_wrk(
     url = f"http://127.0.0.1:{port}/v2/models/{MODEL_NAME}/infer"
     cmd = [
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s:g}s", "--timeout", WRK_TIMEOUT,
-        "-s", str(LUA_SCRIPT), url, "--", str(work.body_file), str(work.header_length),
+        "-s", str(LUA_SCRIPT), url, "--", str(work.body_file),
     ]  # fmt: skip
+    if work.header_length is not None:
+        cmd.append(str(work.header_length))
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
@@ -352,8 +412,10 @@ def http_row(
     work: Workload,
     load: tuple[int, int, float],
     settings: dict[str, Any],
+    event_loop: bool = True,
 ) -> Row:
-    """One wrk run against a server; ``load`` is (wrk threads, connections, seconds)."""
+    """One wrk run against a server; ``load`` is (wrk threads, connections, seconds).
+    ``event_loop``: the server's main thread is an event loop (edged), so report its CPU."""
     threads, connections, duration_s = load
     other = OtherLoad([server_pid])
     server0, client0 = ServerCpu.read(server_pid), children_cpu_s()
@@ -377,7 +439,9 @@ def http_row(
         requests,
         errors,
         server_cpu_us_per_request=(server1.total_s - server0.total_s) * per_request,
-        loop_cpu_us_per_request=(server1.main_thread_s - server0.main_thread_s) * per_request,
+        loop_cpu_us_per_request=(server1.main_thread_s - server0.main_thread_s) * per_request
+        if event_loop
+        else None,
         client_cpu_us_per_request=(client1 - client0) * per_request,
     )
 
@@ -385,21 +449,57 @@ def http_row(
 # --- report -----------------------------------------------------------------------------------
 
 
-def ratios(a: Row, b: Row, c: Row, d: Row, d1: Row) -> dict[str, float]:
-    return {
-        "d_over_c": d.throughput / c.throughput,
-        "d_over_b": d.throughput / b.throughput,
-        "d1_over_a_p50": d1.p50_ms / a.p50_ms,
+def ratios(rows: dict[str, Row]) -> dict[str, float]:
+    """Every ratio of TARGETS whose rows were measured."""
+
+    def tp(key: str) -> float:
+        return rows[key].throughput
+
+    formulas: dict[str, Callable[[], float]] = {
+        "d64_over_c64": lambda: tp("d64") / tp("c64"),
+        "d1000_over_c1000": lambda: tp("d1000") / tp("c1000"),
+        "dj64_over_oj64": lambda: tp("dj64") / tp("oj64"),
+        "d1_minus_a_p50_ms": lambda: rows["d1"].p50_ms - rows["a"].p50_ms,
+        "d1_over_o1_p50": lambda: rows["d1"].p50_ms / rows["o1"].p50_ms,
+        "d64_over_o64_loop_cpu": lambda: _loop(rows["d64"]) / _loop(rows["o64"]),
+        "d64_over_s64": lambda: tp("d64") / tp("s64"),
     }
+    out: dict[str, float] = {}
+    for _name, key, _op, _bound, needs in TARGETS:
+        if all(k in rows for k in needs):
+            out[key] = formulas[key]()
+    return out
 
 
-def verdicts(values: dict[str, float], inputs: dict[str, list[Row]]) -> list[dict[str, Any]]:
+def _loop(row: Row) -> float:
+    return row.loop_cpu_us_per_request or float("nan")
+
+
+def extra_ratios(rows: dict[str, Row]) -> dict[str, float]:
+    """Ratios without a target, for the record."""
+    pairs = {
+        "dj64_over_cj64": ("dj64", "cj64"), "dj1000_over_cj1000": ("dj1000", "cj1000"),
+        "d64_over_o64": ("d64", "o64"), "d64_over_b": ("d64", "b"),
+        "dj64_over_d64": ("dj64", "d64"), "w64_over_d64": ("w64", "d64"),
+    }  # fmt: skip
+    out = {k: rows[x].throughput / rows[y].throughput for k, (x, y) in pairs.items()
+           if x in rows and y in rows}  # fmt: skip
+    if "w1" in rows and "d1" in rows:
+        out["w1_over_d1_p50"] = rows["w1"].p50_ms / rows["d1"].p50_ms
+    if "dj64" in rows and "oj64" in rows:
+        out["dj64_over_oj64_loop_cpu"] = _loop(rows["dj64"]) / _loop(rows["oj64"])
+    return out
+
+
+def verdicts(values: dict[str, float], rows: dict[str, Row]) -> list[dict[str, Any]]:
     """PASS/MISS per target; ``noisy`` when a row the ratio is made of was disturbed."""
     out = []
-    for name, key, op, bound in TARGETS:
+    for name, key, op, bound, needs in TARGETS:
+        if key not in values:
+            continue
         value = values[key]
         ok = value >= bound if op == ">=" else value <= bound
-        noisy = any(r.noisy for r in inputs[key])
+        noisy = any(rows[k].noisy for k in needs)
         out.append(
             {"name": name, "key": key, "value": value, "target": f"{op} {bound:g}", "pass": ok,
              "noisy": noisy}
@@ -411,8 +511,10 @@ def _us(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
-def print_report(rows: list[Row], checks: list[dict[str, Any]], notes: list[str]) -> None:
-    line = "{:5} {:40} {:>18} {:>7} {:>8} {:>8} {:>6} {:>7} {:>6} {:>5} {:>7}"
+def print_report(
+    rows: list[Row], checks: list[dict[str, Any]], extra: dict[str, float], notes: list[str]
+) -> None:
+    line = "{:6} {:44} {:>18} {:>7} {:>8} {:>8} {:>6} {:>7} {:>6} {:>5} {:>7}"
     print()
     print(line.format("", "what", "throughput", "spread", "p50 ms", "p99 ms", "errors", "server",
                       "loop", "wrk", "other"))  # fmt: skip
@@ -436,7 +538,9 @@ def print_report(rows: list[Row], checks: list[dict[str, Any]], notes: list[str]
     print()
     for check in checks:
         verdict = ("PASS" if check["pass"] else "MISS") + (" (noisy)" if check["noisy"] else "")
-        print(f"  {check['name']:32} {check['value']:7.2f}   target {check['target']:7} {verdict}")
+        print(f"  {check['name']:34} {check['value']:7.2f}   target {check['target']:7} {verdict}")
+    if extra:
+        print("  also: " + ", ".join(f"{k} = {v:.2f}" for k, v in extra.items()))
     print()
     for note in notes:
         print(f"  note: {note}")
@@ -451,6 +555,26 @@ def print_report(rows: list[Row], checks: list[dict[str, Any]], notes: list[str]
             print(f"\n!!! {r.key} ({r.label}) HAD {r.error_count} FAILED REQUESTS: {r.errors} !!!")
 
 
+def markdown(rows: list[Row], checks: list[dict[str, Any]]) -> str:
+    """The table and the verdicts as Markdown, for bench/README.md."""
+    out = [
+        "| | | throughput | p50 ms | p99 ms | errors | server CPU µs/req | loop µs/req |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        star = "*" if r.noisy else ""
+        out.append(
+            f"| {r.key}{star} | {r.label} | {r.throughput:,.0f} {r.unit} | {r.p50_ms:.2f} | "
+            f"{r.p99_ms:.2f} | {r.error_count if r.unit == 'req/s' else ''} | "
+            f"{_us(r.server_cpu_us_per_request)} | {_us(r.loop_cpu_us_per_request)} |"
+        )
+    out += ["", "| target | measured | bound | verdict |", "|---|---|---|---|"]
+    for c in checks:
+        verdict = ("PASS" if c["pass"] else "MISS") + (" (noisy)" if c["noisy"] else "")
+        out.append(f"| {c['name']} | {c['value']:.2f} | {c['target']} | {verdict} |")
+    return "\n".join(out)
+
+
 def machine() -> dict[str, Any]:
     import onnxruntime as ort
 
@@ -463,6 +587,7 @@ def machine() -> dict[str, Any]:
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
     return {
         "cpus": os.cpu_count(),
+        "usable_cores": usable_cores(),
         "cpu": cpu,
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
@@ -475,23 +600,33 @@ def machine() -> dict[str, Any]:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration-s", type=float, default=5.0, help="each 64-client round")
-    parser.add_argument("--raw-duration-s", type=float, default=4.0, help="each raw round")
-    parser.add_argument("--single-duration-s", type=float, default=4.0, help="each d1 round")
-    parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--wrk-threads", type=int, default=2)
+    parser.add_argument("--duration-s", type=float, default=5.0, help="each HTTP round")
+    parser.add_argument("--raw-duration-s", type=float, default=3.0, help="each raw round")
     parser.add_argument(
-        "--intra-op-threads",
-        type=int,
-        nargs="+",
-        default=[1, 2],
-        help="edged [runtime] intra_op_threads candidates for (d); the best is reported",
+        "--clients", type=int, nargs="+", default=list(CLIENTS), help="concurrent clients"
+    )
+    parser.add_argument("--wrk-threads", type=int, default=2, help="wrk threads (1 for 1 client)")
+    parser.add_argument(
+        "--compare-ref",
+        default=DEFAULT_COMPARE_REF,
+        help="also run edged from this git ref (rows o1, o64, oj64); empty: skip "
+        "(default: edged before the serving-speed work)",
     )
     parser.add_argument(
         "--baseline-intra-op-threads",
         type=int,
         default=0,
-        help="intra_op_threads of (a), (b) and (c); 0: the runtime's default (one per core)",
+        help="intra_op_threads of the thread-per-request server; 0: the runtime's default",
+    )
+    parser.add_argument(
+        "--baseline-spin-wait",
+        choices=("on", "off"),
+        default="off",
+        help="spin_wait of the thread-per-request server (off: its faster setting here; "
+        "on: ONNX Runtime's own default)",
+    )
+    parser.add_argument(
+        "--no-json", action="store_true", help="binary bodies only (skip the j rows)"
     )
     parser.add_argument(
         "--quiet-wait-s",
@@ -512,14 +647,44 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@dataclass
+class Phases:
+    """Runs HTTP phases against one server process at a time and collects their rows."""
+
+    patience: Patience
+    duration_s: float
+    wrk_threads: int
+    rows: dict[str, Row] = field(default_factory=dict)
+
+    def load(self, clients: int) -> tuple[int, int, float]:
+        return (1 if clients == 1 else self.wrk_threads, clients, self.duration_s)
+
+    def measure(
+        self,
+        key: str,
+        label: str,
+        port: int,
+        pid: int,
+        work: Workload,
+        clients: int,
+        settings: dict[str, Any],
+        event_loop: bool = True,
+    ) -> None:
+        print(f"bench: {key}: {label} for {self.duration_s:g}s", flush=True)
+        measure = partial(
+            http_row, key, label, port, pid, work, self.load(clients), settings, event_loop
+        )
+        self.rows[key] = best_of(measure, self.patience, [pid])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     if shutil.which("wrk") is None:
         print("bench: wrk is missing; install it with `apt-get install -y wrk`", file=sys.stderr)
         return 2
     patience = Patience(args.rounds, args.quiet_wait_s, args.retries)
-    load = (args.wrk_threads, args.connections, args.duration_s)
-    single = (1, 1, args.single_duration_s)
+    phases = Phases(patience, args.duration_s, args.wrk_threads)
+    clients: list[int] = args.clients
 
     with tempfile.TemporaryDirectory(prefix="edged-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -534,91 +699,138 @@ def main(argv: list[str] | None = None) -> int:
         x1 = rng.standard_normal((1, BENCH_MLP_LAYERS[0]), dtype=np.float32)
         xb = rng.standard_normal((MAX_BATCH, BENCH_MLP_LAYERS[0]), dtype=np.float32)
 
-        baseline = RuntimeOptions(intra_op_threads=args.baseline_intra_op_threads)
-        raw_settings = {"intra_op_threads": baseline.intra_op_threads, "via": "load_model"}
-        model = load_model(version_dir, baseline)
+        # What `edged run` gives a model with no [runtime] settings on this machine.
+        edged_options = CpuBudget(usable_cores()).apply(RuntimeOptions(), models=1)
+        raw_settings = {
+            "intra_op_threads": edged_options.intra_op_threads,
+            "spin_wait": edged_options.spin_wait,
+            "via": "load_model",
+        }
+        model = load_model(version_dir, edged_options)
         body, header_length = infer_body(x1)
         expected = model.run({"input": x1})["output"]
-        work = Workload(tmp / "request.bin", body, header_length, expected)
-        work.body_file.write_bytes(body)
-        print(f"bench: (a) raw batch 1 for {args.raw_duration_s:g}s", flush=True)
+        binary = Workload(tmp / "request.bin", body, header_length, expected)
+        binary.body_file.write_bytes(body)
+        json_body = json_infer_body(x1)
+        as_json = Workload(tmp / "request.json", json_body, None, expected)
+        as_json.body_file.write_bytes(json_body)
+        works = [("", binary)] + ([] if args.no_json else [("j", as_json)])
+
+        print(f"bench: a: raw batch 1 for {args.raw_duration_s:g}s", flush=True)
         label = "raw runtime, batch 1"
         a = best_of(partial(raw_row, model, x1, args.raw_duration_s, "a", label), patience)
-        print(f"bench: (b) raw batch {MAX_BATCH} for {args.raw_duration_s:g}s", flush=True)
+        print(f"bench: b: raw batch {MAX_BATCH} for {args.raw_duration_s:g}s", flush=True)
         label = f"raw runtime, batch {MAX_BATCH}"
         b = best_of(partial(raw_row, model, xb, args.raw_duration_s, "b", label), patience)
         a.settings = b.settings = raw_settings
         model.close()
         del model
+        phases.rows.update(a=a, b=b)
 
-        candidates: list[tuple[Row, Row]] = []
-        for threads in args.intra_op_threads:
-            write_model_config(model_dir, threads)
-            port = free_port()
-            settings = {"intra_op_threads": threads, "max_batch_size": MAX_BATCH}
-            log = tmp / f"edged-intra{threads}.log"
-            with server_process(edged_command(repo, port, tmp), port, log) as pid:
+        # d: edged as installed, no [runtime] settings.
+        write_model_config(model_dir)
+        port = free_port()
+        with server_process(edged_command(repo, port, tmp), port, tmp / "edged.log") as pid:
+            for suffix, work in works:
                 check_response(port, work)
-                print(f"bench: (d) edged intra_op_threads={threads}, {args.connections} clients "
-                      f"for {args.duration_s:g}s", flush=True)  # fmt: skip
-                label = f"edged, {args.connections} clients, intra_op={threads}"
-                measure = partial(http_row, "d", label, port, pid, work, load, settings)
-                d = best_of(measure, patience, [pid])
-                print(f"bench: (d1) edged intra_op_threads={threads}, 1 client "
-                      f"for {args.single_duration_s:g}s", flush=True)  # fmt: skip
-                label = f"edged, 1 client, intra_op={threads}"
-                measure = partial(http_row, "d1", label, port, pid, work, single, settings)
-                d1 = best_of(measure, patience, [pid])
-            candidates.append((d, d1))
-        d, d1 = max(candidates, key=lambda pair: pair[0].throughput)
+                for n in clients:
+                    label = f"edged, {n} client{'s' * (n > 1)}, {work.kind}"
+                    settings: dict[str, Any] = {"defaults": True, "max_batch_size": MAX_BATCH}
+                    phases.measure(f"d{suffix}{n}", label, port, pid, work, n, settings)
 
+        # s: edged with spinning intra-op threads (the old default), for the spin_wait target.
+        if 64 in clients:
+            write_model_config(model_dir, spin_wait=True)
+            port = free_port()
+            with server_process(edged_command(repo, port, tmp), port, tmp / "spin.log") as pid:
+                check_response(port, binary)
+                label = "edged, 64 clients, binary, spin_wait=true"
+                phases.measure("s64", label, port, pid, binary, 64, {"spin_wait": True})
+
+        # w: every core for inference (the loop gets no core of its own), for the budget rule.
+        write_model_config(model_dir, intra_op_threads=usable_cores())
+        port = free_port()
+        with server_process(edged_command(repo, port, tmp), port, tmp / "wide.log") as pid:
+            check_response(port, binary)
+            for n in (1, 64):
+                if n in clients:
+                    label = f"edged, {n} client{'s' * (n > 1)}, binary, intra_op={usable_cores()}"
+                    settings = {"intra_op_threads": usable_cores()}
+                    phases.measure(f"w{n}", label, port, pid, binary, n, settings)
+
+        # o: edged at an older ref, its own defaults ("today").
+        if args.compare_ref and not _has_ref(args.compare_ref):
+            print(f"bench: git ref {args.compare_ref} is not here; skipping the o rows")
+        elif args.compare_ref:
+            write_model_config(model_dir)
+            port = free_port()
+            with checkout(args.compare_ref, tmp) as path:
+                cmd = with_pythonpath(edged_command(repo, port, tmp, "state-ref"), path)
+                # From the checkout: `python -m` puts the working directory first on the path.
+                with server_process(cmd, port, tmp / "edged-ref.log", cwd=path) as pid:
+                    old = [(s, w, n) for s, w in works for n in (1, 64)
+                           if n in clients and not (s and n == 1)]  # fmt: skip
+                    for suffix, work, n in old:
+                        check_response(port, work)
+                        label = (
+                            f"edged {args.compare_ref[:10]}, {n} client{'s' * (n > 1)}, {work.kind}"
+                        )
+                        settings = {"ref": args.compare_ref}
+                        phases.measure(f"o{suffix}{n}", label, port, pid, work, n, settings)
+
+        # c: thread-per-request.
         port = free_port()
         cmd = [
             sys.executable, str(THREAD_SERVER), "--version-dir", str(version_dir),
-            "--port", str(port), "--intra-op-threads", str(baseline.intra_op_threads),
+            "--port", str(port), "--intra-op-threads", str(args.baseline_intra_op_threads),
+            "--spin-wait", args.baseline_spin_wait,
         ]  # fmt: skip
         with server_process(cmd, port, tmp / "thread_server.log") as pid:
-            check_response(port, work)
-            print(f"bench: (c) thread-per-request, {args.connections} clients "
-                  f"for {args.duration_s:g}s", flush=True)  # fmt: skip
-            label = f"ThreadingHTTPServer, {args.connections} clients"
-            settings = {**raw_settings, "via": "bench/thread_server.py"}
-            measure = partial(http_row, "c", label, port, pid, work, load, settings)
-            c = best_of(measure, patience, [pid])
+            settings = {
+                "intra_op_threads": args.baseline_intra_op_threads,
+                "spin_wait": args.baseline_spin_wait,
+                "via": "bench/thread_server.py",
+            }
+            for suffix, work in works:
+                check_response(port, work)
+                for n in clients:
+                    label = f"ThreadingHTTPServer, {n} client{'s' * (n > 1)}, {work.kind}"
+                    key = f"c{suffix}{n}"
+                    phases.measure(key, label, port, pid, work, n, settings, event_loop=False)
 
-    rows = [a, b, c, d, d1]
-    others = [row for pair in candidates if pair[0] is not d for row in pair]
-    for row in others:
-        row.key = f"({row.key})"
-    values = ratios(a, b, c, d, d1)
-    checks = verdicts(values, {"d_over_c": [d, c], "d_over_b": [d, b], "d1_over_a_p50": [d1, a]})
-    chosen = d.settings["intra_op_threads"]
+    rows = phases.rows
+    values = ratios(rows)
+    extra = extra_ratios(rows)
+    checks = verdicts(values, rows)
     notes = [
-        f"(a), (b), (c): intra_op_threads={baseline.intra_op_threads} (0: one per core); "
-        f"(d): intra_op_threads={chosen}, the best of {args.intra_op_threads} by throughput; "
-        "rows in parentheses are the other candidates",
+        f"a, b: raw runtime with edged's default thread settings here "
+        f"(intra_op_threads={edged_options.intra_op_threads} = usable cores - 1, "
+        f"spin_wait={edged_options.spin_wait}); "
+        f"c: intra_op_threads={args.baseline_intra_op_threads} (0: one per core), "
+        f"spin_wait {args.baseline_spin_wait}",
         "HTTP rows include the loopback round trip, and wrk shares the cores with the server; "
         "raw rows are one in-process runtime call",
         "CPU µs per request: server = all its threads, loop = edged's event-loop thread, "
         "wrk = the load generator; other = cores used by unrelated processes (* = noisy)",
     ]
-    print_report(rows + others, checks, notes)
+    ordered = sorted(rows.values(), key=lambda r: (r.key[0], "j" in r.key, len(r.key), r.key))
+    print_report(ordered, checks, extra, notes)
 
-    failed = [r for r in rows + others if r.error_count]
+    failed = [r for r in rows.values() if r.error_count and not r.key.startswith("c")]
     report = {
         "model": {"layers": list(BENCH_MLP_LAYERS), "dtype": "fp32", "max_batch_size": MAX_BATCH},
         "machine": machine(),
-        "rows": [asdict(r) for r in rows],
-        "other_candidates": [asdict(r) for r in others],
+        "rows": [asdict(r) for r in ordered],
         "ratios": values,
+        "other_ratios": extra,
         "targets": checks,
-        "chosen_intra_op_threads": chosen,
-        "noisy_phases": [r.key for r in rows + others if r.noisy],
+        "noisy_phases": [r.key for r in ordered if r.noisy],
         "failed_requests": bool(failed),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nbench: wrote {args.out}")
+    args.out.with_suffix(".md").write_text(markdown(ordered, checks) + "\n")
+    print(f"\nbench: wrote {args.out} and {args.out.with_suffix('.md')}")
     return 1 if failed else 0
 
 

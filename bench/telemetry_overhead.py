@@ -50,7 +50,6 @@ from serving import (
     MODEL_NAME,
     Workload,
     check_response,
-    free_port,
     infer_body,
     machine,
     run_wrk,
@@ -58,6 +57,7 @@ from serving import (
     write_model_config,
 )
 
+from edged._net import free_port
 from edged.config import TelemetryConfig
 from edged.demo.samples import BENCH_MLP_LAYERS, make_bench_mlp
 from edged.runtime import load_model

@@ -1,13 +1,14 @@
 """Baseline (c) of bench/serving.py: the traditional thread-per-request server.
 
-A ``http.server.ThreadingHTTPServer`` whose handler parses the binary Open Inference Protocol
-request minimally and calls the runtime once per request (no batching), concurrently from as
+A ``http.server.ThreadingHTTPServer`` whose handler parses the Open Inference Protocol request
+minimally (binary tensors, or JSON tensors with the standard ``json`` module, as such a server
+usually would) and calls the runtime once per request (no batching), concurrently from as
 many threads as there are connections. It loads the model through ``edged.runtime.load_model``
 so the runtime is the one edged uses. Transport settings match edged's aiohttp server
 (HTTP/1.1 keep-alive, listen backlog 128, no Nagle delay), so the comparison isolates the
 thread model.
 
-    python bench/thread_server.py --version-dir DIR --port N [--intra-op-threads K]
+    python bench/thread_server.py --version-dir DIR --port N [--intra-op-threads K] [--spin-wait on]
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class _InferHandler(BaseHTTPRequestHandler):
         try:
             length = int(self.headers["Content-Length"])
             body = self.rfile.read(length)
+            if self.headers[HEADER_LENGTH] is None:
+                self._json(json.loads(body))
+                return
             header_length = int(self.headers[HEADER_LENGTH])
             doc = json.loads(body[:header_length])
             spec = doc["inputs"][0]
@@ -78,12 +82,41 @@ class _InferHandler(BaseHTTPRequestHandler):
         ).encode()
         self._send(200, b"".join([header, *chunks]), len(header))
 
-    def _send(self, status: int, payload: bytes, header_length: int | None) -> None:
+    def _json(self, doc: dict[str, Any]) -> None:
+        spec = doc["inputs"][0]
+        x = np.asarray(spec["data"], dtype=np.float32).reshape(spec["shape"])
+        outputs = self.server.model.run({spec["name"]: x})
+        payload = json.dumps(
+            {
+                "model_name": "mlp",
+                "outputs": [
+                    {
+                        "name": name,
+                        "datatype": "FP32",
+                        "shape": list(value.shape),
+                        "data": value.ravel().tolist(),
+                    }
+                    for name, value in outputs.items()
+                ],
+            },
+            separators=(",", ":"),
+        ).encode()
+        self._send(200, payload, None, "application/json")
+
+    def _send(
+        self,
+        status: int,
+        payload: bytes,
+        header_length: int | None,
+        content_type: str | None = None,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Length", str(len(payload)))
         if header_length is not None:
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header(HEADER_LENGTH, str(header_length))
+        elif content_type is not None:
+            self.send_header("Content-Type", content_type)
         self.end_headers()
         self.wfile.write(payload)
 
@@ -96,10 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version-dir", type=Path, required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--intra-op-threads", type=int, default=0)
+    parser.add_argument(
+        "--spin-wait", choices=("on", "off"), default="on", help="on: ONNX Runtime's own default"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
-    options = RuntimeOptions(intra_op_threads=args.intra_op_threads)
+    options = RuntimeOptions(
+        intra_op_threads=args.intra_op_threads, spin_wait=args.spin_wait == "on"
+    )
     model = load_model(args.version_dir, options)  # before listening: ready means loaded
     server = _Server(("127.0.0.1", args.port), _InferHandler)
     server.model = model

@@ -13,7 +13,7 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter
 
 from edged.demo import samples
-from edged.serve.modelconfig import load_model_config, load_test_vectors
+from edged.modelrepo.config import load_model_config, load_test_vectors
 
 COMMITTED_REPOSITORY = Path(samples.__file__).resolve().parent / "models"
 COMMITTED_SOURCES = Path(samples.__file__).resolve().parent / "sources"

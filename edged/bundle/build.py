@@ -26,7 +26,6 @@ from edged.bundle.limits import DEFAULT_LIMITS, BundleLimits
 from edged.bundle.manifest import (
     CONFIG_NAME,
     MANIFEST_NAME,
-    RUNTIME_MODEL_FILES,
     SIGNATURES_DIR,
     FileEntry,
     Manifest,
@@ -37,7 +36,8 @@ from edged.bundle.manifest import (
 from edged.bundle.reader import read_head
 from edged.bundle.verify import release_tuple
 from edged.errors import BundleConfigError, ConfigError, ManifestSchemaError, UnsafePathError
-from edged.serve.modelconfig import TEST_VECTORS_FILE, parse_model_config
+from edged.modelrepo.config import TEST_VECTORS_FILE, parse_model_config
+from edged.runtime.base import model_files
 from edged.serve.probation import ProbationPolicy
 
 DAY_S = 86_400
@@ -162,12 +162,12 @@ def make_manifest(
     prefix = f"{spec.model}/{spec.version}/"
     runtime = spec.runtime
     if runtime is None:
-        found = [r for r, name in RUNTIME_MODEL_FILES.items() if prefix + name in files]
+        found = [r for r, name in model_files().items() if prefix + name in files]
         if len(found) != 1:
             raise ManifestSchemaError(
                 f"cannot tell the runtime: {prefix} holds "
                 f"{'none' if not found else 'more than one'} of "
-                f"{', '.join(RUNTIME_MODEL_FILES.values())}"
+                f"{', '.join(model_files().values())}"
             )
         runtime = found[0]
     entries = []

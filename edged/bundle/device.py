@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
-import importlib.util
+import logging
 import platform
 
 from edged import __version__
 from edged.bundle.verify import DeviceFacts
+from edged.runtime.base import registered_backends
+
+log = logging.getLogger(__name__)
 
 _ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8l": "aarch64"}
 
@@ -17,25 +20,18 @@ def normalise_arch(machine: str) -> str:
     return _ARCH_ALIASES.get(machine, machine)
 
 
-def _onnx_providers() -> frozenset[str]:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return frozenset()
-    return frozenset(ort.get_available_providers())
-
-
 def detect_device_facts() -> DeviceFacts:
-    """This machine: CPU architecture, runtimes importable, ONNX Runtime providers, edged."""
+    """This machine: CPU architecture, the runtimes that import and their providers, edged."""
     runtimes: set[str] = set()
     providers: set[str] = set()
-    onnx_providers = _onnx_providers()
-    if onnx_providers:
-        runtimes.add("onnx")
-        providers |= onnx_providers
-    if any(importlib.util.find_spec(m) for m in ("ai_edge_litert", "tflite_runtime")):
-        runtimes.add("tflite")
-        providers.add("xnnpack")
+    for kind, backend in registered_backends().items():
+        try:
+            probe = backend.probe()
+        except Exception as exc:  # a broken install raises anything from ImportError to OSError
+            log.info("runtime %s is not available here: %s", backend.runtime_name, exc)
+            continue
+        runtimes.add(kind)
+        providers.update(probe.providers)
     return DeviceFacts(
         arch=normalise_arch(platform.machine()),
         runtimes=frozenset(runtimes),

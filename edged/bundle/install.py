@@ -22,7 +22,7 @@ from edged._fs import Checkpoint, no_checkpoint
 from edged.bundle.archive import ArchiveReader
 from edged.bundle.journal import InstallJournal
 from edged.bundle.limits import DEFAULT_LIMITS, BundleLimits
-from edged.bundle.manifest import CONFIG_NAME, Manifest, parse_version_name
+from edged.bundle.manifest import CONFIG_NAME, Manifest
 from edged.bundle.reader import (
     TOO_FEW_SIGNATURES,
     NullSink,
@@ -49,7 +49,8 @@ from edged.errors import (
     VersionConflictError,
     VersionNotHeldError,
 )
-from edged.serve.modelconfig import TEST_VECTORS_FILE, load_model_config, load_test_vectors
+from edged.modelrepo.config import TEST_VECTORS_FILE, load_model_config, load_test_vectors
+from edged.modelrepo.layout import parse_version_name
 from edged.serve.watch import ProbationOutcome
 
 log = logging.getLogger(__name__)

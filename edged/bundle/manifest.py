@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,8 @@ from edged.errors import (
     ManifestSchemaError,
     UnsafePathError,
 )
+from edged.modelrepo.layout import MAX_VERSION
+from edged.runtime.base import model_files
 from edged.serve.probation import ProbationPolicy
 
 MANIFEST_TYPE = "edged/bundle-manifest"
@@ -29,8 +30,6 @@ SPEC_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SIGNATURES_DIR = "signatures"
 CONFIG_NAME = "config.toml"
-# Runtime -> the model file a version directory must hold for it.
-RUNTIME_MODEL_FILES: Mapping[str, str] = {"onnx": "model.onnx", "tflite": "model.tflite"}
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 RESERVED_MODEL_NAMES = frozenset({SIGNATURES_DIR})
@@ -39,19 +38,6 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 EDGED_VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})$")
 MAX_COUNTER = 2**53 - 1
-MAX_VERSION = MAX_COUNTER  # the one rule for version numbers, in manifests and in the store
-VERSION_NAME_RE = re.compile(r"^[1-9][0-9]{0,15}$")  # 2**53 - 1 has 16 digits
-
-
-def parse_version_name(text: str) -> int | None:
-    """A version directory name or ``CURRENT`` value as a version number, else None.
-
-    Exactly the decimal spelling ``str(version)`` of a version the manifest schema allows.
-    """
-    if not VERSION_NAME_RE.match(text):
-        return None
-    value = int(text)
-    return value if value <= MAX_VERSION else None
 
 
 def check_relative_path(path: str, limits: BundleLimits, what: str = "path") -> tuple[str, ...]:
@@ -121,7 +107,7 @@ class Manifest:
 
     @property
     def model_file_path(self) -> str:
-        return self.version_prefix + RUNTIME_MODEL_FILES[self.targets.runtime]
+        return self.version_prefix + model_files()[self.targets.runtime]
 
     @property
     def total_size(self) -> int:
@@ -309,9 +295,9 @@ def manifest_from_json(value: Json, limits: BundleLimits = DEFAULT_LIMITS) -> Ma
         )
     tf = _Fields(root.get("targets"), "targets")
     runtime = tf.get("runtime")
-    if not isinstance(runtime, str) or runtime not in RUNTIME_MODEL_FILES:
+    if not isinstance(runtime, str) or runtime not in model_files():
         raise ManifestSchemaError(
-            f"manifest field targets.runtime must be one of {', '.join(RUNTIME_MODEL_FILES)}, "
+            f"manifest field targets.runtime must be one of {', '.join(model_files())}, "
             f"got {runtime!r}"
         )
     targets = Targets(
@@ -326,10 +312,10 @@ def manifest_from_json(value: Json, limits: BundleLimits = DEFAULT_LIMITS) -> Ma
     if f"{model}/{CONFIG_NAME}" not in paths:
         raise ManifestSchemaError(f"manifest files must include {model}/{CONFIG_NAME}")
     prefix = f"{model}/{version}/"
-    wanted = prefix + RUNTIME_MODEL_FILES[runtime]
+    wanted = prefix + model_files()[runtime]
     if wanted not in paths:
         raise ManifestSchemaError(f"manifest for runtime {runtime!r} must include {wanted}")
-    for other_runtime, other_file in RUNTIME_MODEL_FILES.items():
+    for other_runtime, other_file in model_files().items():
         if other_runtime != runtime and prefix + other_file in paths:
             raise ManifestSchemaError(
                 f"manifest for runtime {runtime!r} also includes {prefix + other_file}; "

@@ -14,8 +14,8 @@ from edged.bundle.install import DEFAULT_KEEP_PREVIOUS, Installer, InstallResult
 from edged.bundle.limits import DEFAULT_LIMITS, BundleLimits
 from edged.bundle.verify import DeviceFacts
 from edged.errors import ConfigError, SelfTestFailedError
+from edged.modelrepo.config import config_for_version, load_test_vectors
 from edged.runtime import load_model
-from edged.serve.modelconfig import config_for_version, load_test_vectors
 from edged.serve.selftest import self_test
 
 log = logging.getLogger(__name__)

@@ -54,7 +54,6 @@ from edged.bundle.manifest import (
     Manifest,
     manifest_digest,
     parse_manifest,
-    parse_version_name,
 )
 from edged.bundle.verify import MAX_MARKS_PER_MODEL, HighWaterMark
 from edged.errors import (
@@ -62,6 +61,7 @@ from edged.errors import (
     InstallBusyError,
     StoreCorruptError,
 )
+from edged.modelrepo.layout import CURRENT_POINTER, parse_version_name
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,6 @@ TRUST_DIR = "trust"
 HIGH_WATER_FILE = "highwater.json"
 INSTALL_LOG_FILE = "install-log.jsonl"
 LOCK_FILE = ".lock"
-CURRENT_POINTER = "CURRENT"  # the name edged.serve.repository reads
 VERIFIED_MARKER = ".verified"
 HIGH_WATER_SPEC_VERSION = 1
 _MARK_FIELDS = frozenset({"counter", "manifest_sha256", "signed_by"})

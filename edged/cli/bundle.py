@@ -57,6 +57,7 @@ from edged.bundle.vectors import check_vector_file
 from edged.bundle.verify import CheckResult, explain_manifest
 from edged.config import StateConfig
 from edged.errors import BundleError, ConfigError, SignatureError, TrustDocumentError
+from edged.runtime.base import model_files
 
 DAY_S = 86_400
 DEFAULT_TRUST_DIR = StateConfig().directory / "trust"
@@ -97,7 +98,7 @@ def register(subparsers: Any) -> None:
         action="append",
         help=f"target CPU architecture, repeatable (default: {', '.join(DEFAULT_ARCH)})",
     )
-    p.add_argument("--runtime", choices=("onnx", "tflite"), help="default: from the model file")
+    p.add_argument("--runtime", choices=sorted(model_files()), help="default: from the model file")
     p.add_argument(
         "--provider",
         action="append",

@@ -13,7 +13,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from edged.client import Endpoint, LocalClient
+from edged.api.client import Endpoint, LocalClient
 from edged.config import default_socket_path
 from edged.errors import InvalidRequestError
 from edged.runtime.base import DATATYPE_TO_NUMPY, Array

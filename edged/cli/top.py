@@ -21,8 +21,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from edged.api.client import LocalClient
 from edged.cli.client import add_endpoint_args, client_from
-from edged.client import LocalClient
 from edged.errors import ApiError, DaemonUnreachableError, InvalidRequestError
 
 __all__ = [

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from edged.errors import BundleConfigError
+from edged.modelrepo.config import TEST_VECTORS_FILE
 from edged.runtime import load_model
 from edged.runtime.options import RuntimeOptions
-from edged.serve.modelconfig import TEST_VECTORS_FILE
 
 
 def write_test_vectors(version_dir: Path, inputs_file: Path) -> Path:

@@ -228,35 +228,18 @@ def check_broker(config: DaemonConfig, timeout_s: float) -> Check:
 
 
 def check_runtimes() -> list[Check]:
+    from edged.runtime.base import registered_backends
+
     checks: list[Check] = []
-    try:
-        import onnxruntime as ort
-
-        providers = ort.get_available_providers()
-        checks.append(Check("onnxruntime", PASS, f"{ort.__version__}: {', '.join(providers)}"))
-    except Exception as exc:  # a broken install raises anything from ImportError to OSError
-        checks.append(
-            Check(
-                "onnxruntime",
-                FAIL,
-                f"cannot import: {exc}",
-                "reinstall edged (pip install onnxruntime)",
-            )
-        )
-    try:
-        from edged.runtime.litert import _interpreter_class
-
-        _, package = _interpreter_class()
-        checks.append(Check("litert", PASS, f"{package} with XNNPACK"))
-    except Exception as exc:
-        checks.append(
-            Check(
-                "litert",
-                WARN,
-                f"no TFLite runtime: {exc}",
-                "pip install ai-edge-litert (TFLite models cannot load)",
-            )
-        )
+    for backend in registered_backends().values():
+        try:
+            probe = backend.probe()
+        except Exception as exc:  # a broken install raises anything from ImportError to OSError
+            status = FAIL if backend.required else WARN
+            reason = f"cannot import: {exc}" if backend.required else f"not available: {exc}"
+            checks.append(Check(backend.runtime_name, status, reason, backend.install_hint))
+        else:
+            checks.append(Check(backend.runtime_name, PASS, probe.summary))
     return checks
 
 

@@ -19,20 +19,21 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from edged._compat import TaskGroup
+from edged.api.app import build_app
+from edged.api.context import GATE
 from edged.bundle import Installer, detect_device_facts
 from edged.bundle.rollout_policy import policy_for_swap
 from edged.bundle.store import MODELS_DIR
 from edged.config import DaemonConfig
 from edged.daemon.sdnotify import Notifier, Watchdog, watchdog_interval_s
 from edged.daemon.supervisor import Supervisor
-from edged.errors import EdgedError, NotifyError
-from edged.serve.api import GATE, build_app
+from edged.errors import ConfigError, EdgedError, NotifyError
 from edged.serve.manager import ModelManager
 from edged.serve.watch import ProbationOutcome
 from edged.telemetry.hub import TelemetryHub
@@ -358,10 +359,39 @@ async def _cancel_and_wait(tasks: list[asyncio.Task[None]], timeout_s: float) ->
             log.warning("service %s did not stop in time", task.get_name())
 
 
+EVENT_LOOP_ENV = "EDGED_EVENT_LOOP"
+
+
+def event_loop_kind(environ: Mapping[str, str]) -> str:
+    """``uvloop`` when it is installed, unless ``EDGED_EVENT_LOOP=asyncio`` asks for the
+    standard loop; ``EDGED_EVENT_LOOP=uvloop`` insists on it."""
+    wanted = environ.get(EVENT_LOOP_ENV, "").strip().lower() or "auto"
+    if wanted not in ("auto", "asyncio", "uvloop"):
+        raise ConfigError(EVENT_LOOP_ENV, f"must be auto, asyncio or uvloop; got {wanted!r}")
+    if wanted == "asyncio":
+        return "asyncio"
+    try:
+        import uvloop  # noqa: F401
+    except ImportError as exc:
+        if wanted == "uvloop":
+            raise ConfigError(
+                EVENT_LOOP_ENV, "uvloop is not installed (pip install 'edged[uvloop]')"
+            ) from exc
+        return "asyncio"
+    return "uvloop"
+
+
 def run_daemon(load: ConfigLoader) -> int:
     """Load the config (an invalid one fails here, before anything starts) and run."""
+    kind = event_loop_kind(os.environ)
     daemon = Daemon(load(), load)
-    code = asyncio.run(daemon.run())
+    log.info("event loop: %s (%s=asyncio for the standard one)", kind, EVENT_LOOP_ENV)
+    if kind == "uvloop":
+        import uvloop
+
+        code = uvloop.run(daemon.run())
+    else:
+        code = asyncio.run(daemon.run())
     stuck = daemon.manager.running_workers()
     if stuck:
         # A runtime torn down by interpreter exit while a thread still runs inside it aborts

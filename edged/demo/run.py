@@ -27,6 +27,7 @@ import numpy as np
 from rich.console import Console
 
 from edged._compat import TIMEOUT_ERRORS
+from edged._net import free_port
 from edged.errors import DemoStepFailedError, EdgedError
 
 # Sample models shipped with the package: the demo needs no model generator (onnx) at run time.
@@ -35,17 +36,6 @@ SHIPPED_SOURCES = Path(__file__).resolve().parent / "sources"  # the version the
 DEVICE = "demo-device"
 MANAGER = "fleet-manager"
 GROUP = "demo"
-
-
-def free_port(preferred: int = 0) -> int:
-    """``preferred`` when it is free, else any free port."""
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", preferred))
-        except OSError:
-            s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def find_mosquitto() -> str:
@@ -190,7 +180,7 @@ interval_s = 1.0
             stderr=subprocess.STDOUT,
         )
     try:
-        from edged.client import Endpoint, LocalClient
+        from edged.api.client import Endpoint, LocalClient
 
         client = LocalClient(Endpoint(socket_path=socket_path), timeout_s=2)
         deadline = time.monotonic() + 60
@@ -390,7 +380,7 @@ class Demo:
         return 0
 
     def _client(self, holder: dict[str, Any]) -> Any:
-        from edged.client import Endpoint, LocalClient
+        from edged.api.client import Endpoint, LocalClient
 
         return LocalClient(Endpoint(socket_path=holder["socket"]))
 

@@ -28,6 +28,8 @@ import numpy.typing as npt
 F32 = npt.NDArray[np.float32]
 Activation = Literal["relu", "none"]
 
+# Written into every model file: the committed samples' bytes depend on it.
+PRODUCER = "edged.samples"
 ONNX_MODEL_FILE = "model.onnx"
 ONNX_DATA_FILE = "model.onnx.data"
 TFLITE_MODEL_FILE = "model.tflite"
@@ -220,7 +222,7 @@ def _onnx_mlp_model(
         graph,
         opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
         ir_version=ONNX_IR_VERSION,
-        producer_name="edged.samples",
+        producer_name=PRODUCER,
         doc_string="fp32 MLP " + " -> ".join(str(w.shape[0]) for w, _ in layers) + f" -> {n_out}",
     )
     onnx.checker.check_model(model, full_check=True)
@@ -390,7 +392,7 @@ def _tflite_fc_model(weight: F32, bias: F32, input_name: str, output_name: str) 
     m_subgraphs = offset_vector(tflite.ModelStartSubgraphsVector, [subgraph])
     m_buffers = offset_vector(tflite.ModelStartBuffersVector, buffers)
     m_signatures = offset_vector(tflite.ModelStartSignatureDefsVector, [signature])
-    description = builder.CreateString("edged.samples")
+    description = builder.CreateString(PRODUCER)
     tflite.ModelStart(builder)
     tflite.ModelAddVersion(builder, 3)
     tflite.ModelAddOperatorCodes(builder, m_opcodes)
@@ -536,7 +538,7 @@ def write_counting_loop(version_dir: Path) -> None:
         graph,
         opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
         ir_version=ONNX_IR_VERSION,
-        producer_name="edged.samples",
+        producer_name=PRODUCER,
     )
     onnx.checker.check_model(model, full_check=True)
     with _staged(version_dir) as staging:

@@ -90,10 +90,28 @@ class ModelMetadata:
         self.dynamic_batch = all(t.shape and t.shape[0] == -1 for t in (*inputs, *outputs))
 
 
+@dataclass(frozen=True)
+class RuntimeProbe:
+    """What a backend's runtime is on this device."""
+
+    summary: str  # e.g. "onnxruntime 1.20.1: CUDAExecutionProvider, CPUExecutionProvider"
+    providers: tuple[str, ...]  # execution providers / delegates, as manifests name them
+
+
 class Backend(Protocol):
-    kind: str
-    platform: str
+    """A runtime plugin. It owns every fact about its kind; nothing else names backends."""
+
+    kind: str  # what manifests call it (targets.runtime)
+    platform: str  # the name Triton clients know it by
     model_file: str
+    runtime_name: str  # what edged doctor calls the runtime
+    required: bool  # a device without it is broken (else serving its models is optional)
+    install_hint: str
+
+    def probe(self) -> RuntimeProbe:
+        """Import the runtime and say what it offers here. Raises whatever a missing or broken
+        install raises (ImportError, OSError, ...); imports the runtime, so not at start-up."""
+        ...
 
     def load(self, version_dir: Path, options: RuntimeOptions) -> LoadedModel: ...
 
@@ -116,6 +134,11 @@ def registered_backends() -> dict[str, Backend]:
     for name in _BACKEND_MODULES:
         importlib.import_module(name)
     return dict(_registry)
+
+
+def model_files() -> dict[str, str]:
+    """Runtime kind -> the model file a version directory holds for it."""
+    return {kind: backend.model_file for kind, backend in registered_backends().items()}
 
 
 def backend_for(version_dir: Path) -> Backend:

@@ -18,6 +18,7 @@ from edged.runtime.base import (
     NUMPY_TO_DATATYPE,
     Array,
     ModelMetadata,
+    RuntimeProbe,
     TensorSpec,
     register_backend,
     weight_bytes,
@@ -96,6 +97,13 @@ class LiteRtBackend:
     kind = "tflite"
     platform = "tensorflow_lite"  # the name Triton clients know it by
     model_file = "model.tflite"
+    runtime_name = "litert"
+    required = False
+    install_hint = "pip install ai-edge-litert (TFLite models cannot load)"
+
+    def probe(self) -> RuntimeProbe:
+        _, package = _interpreter_class()
+        return RuntimeProbe(f"{package} with XNNPACK", ("xnnpack",))
 
     def load(self, version_dir: Path, options: RuntimeOptions) -> LiteRtModel:
         interpreter_cls, package = _interpreter_class()

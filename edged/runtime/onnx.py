@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 
 from edged.errors import InferenceFailedError, ModelLoadError
-from edged.runtime.base import Array, ModelMetadata, TensorSpec, register_backend, weight_bytes
+from edged.runtime.base import (
+    Array,
+    ModelMetadata,
+    RuntimeProbe,
+    TensorSpec,
+    register_backend,
+    weight_bytes,
+)
 from edged.runtime.options import RuntimeOptions
 
 log = logging.getLogger(__name__)
@@ -87,6 +94,15 @@ class OnnxBackend:
     kind = "onnx"
     platform = "onnxruntime_onnx"  # the name Triton clients know it by
     model_file = "model.onnx"
+    runtime_name = "onnxruntime"
+    required = True
+    install_hint = "reinstall edged (pip install onnxruntime)"
+
+    def probe(self) -> RuntimeProbe:
+        import onnxruntime as ort
+
+        providers = tuple(ort.get_available_providers())
+        return RuntimeProbe(f"{ort.__version__}: {', '.join(providers)}", providers)
 
     def load(self, version_dir: Path, options: RuntimeOptions) -> OnnxModel:
         import onnxruntime as ort
@@ -97,9 +113,9 @@ class OnnxBackend:
             so.intra_op_num_threads = options.intra_op_threads
         if options.inter_op_threads:
             so.inter_op_num_threads = options.inter_op_threads
-        if not options.spin_wait:
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        spin = "1" if options.spin_wait else "0"  # ONNX Runtime's own default is to spin
+        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        so.add_session_config_entry("session.inter_op.allow_spinning", spin)
         if options.memory_lean:
             so.add_session_config_entry("session.disable_prepacking", "1")
             so.enable_cpu_mem_arena = False
@@ -124,7 +140,8 @@ class OnnxBackend:
             log.warning("%s: wanted %s, running on %s", path, options.providers[0], active[0])
         description = (
             f"onnxruntime {ort.__version__} providers={','.join(active)} "
-            f"memory_lean={options.memory_lean}"
+            f"intra_op_threads={options.intra_op_threads or 'default'} "
+            f"spin_wait={options.spin_wait} memory_lean={options.memory_lean}"
         )
         log.info("loaded %s: %s", path, description)
         return OnnxModel(session, description)

@@ -33,6 +33,8 @@ from edged.errors import (
     SelfTestFailedError,
     ShuttingDownError,
 )
+from edged.modelrepo import layout as repository
+from edged.modelrepo.config import ModelConfig, config_for_version
 from edged.runtime.base import (
     NUMPY_TO_DATATYPE,
     Array,
@@ -40,9 +42,8 @@ from edged.runtime.base import (
     estimate_memory_bytes,
     load_model,
 )
-from edged.serve import repository
+from edged.runtime.budget import CpuBudget, usable_cores
 from edged.serve.cache import ResultCache, input_key
-from edged.serve.modelconfig import ModelConfig, config_for_version
 from edged.serve.probation import ProbationPolicy
 from edged.serve.scheduler import (
     BatchObserver,
@@ -59,6 +60,8 @@ from edged.serve.watch import ProbationOutcome, ProbationWatch
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+# Result-cache keys of larger inputs are hashed on a thread (blake2b: about 1 ms per MiB here).
+HASH_ON_THREAD_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -102,12 +105,13 @@ def validate_inputs(
     max_rows: int,
 ) -> tuple[int, BatchSignature]:
     """Check names, datatypes and shapes against the model; return rows and batch signature."""
-    expected = {s.name: s for s in specs}
-    for name in inputs:
-        if name not in expected:
-            raise InvalidRequestError(
-                f"model {model!r} has no input tensor {name!r} (inputs: {', '.join(expected)})"
-            )
+    if len(inputs) != len(specs) or any(s.name not in inputs for s in specs):
+        expected = {s.name: s for s in specs}
+        for name in inputs:
+            if name not in expected:
+                raise InvalidRequestError(
+                    f"model {model!r} has no input tensor {name!r} (inputs: {', '.join(expected)})"
+                )
     rows: int | None = None
     signature = []
     for spec in specs:
@@ -142,6 +146,11 @@ def validate_inputs(
     return rows, tuple(signature)
 
 
+def _config_and_estimate(version_dir: Path) -> tuple[ModelConfig, int]:
+    config = config_for_version(version_dir)
+    return config, estimate_memory_bytes(version_dir, config.runtime)
+
+
 def _datatype_name(value: Array) -> str:
     return NUMPY_TO_DATATYPE.get(value.dtype, str(value.dtype))
 
@@ -161,6 +170,8 @@ class ModelManager:
         self.worker_stuck_after_s = worker_stuck_after_s
         self._observer_factory = observer_factory or (lambda name: NullObserver())
         self._entries: dict[str, ModelEntry] = {}
+        # Models the repository holds: the CPU budget is split between them.
+        self._known_models = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self.events: deque[SwapEvent] = deque(maxlen=100)
@@ -178,13 +189,18 @@ class ModelManager:
         await self.reload_repository()
 
     @property
+    def cpu_budget(self) -> CpuBudget:
+        return CpuBudget(usable_cores(), self.config.inference_threads)
+
+    @property
     def repositories(self) -> list[Path]:
         layers = [self.store] if self.store is not None else []
         return [*layers, *(r for r in [self.repository] if r not in layers)]
 
     async def reload_repository(self) -> None:
         """Load new models and changed versions, unload models gone from disk (SIGHUP)."""
-        found = repository.scan_layers(self.repositories)
+        found = await asyncio.to_thread(repository.scan_layers, self.repositories)
+        self._known_models = len(found)
         for name, model in found.items():
             entry = self._entries.get(name)
             serving = entry.slot.current if entry else None
@@ -239,7 +255,7 @@ class ModelManager:
 
     async def load_model(self, name: str) -> str:
         """(Re)load the version the repository names for ``name``; returns that version."""
-        model = repository.read_model_layers(self.repositories, name)
+        model = await asyncio.to_thread(repository.read_model_layers, self.repositories, name)
         assert model.current is not None
         await self.load_version(name, model.version_dir(model.current))
         return model.current
@@ -271,8 +287,8 @@ class ModelManager:
     ) -> None:
         name, version = entry.name, version_dir.name
         try:
-            config = config_for_version(version_dir)
-            estimate = estimate_memory_bytes(version_dir, config.runtime)
+            # TOML parsing and file sizes: on a thread, the loop keeps serving the old version.
+            config, estimate = await asyncio.to_thread(_config_and_estimate, version_dir)
         except EdgedError as exc:
             raise SelfTestFailedError(f"{name} version {version}: {exc}") from exc
         old = entry.slot.current
@@ -289,7 +305,9 @@ class ModelManager:
             entry.slot.swap(None)
             await asyncio.to_thread(old.wait_closed, 30.0)
         started = time.monotonic()
-        loaded = await asyncio.to_thread(load_model, version_dir, config.runtime)
+        models = max(self._known_models, len(self._entries))
+        options = self.cpu_budget.apply(config.runtime, models)
+        loaded = await asyncio.to_thread(load_model, version_dir, options)
         try:
             summary = await asyncio.to_thread(self_test, name, version, loaded, config, version_dir)
         except BaseException:
@@ -511,8 +529,15 @@ class ModelManager:
         cache = entry.cache
         if cache is None:
             future = entry.scheduler.submit(inputs, rows, signature, priority, deadline)
-            return self._watched(entry, inputs, await self._await_result(entry, future, timeout_s))
-        key = input_key(inputs)
+            if timeout_s is None:  # the common case, without a coroutine in between
+                result = await future
+            else:
+                result = await self._await_result(entry, future, timeout_s)
+            return result if entry.probation is None else self._watched(entry, inputs, result)
+        if sum(v.nbytes for v in inputs.values()) > HASH_ON_THREAD_BYTES:
+            key = await asyncio.to_thread(input_key, inputs)
+        else:
+            key = input_key(inputs)
         hit = cache.get(key)
         if hit is not None and hit.model_version == current.version:
             return hit
@@ -579,10 +604,19 @@ class ModelManager:
     def ready(self) -> bool:
         return not self._closing and all(e.slot.current is not None for e in self._entries.values())
 
-    def index(self) -> list[dict[str, Any]]:
+    async def index_async(self) -> list[dict[str, Any]]:
+        """``index`` with the repository scan on a thread."""
+        found = await asyncio.to_thread(repository.scan_layers, self.repositories)
+        return self.index(found)
+
+    def index(
+        self, found: dict[str, repository.RepositoryModel] | None = None
+    ) -> list[dict[str, Any]]:
         """The repository index (Open Inference Protocol repository extension)."""
         rows: list[dict[str, Any]] = []
-        for name, model in repository.scan_layers(self.repositories).items():
+        if found is None:
+            found = repository.scan_layers(self.repositories)
+        for name, model in found.items():
             entry = self._entries.get(name)
             serving = entry.slot.current if entry else None
             for version in model.versions:

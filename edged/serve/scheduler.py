@@ -27,8 +27,9 @@ from edged.errors import (
     QueueFullError,
     ShuttingDownError,
 )
+from edged.modelrepo.config import BatchingConfig
 from edged.runtime.base import Array
-from edged.serve.modelconfig import BatchingConfig
+from edged.serve.batching import Batch, fill
 from edged.serve.slot import ModelSlot
 from edged.serve.stall import StallDetector
 
@@ -117,6 +118,7 @@ class Scheduler:
         self._queues: list[deque[PendingRequest]] = [deque() for _ in range(MAX_PRIORITY_LEVELS)]
         self._count = 0
         self._stopping = False
+        self._worker_waiting = False  # guarded by _cond: only then does submit notify
         # Brackets each run: a worker inside one run for too long counts as hung.
         self.stall = StallDetector(stuck_after_s)
         self._thread = threading.Thread(
@@ -153,7 +155,8 @@ class Scheduler:
                 )
             self._queues[priority - 1].append(item)
             self._count += 1
-            self._cond.notify()
+            if self._worker_waiting:  # a busy worker looks at the queue before it waits
+                self._cond.notify()
         return future
 
     def stop(self) -> None:
@@ -185,7 +188,9 @@ class Scheduler:
         while True:
             with self._cond:
                 while not self._count and not self._stopping:
+                    self._worker_waiting = True
                     self._cond.wait()
+                    self._worker_waiting = False
                 if not self._count:
                     return
                 batch = self._take_batch_locked()
@@ -201,34 +206,21 @@ class Scheduler:
         current = self.slot.current
         dynamic = current is not None and current.model.dynamic_batch
         max_rows = self.batching.max_batch_size if dynamic else 1
-        batch: list[PendingRequest] = []
-        rows = 0
-        signature: BatchSignature | None = None
         delay_s = self.batching.max_queue_delay_us / 1e6
-        fill_deadline: float | None = None
+        batch: Batch[PendingRequest] = Batch()
         while True:
-            for queue in self._queues:
-                while queue:
-                    item = queue[0]
-                    if signature is None:
-                        signature = item.signature
-                        fill_deadline = item.enqueued_at + delay_s
-                    elif item.signature != signature or rows + item.rows > max_rows:
-                        break
-                    queue.popleft()
-                    self._count -= 1
-                    batch.append(item)
-                    rows += item.rows
-                    if rows >= max_rows:
-                        return batch
-                if batch and queue:
-                    return batch  # next item is incompatible: keep FIFO order
-            if not delay_s or fill_deadline is None:
-                return batch
-            remaining = fill_deadline - time.monotonic()
+            taken = len(batch.items)
+            complete = fill(batch, self._queues, max_rows)
+            self._count -= len(batch.items) - taken
+            first = batch.first_enqueued_at
+            if complete or not delay_s or first is None:
+                return batch.items
+            remaining = first + delay_s - time.monotonic()
             if remaining <= 0 or self._stopping:
-                return batch
+                return batch.items
+            self._worker_waiting = True
             self._cond.wait(remaining)
+            self._worker_waiting = False
 
     def _run(self, batch: list[PendingRequest]) -> list[Completion]:
         now = time.monotonic()

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from edged.errors import EdgedError, SelfTestFailedError
+from edged.modelrepo.config import ModelConfig, load_test_vectors
 from edged.runtime.base import Array, LoadedModel
-from edged.serve.modelconfig import ModelConfig, load_test_vectors
 
 log = logging.getLogger(__name__)
 

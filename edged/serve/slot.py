@@ -11,8 +11,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edged.modelrepo.config import ModelConfig
 from edged.runtime.base import LoadedModel
-from edged.serve.modelconfig import ModelConfig
 
 log = logging.getLogger(__name__)
 

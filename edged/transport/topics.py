@@ -22,12 +22,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from edged.config.names import NAME_RE, PREFIX_RE
 from edged.errors import FleetMessageError
 
 # Device ids (certificate CNs), group names, deployment ids and topic prefixes: one topic level
 # each, never a wildcard or a separator, and nothing a file name could misread.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}){0,3}$")
 DEPLOYMENT_ID_RE = re.compile(r"^[0-9a-f]{16,64}$")
 
 TELEMETRY = "telemetry"

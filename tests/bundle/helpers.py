@@ -30,10 +30,11 @@ from edged.bundle.device import normalise_arch
 from edged.bundle.install import Installer, InstallResult
 from edged.bundle.keys import Signature
 from edged.bundle.offline import OfflineSelfTest, run_self_test
-from edged.bundle.store import CURRENT_POINTER, ModelStore
+from edged.bundle.store import ModelStore
 from edged.bundle.trust import build_root, build_signers
 from edged.bundle.truststore import TrustStore
 from edged.bundle.verify import DeviceFacts
+from edged.modelrepo.layout import CURRENT_POINTER
 
 NOW = 1_800_000_000  # the injected clock of every test
 DAY = 86_400

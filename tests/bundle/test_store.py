@@ -8,9 +8,10 @@ import shutil
 import pytest
 
 from edged.bundle.build import Content
-from edged.bundle.store import CURRENT_POINTER, ModelStore
+from edged.bundle.store import ModelStore
 from edged.bundle.verify import HighWaterMark
 from edged.errors import StoreCorruptError
+from edged.modelrepo.layout import CURRENT_POINTER
 from tests.bundle.helpers import MODEL, World, source_files
 
 

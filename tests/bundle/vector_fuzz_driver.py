@@ -23,7 +23,7 @@ from edged.bundle.install import Installer
 from edged.bundle.offline import OfflineSelfTest
 from edged.demo.samples import write_onnx_mlp
 from edged.errors import ConfigError, EdgedError, InstallFailedError, SelfTestFailedError
-from edged.serve.modelconfig import config_for_version, load_test_vectors
+from edged.modelrepo.config import config_for_version, load_test_vectors
 from tests.bundle.helpers import (
     DEVICE,
     LAYERS,

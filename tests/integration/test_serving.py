@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from edged.client import Endpoint, LocalClient
+from edged.api.client import Endpoint, LocalClient
 from edged.demo.samples import SAMPLE_MLP_LAYERS, write_failing_version, write_onnx_mlp
 from edged.errors import ApiError, DaemonUnreachableError
-from edged.serve.modelconfig import TEST_VECTORS_FILE
+from edged.modelrepo.config import TEST_VECTORS_FILE
 from tests.support.daemon import running_daemon
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edged.client import Endpoint, LocalClient
+from edged.api.client import Endpoint, LocalClient
 from tests.support.daemon import running_daemon
 from tests.support.metrics import promtool_check, samples, value
 

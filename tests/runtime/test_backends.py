@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from edged.errors import ModelLoadError, UnsupportedModelError
+from edged.modelrepo.config import load_model_config, load_test_vectors, parse_model_config
 from edged.runtime import backend_for, load_model
 from edged.runtime.onnx import choose_providers
 from edged.runtime.options import RuntimeOptions
-from edged.serve.modelconfig import load_model_config, load_test_vectors, parse_model_config
 
 
 def test_provider_choice_keeps_available_ones_and_cpu_last() -> None:

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from edged.api.tensors import encode_infer_response, parse_infer_request
 from edged.errors import InvalidRequestError
-from edged.serve.tensors import encode_infer_response, parse_infer_request
 
 
 def binary_request(
@@ -151,3 +151,28 @@ def test_unknown_requested_output_is_rejected() -> None:
     )
     with pytest.raises(InvalidRequestError, match="no output tensor 'nope'"):
         encode_infer_response("m", "1", request, {"y": np.zeros(1, np.float32)})
+
+
+def test_a_repeated_header_decodes_each_requests_own_tensor_bytes() -> None:
+    first = np.arange(6, dtype=np.float32).reshape(2, 3)
+    second = -first
+    body1, length = binary_request({"a": first}, {"id": "same", "parameters": {"priority": 1}})
+    body2, length2 = binary_request({"a": second}, {"id": "same", "parameters": {"priority": 1}})
+    assert body1[:length] == body2[:length2]
+    r1 = parse_infer_request(body1, length)
+    r2 = parse_infer_request(body2, length2)  # the header's parse is reused
+    np.testing.assert_array_equal(r1.inputs["a"], first)
+    np.testing.assert_array_equal(r2.inputs["a"], second)
+    assert (r2.id, r2.priority) == ("same", 1)
+    assert r1.inputs is not r2.inputs and r1.outputs is not r2.outputs
+
+
+def test_a_repeated_header_with_the_wrong_byte_count_is_still_rejected() -> None:
+    body, length = binary_request({"a": np.ones((2, 2), dtype=np.float32)})
+    parse_infer_request(body, length)
+    with pytest.raises(
+        InvalidRequestError, match="binary part has 20 bytes but the inputs declare 16"
+    ):
+        parse_infer_request(body + b"\0" * 4, length)
+    with pytest.raises(InvalidRequestError, match="the binary part ends before"):
+        parse_infer_request(body[:-4], length)

@@ -15,9 +15,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edged._net import free_port
 from edged.fleet.acl import render_acl
 from edged.transport.topics import Topics
-from tests.support.daemon import free_port
 from tests.support.pki import FLEET_MANAGER, FleetPki
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")

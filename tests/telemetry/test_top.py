@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+from edged.api.client import Endpoint, LocalClient
 from edged.cli.top import Sample, render_frame, request_counts, request_rates
-from edged.client import Endpoint, LocalClient
 from edged.errors import InvalidRequestError
 from edged.telemetry import MetricsRegistry
 from edged.telemetry.prometheus import MetricsInputs, metric_families

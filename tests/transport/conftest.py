@@ -17,7 +17,7 @@ import pytest
 from edged.bundle.build import BundleSpec, build_bundle_from_dir
 from edged.demo.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
 from edged.fleet.channel import ManagerSettings
-from edged.serve.modelconfig import TEST_VECTORS_FILE
+from edged.modelrepo.config import TEST_VECTORS_FILE
 from edged.transport.tls import TlsFiles
 from tests.support.broker import Broker, mosquitto_missing_reason, running_broker
 from tests.support.daemon import SAMPLE_MODELS, DaemonProcess, running_daemon, wait_ready

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from edged._net import free_port
 from edged.errors import SubscribeDeniedError, TlsHandshakeError
 from edged.fleet.brokerconf import SHIPPED_FILES, render_mosquitto_conf
 from edged.fleet.pki import ClientFiles, issue_client, make_ca, write_client
 from edged.transport.client import ClientSettings, Message, MqttClient
 from edged.transport.tls import TlsFiles, client_context
 from tests.support.broker import Broker, mosquitto_missing_reason
-from tests.support.daemon import REPO_ROOT, free_port
+from tests.support.daemon import REPO_ROOT
 from tests.support.pki import FLEET_MANAGER, FleetPki
 
 pytestmark = pytest.mark.integration

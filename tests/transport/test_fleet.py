@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
+from edged.api.client import Endpoint, LocalClient
 from edged.bundle.keys import generate_key
-from edged.client import Endpoint, LocalClient
 from edged.errors import TransportError
 from edged.fleet.channel import (
     CommandResult,

@@ -23,7 +23,7 @@ from edged.fleet.channel import (
     wait_online,
     wait_progress,
 )
-from edged.serve.modelconfig import TEST_VECTORS_FILE
+from edged.modelrepo.config import TEST_VECTORS_FILE
 from edged.transport.protocol import Progress
 from edged.transport.topics import Target
 from tests.support.broker import Broker

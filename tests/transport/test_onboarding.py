@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edged._net import free_port
 from edged.demo.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
-from edged.serve.modelconfig import TEST_VECTORS_FILE
+from edged.modelrepo.config import TEST_VECTORS_FILE
 from tests.support.broker import Broker, mosquitto_missing_reason
-from tests.support.daemon import SAMPLE_MODELS, free_port, running_daemon
+from tests.support.daemon import SAMPLE_MODELS, running_daemon
 from tests.support.pki import FleetPki
 from tests.transport.test_fleet import cli, infer
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edged._toml import Table, load_toml_file
+from edged.config.names import NAME_RE, PREFIX_RE
 
 DEFAULT_CONFIG_PATH = Path("/etc/edged/edged.toml")
 
@@ -45,6 +46,10 @@ class ModelsConfig:
     memory_reserve_bytes: int = 64 * 1024 * 1024
     # Budget for all loaded models together (0: whatever the system has available).
     memory_limit_bytes: int = 0
+    # Inference threads of all models together, split evenly between them (a model's own
+    # [runtime] intra_op_threads wins). 0: the usable cores - 1, at least 1, so that the event
+    # loop keeps a core under load.
+    inference_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,7 @@ def _models(t: Table, base: Path) -> ModelsConfig:
         memory_policy=t.string("memory_policy", d.memory_policy, ("refuse", "unload-first")),
         memory_reserve_bytes=t.integer("memory_reserve_bytes", d.memory_reserve_bytes, 0),
         memory_limit_bytes=t.integer("memory_limit_bytes", d.memory_limit_bytes, 0),
+        inference_threads=t.integer("inference_threads", d.inference_threads, 0, 1024),
     )
     t.reject_unknown()
     return cfg
@@ -183,7 +189,6 @@ def _mqtt(t: Table, base: Path) -> MqttConfig:
     )
     t.reject_unknown()
     from edged.errors import ConfigError
-    from edged.transport.topics import NAME_RE, PREFIX_RE
 
     if not PREFIX_RE.match(cfg.topic_prefix):
         raise ConfigError(

@@ -1,11 +1,14 @@
 """The on-disk model repository: ``<repo>/<model>/<version>/model.onnx | model.tflite``.
 
 Which version serves: the one named by ``<repo>/<model>/CURRENT`` when that file exists (the
-bundle store writes it atomically), else the highest numeric version directory.
+bundle store writes it atomically), else the highest version directory. A version is named by
+the decimal spelling of a number from 1 to 2^53 - 1 (the one rule, for manifests, the store,
+``CURRENT`` and seed repositories alike); other directories are not versions.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +16,19 @@ from edged.errors import ModelNotFoundError
 from edged.runtime.base import registered_backends
 
 CURRENT_POINTER = "CURRENT"
+MAX_VERSION = 2**53 - 1  # what JSON numbers (and so manifests) carry exactly
+VERSION_NAME_RE = re.compile(r"^[1-9][0-9]{0,15}$")  # 2**53 - 1 has 16 digits
+
+
+def parse_version_name(text: str) -> int | None:
+    """A version directory name or ``CURRENT`` value as a version number, else None.
+
+    Exactly the decimal spelling ``str(version)`` of a version the manifest schema allows.
+    """
+    if not VERSION_NAME_RE.match(text):
+        return None
+    value = int(text)
+    return value if value <= MAX_VERSION else None
 
 
 @dataclass(frozen=True)
@@ -26,10 +42,6 @@ class RepositoryModel:
         return self.directory / version
 
 
-def _version_key(name: str) -> tuple[int, int | str]:
-    return (0, int(name)) if name.isdigit() else (1, name)
-
-
 def _has_model_file(version_dir: Path) -> bool:
     return any((version_dir / b.model_file).is_file() for b in registered_backends().values())
 
@@ -38,10 +50,12 @@ def read_model(repo: Path, name: str) -> RepositoryModel:
     directory = repo / name
     if not directory.is_dir():
         raise ModelNotFoundError(f"model {name!r} is not in the repository {repo}")
-    versions = sorted(
-        (p.name for p in directory.iterdir() if p.is_dir() and _has_model_file(p)),
-        key=_version_key,
+    numbered = (
+        (number, p.name)
+        for p in directory.iterdir()
+        if (number := parse_version_name(p.name)) is not None and p.is_dir()
     )
+    versions = [name for _, name in sorted(numbered) if _has_model_file(directory / name)]
     current: str | None = versions[-1] if versions else None
     pointer = directory / CURRENT_POINTER
     if pointer.is_file():

@@ -15,9 +15,9 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from edged.api.tensors import HEADER_LENGTH
 from edged.errors import ApiError, DaemonUnreachableError
 from edged.runtime.base import NUMPY_TO_DATATYPE, Array
-from edged.serve.tensors import HEADER_LENGTH
 
 
 class _UnixConnection(http.client.HTTPConnection):

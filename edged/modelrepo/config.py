@@ -2,10 +2,10 @@
 
 ```toml
 [runtime]
-intra_op_threads = 0          # 0: the runtime's default
+intra_op_threads = 0          # 0: this model's share of the daemon's CPU budget (cores - 1)
 providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 memory_lean = false           # true: no weight prepacking (weights stay in the mmapped file)
-spin_wait = true              # false: ONNX Runtime's threads sleep instead of spinning (less CPU)
+spin_wait = false             # true: ONNX Runtime's threads spin between batches (more CPU)
 
 [batching]
 max_batch_size = 32           # used only when the model has a dynamic batch dimension

@@ -1,0 +1,43 @@
+"""The daemon's CPU budget: how many threads the runtimes may use, so that the event loop that
+parses requests and writes responses keeps a core of its own under load.
+
+Rule: the inference threads of all models together are ``cores - 1`` (at least 1), split
+evenly between the models loaded, each getting at least one. A model whose config sets
+``intra_op_threads`` keeps its own number. Outside the daemon (``load_model`` in a script) 0
+still means the runtime's default, one thread per core.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+from edged.runtime.options import RuntimeOptions
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a systemd ``CPUAffinity=``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class CpuBudget:
+    cores: int
+    # Threads for inference across all models; 0: cores - 1, at least 1.
+    inference_threads: int = 0
+
+    @property
+    def total_threads(self) -> int:
+        return self.inference_threads or max(1, self.cores - 1)
+
+    def threads_per_model(self, models: int) -> int:
+        return max(1, self.total_threads // max(1, models))
+
+    def apply(self, options: RuntimeOptions, models: int) -> RuntimeOptions:
+        """``options`` with ``intra_op_threads`` = 0 replaced by this model's share."""
+        if options.intra_op_threads:
+            return options
+        return replace(options, intra_op_threads=self.threads_per_model(models))
