@@ -410,8 +410,14 @@ class _Engine:
                     await self.advance(client, fleet)
                     if s.status == DONE:
                         return s
-                    waiting_offline = s.wave >= len(s.waves)
-                    if waiting_offline:
+                    # Only offline devices left to wait for (after the last wave, or a wave
+                    # whose devices are all offline): bounded, then 'resume' goes on later.
+                    waiting_offline = s.wave >= len(s.waves) or all(
+                        s.devices[d].state == OFFLINE for d in s.waves[s.wave]
+                    )
+                    if not waiting_offline:
+                        offline_since = None
+                    else:
                         offline_since = offline_since or time.monotonic()
                         if time.monotonic() - offline_since > self.offline_timeout_s:
                             self.event("devices still offline; 'edged rollout resume' follows them")

@@ -23,6 +23,8 @@ from edged.fleet.rollout import (
     AbortPolicy,
     RolloutStore,
     abort_reason,
+    drive,
+    new_rollout,
     plan_waves,
 )
 from edged.serve.probation import ProbationPolicy
@@ -281,3 +283,31 @@ def test_an_operator_abort_rolls_back_every_device_that_took_the_release(
     )  # fmt: skip
     assert again.returncode == 1
     assert store.load("stop").status == "aborted"
+
+
+def test_an_offline_canary_holds_the_rollout_and_resume_goes_on_when_it_returns(
+    tmp_path: Path,
+    devices: Devices,
+    broker: Broker,
+    pki: FleetPki,
+    signing: SigningKeys,
+    manager: ManagerSettings,
+) -> None:
+    names = ["edge-1", "edge-2"]
+    policy = ProbationPolicy(min_s=1, max_s=60, min_requests=0)
+    release = build_release(tmp_path, signing, 2, policy, slow=False)
+    daemons = start_all(devices, names)
+    asyncio.run(wait_online(manager, names, timeout_s=30))
+    daemons[0].stop()
+    deadline = time.monotonic() + 30
+    while asyncio.run(fleet_status(manager, settle_s=0.5)).statuses["edge-1"].online:
+        assert time.monotonic() < deadline, "edge-1 still looks online"
+    store = RolloutStore(tmp_path / "rollouts")
+    new_rollout(store, release, GROUP, names, percents=(), rollout_id="held")
+    held = asyncio.run(drive(manager, [signing.signer], store, "held", offline_timeout_s=1.0))
+    assert held.status == "running"
+    assert (held.devices["edge-1"].state, held.devices["edge-2"].state) == ("offline", "pending")
+    devices.start("edge-1", groups=[GROUP])
+    done = asyncio.run(drive(manager, [signing.signer], store, "held", offline_timeout_s=60))
+    assert done.status == "done"
+    assert [done.devices[n].state for n in names] == ["passed", "passed"]
