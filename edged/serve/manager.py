@@ -372,12 +372,27 @@ class ModelManager:
             f"version {old.version} stays" if held is not None else "nothing else",
         )
         task = asyncio.get_running_loop().create_task(
-            watch.run(self._revert, lambda outcome: self._finish_probation(entry, watch, outcome)),
-            name=f"probation-{entry.name}",
+            self._watch(entry, watch), name=f"probation-{entry.name}"
         )
         watch.task = task
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _watch(self, entry: ModelEntry, watch: ProbationWatch) -> None:
+        try:
+            await watch.run(
+                self._revert, lambda outcome: self._finish_probation(entry, watch, outcome)
+            )
+        except Exception as exc:  # a bug in the watch must not pin the old version forever
+            log.exception(
+                "model %s: probation of version %s failed", entry.name, watch.candidate.version
+            )
+            if entry.probation is watch:
+                entry.probation = None
+                watch.release_held()
+                self._finish_probation(
+                    entry, watch, watch.outcome("stopped", watch.last, f"probation failed: {exc}")
+                )
 
     def _end_probation(self, entry: ModelEntry, decision: str, reason: str) -> None:
         """Stop watching without a verdict (a newer version, shutdown); release the held one."""

@@ -104,3 +104,18 @@ def test_version_windows_count_per_inference_and_skip_the_warm_up() -> None:
     assert window.latencies_s == (0.002,) * 4
     stats.reset("m", "2")
     assert stats.window("m", "2").requests == 0
+
+
+def test_the_energy_gate_judges_only_with_readings_for_both_versions() -> None:
+    policy = ProbationPolicy(min_s=0, min_requests=10, max_energy_ratio_pct=150)
+    base = VersionWindow("1", 500, 0, 0, (0.002,) * 500, energy_j_per_inference=0.010)
+    hungry = window(energy_j_per_inference=0.020)
+    verdict = judge(policy, base, hungry, 1)
+    assert verdict.decision == "revert"
+    assert verdict.trip is not None
+    assert (verdict.trip.gate, verdict.trip.measured, verdict.trip.limit) == (
+        "energy_ratio", "2.00x", "1.50x",
+    )  # fmt: skip
+    unknown = judge(policy, VersionWindow("1", 500, 0, 0, (0.002,) * 500), hungry, 1)
+    assert unknown.decision == "promote"
+    assert "energy not compared" in unknown.reason
