@@ -87,9 +87,9 @@ if [ -z "$UV" ]; then
 fi
 uv_compile=("$UV" --quiet pip compile --no-config --no-header --no-annotate --only-binary :all:
     --python-version "$PYTHON_VERSION" --python-platform "$MACHINE-manylinux_2_$GLIBC_MAX")
-echo "edged @ file://$EDGED_WHEEL" >"$BUILD/requirements.in"
+echo "edged[uvloop] @ file://$EDGED_WHEEL" >"$BUILD/requirements.in"  # devices get the faster event loop
 "${uv_compile[@]}" --output-file "$BUILD/names.txt" "$BUILD/requirements.in"
-mapfile -t needed < <(grep -v '^edged @ ' "$BUILD/names.txt" | sed 's/==.*//')
+mapfile -t needed < <(grep -Ev '^edged(\[[a-z,]+\])? @ ' "$BUILD/names.txt" | sed 's/==.*//')
 
 platforms=(--platform "manylinux2014_$MACHINE")
 for minor in $(seq 17 "$GLIBC_MAX"); do

@@ -30,7 +30,7 @@ from edged.bundle.device import normalise_arch
 from edged.bundle.install import Installer, InstallResult
 from edged.bundle.keys import Signature
 from edged.bundle.offline import OfflineSelfTest, run_self_test
-from edged.bundle.store import ModelStore
+from edged.bundle.store import INSTALL_LOG_FILE, ModelStore
 from edged.bundle.trust import build_root, build_signers
 from edged.bundle.truststore import TrustStore
 from edged.bundle.verify import DeviceFacts
@@ -260,7 +260,7 @@ def copy_state(template: Path, dest: Path) -> Path:
 
 
 def log_entries(state: Path) -> list[dict[str, Any]]:
-    path = state / "install-log.jsonl"
+    path = state / INSTALL_LOG_FILE
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines()]

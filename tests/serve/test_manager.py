@@ -1,13 +1,15 @@
 """The model manager with real runtimes: hot swap, self-test, memory policy, scheduling.
 
-To hold requests in the queue deterministically, a test takes the slot's lock: the worker then
-blocks in ``slot.acquire()`` exactly as it would behind a long-running batch.
+To hold requests in the queue deterministically, a test makes the model's next run wait on an
+event (``worker_busy``): once the worker is inside that run, which the test waits for, requests
+queue behind it exactly as behind a long-running batch; counts are polled from the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -62,14 +64,49 @@ def x_fc(value: float = 1.0) -> dict[str, np.ndarray[Any, Any]]:
     return {"input": np.full((1, 16), value, dtype=np.float32)}
 
 
+class BusyWorker:
+    """The model's runs wait for ``release``; ``running()`` returns once the worker is in one."""
+
+    def __init__(self, manager: ModelManager, name: str) -> None:
+        self.entry = manager.entry(name)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    async def running(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 30), "the worker never ran"
+
+    async def queued(self, count: int) -> None:
+        """Returns once ``count`` requests wait in the model's queue."""
+        await self.until(lambda: self.entry.scheduler.queue_depth == count, f"{count} queued")
+
+    async def until(self, condition: Callable[[], bool], what: str) -> None:
+        """A bounded poll of real state."""
+        for _ in range(3000):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"never reached: {what}")
+
+
 @contextlib.contextmanager
-def stalled(manager: ModelManager, name: str) -> Iterator[None]:
-    lock = manager.entry(name).slot._lock
-    lock.acquire()
+def worker_busy(manager: ModelManager, name: str) -> Iterator[BusyWorker]:
+    busy = BusyWorker(manager, name)
+    current = busy.entry.slot.current
+    assert current is not None
+    model = current.model
+    real_run = model.run
+
+    def held_run(feeds: Any) -> Any:
+        busy.entered.set()
+        busy.release.wait(60)
+        return real_run(feeds)
+
+    model.run = held_run  # type: ignore[method-assign]
     try:
-        yield
+        yield busy
     finally:
-        lock.release()
+        busy.release.set()
+        del model.run
 
 
 def append_config(repo: Path, model: str, text: str) -> None:
@@ -173,20 +210,20 @@ def test_requests_arriving_while_the_worker_is_busy_form_one_batch(model_repo: P
         manager = ModelManager(ModelsConfig(repository=model_repo), lambda name: observer)
         await manager.start()
         observer.batches.clear()
-        with stalled(manager, "mlp"):
+        with worker_busy(manager, "mlp") as busy:
             tasks = [asyncio.ensure_future(manager.infer("mlp", x_mlp(seed=0)))]
-            await asyncio.sleep(0.1)  # the worker takes it alone and blocks
+            await busy.running()  # the worker took it alone and is inside its run
             tasks += [
                 asyncio.ensure_future(manager.infer("mlp", x_mlp(seed=i))) for i in range(1, 10)
             ]
-            await asyncio.sleep(0.1)
+            await busy.queued(9)
         results = await asyncio.gather(*tasks)
         alone = await manager.infer("mlp", x_mlp())
         await manager.close()
         return [*results, alone]
 
     results = run(scenario)
-    # The first request was taken alone before the stall; the other nine queued behind it.
+    # The first request was taken alone; the other nine queued behind its run.
     assert sorted(observer.batches) == [1, 1, 9]
     assert results[-1].batch_rows == 1
     for i, result in enumerate(results[:10]):
@@ -198,9 +235,9 @@ def test_batched_results_match_unbatched_ones(model_repo: Path) -> None:
         manager = ModelManager(ModelsConfig(repository=model_repo))
         await manager.start()
         single = [await manager.infer("mlp", x_mlp(seed=i)) for i in range(5)]
-        with stalled(manager, "mlp"):
+        with worker_busy(manager, "mlp") as busy:
             tasks = [asyncio.ensure_future(manager.infer("mlp", x_mlp(seed=i))) for i in range(5)]
-            await asyncio.sleep(0.1)
+            await busy.running()  # whatever it did not take is queued behind this run
         batched = await asyncio.gather(*tasks)
         await manager.close()
         return single, list(batched)
@@ -217,11 +254,11 @@ def test_full_queue_rejects_with_queue_full(model_repo: Path) -> None:
     async def scenario() -> None:
         manager = ModelManager(ModelsConfig(repository=model_repo))
         await manager.start()
-        with stalled(manager, "fc"):
+        with worker_busy(manager, "fc") as busy:
             first = asyncio.ensure_future(manager.infer("fc", x_fc()))
-            await asyncio.sleep(0.1)  # the worker takes it and blocks
+            await busy.running()
             queued = [asyncio.ensure_future(manager.infer("fc", x_fc())) for _ in range(2)]
-            await asyncio.sleep(0.05)
+            await busy.queued(2)
             with pytest.raises(QueueFullError, match="queue of model 'fc' is full"):
                 await manager.infer("fc", x_fc())
         done = await asyncio.gather(first, *queued)
@@ -237,9 +274,9 @@ def test_deadline_passes_while_queued(model_repo: Path) -> None:
     async def scenario() -> None:
         manager = ModelManager(ModelsConfig(repository=model_repo), lambda name: observer)
         await manager.start()
-        with stalled(manager, "fc"):
+        with worker_busy(manager, "fc") as busy:
             first = asyncio.ensure_future(manager.infer("fc", x_fc()))
-            await asyncio.sleep(0.1)
+            await busy.running()
             with pytest.raises(DeadlineExceededError, match="deadline of 50 ms"):
                 await manager.infer("fc", x_fc(), timeout_s=0.05)
         await first
@@ -260,13 +297,13 @@ def test_higher_priority_requests_run_first(model_repo: Path) -> None:
             await manager.infer("fc", x_fc(), priority=priority)
             order.append(label)
 
-        with stalled(manager, "fc"):
+        with worker_busy(manager, "fc") as busy:
             first = asyncio.ensure_future(call("first", 2))
-            await asyncio.sleep(0.1)
+            await busy.running()
             rest = [asyncio.ensure_future(call(f"low{i}", 2)) for i in range(3)]
-            await asyncio.sleep(0.01)
+            await busy.queued(3)
             rest.append(asyncio.ensure_future(call("urgent", 1)))
-            await asyncio.sleep(0.05)
+            await busy.queued(4)
         await asyncio.gather(first, *rest)
         with pytest.raises(InvalidRequestError, match="priority 3 is outside 1..2"):
             await manager.infer("fc", x_fc(), priority=3)
@@ -283,15 +320,14 @@ def test_a_caller_that_goes_away_is_dropped_before_it_runs(model_repo: Path) -> 
         manager = ModelManager(ModelsConfig(repository=model_repo), lambda name: observer)
         await manager.start()
         observer.batches.clear()
-        with stalled(manager, "fc"):
+        with worker_busy(manager, "fc") as busy:
             first = asyncio.ensure_future(manager.infer("fc", x_fc()))
-            await asyncio.sleep(0.1)
+            await busy.running()
             gone = asyncio.ensure_future(manager.infer("fc", x_fc()))
-            await asyncio.sleep(0.01)
+            await busy.queued(1)
             gone.cancel()
         await first
-        await asyncio.sleep(0.1)
-        await manager.close()
+        await manager.close()  # the worker drains its queue first: it meets the dropped one
 
     run(scenario)
     assert observer.outcomes == {"dropped": 1}
@@ -306,15 +342,16 @@ def test_result_cache_reuses_and_coalesces_identical_requests(model_repo: Path) 
         manager = ModelManager(ModelsConfig(repository=model_repo), lambda name: observer)
         await manager.start()
         observer.batches.clear()
-        with stalled(manager, "fc"):
+        cache = manager.entry("fc").cache
+        assert cache is not None
+        with worker_busy(manager, "fc") as busy:
             tasks = [asyncio.ensure_future(manager.infer("fc", x_fc(2.0))) for _ in range(3)]
-            await asyncio.sleep(0.1)
+            await busy.running()
+            await busy.until(lambda: cache.coalesced == 2, "two requests joined the first")
         results = await asyncio.gather(*tasks)
         again = await manager.infer("fc", x_fc(2.0))
         other = await manager.infer("fc", x_fc(3.0))
-        cache = manager.entry("fc").cache
         await manager.close()
-        assert cache is not None
         assert (cache.coalesced, cache.hits) == (2, 1)
         for r in [*results, again]:
             np.testing.assert_array_equal(r.outputs["output"], results[0].outputs["output"])

@@ -3,15 +3,13 @@ the middle of a download, a broker outage with operations in flight."""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
 
@@ -35,23 +33,17 @@ from tests.support.broker import Broker
 from tests.support.daemon import SAMPLE_MODELS, DaemonProcess, running_daemon
 from tests.support.pki import FleetPki, SigningKeys
 from tests.transport.conftest import CHUNK_BYTES, Bundles, Devices, mqtt_config
-from tests.transport.test_fleet import cli, connection_args
+from tests.transport.helpers import DEVICE_1, cli, connection_args, run
 from tests.transport.test_telemetry_publish import INTERVAL_S, Collector
 
 pytestmark = pytest.mark.integration
 
-T = TypeVar("T")
-DEVICE_1 = Target.device("device-1")
 # A larger MLP than the sample (same input and output): ~1.2 MB, ~4,700 chunks of 256 bytes, so
 # that fifty restarts still find chunks left to fetch.
 BIG_LAYERS = (64, 512, 512, 10)
 SMALL_CHUNK = 256
 SIGTERM_TRIES = 50
 HANG_LIMIT_S = 60.0  # only a hang gets here: a clean stop takes about a second
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
 
 
 @pytest.fixture(scope="module")

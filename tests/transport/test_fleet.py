@@ -3,24 +3,18 @@ push and commands (library and CLI)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
 
 import numpy as np
 import pytest
 
-from edged.api.client import Endpoint, LocalClient
 from edged.bundle.keys import generate_key
 from edged.errors import TransportError
 from edged.fleet.channel import (
@@ -28,7 +22,6 @@ from edged.fleet.channel import (
     DeviceOutcome,
     ManagerSettings,
     PreparedBundle,
-    deploy_command,
     fleet_status,
     prepare_bundle,
     publish_chunks,
@@ -42,75 +35,21 @@ from edged.transport.protocol import Command, Progress, encode_command, new_nonc
 from edged.transport.tls import TlsFiles, client_context
 from edged.transport.topics import Target
 from tests.support.broker import Broker
-from tests.support.daemon import DaemonProcess
-from tests.support.pki import FLEET_MANAGER, FleetPki, SigningKeys
+from tests.support.pki import FleetPki, SigningKeys
 from tests.transport.conftest import CHUNK_BYTES, Bundles, Devices
+from tests.transport.helpers import (
+    DEVICE_1,
+    announce,
+    cli,
+    connection_args,
+    for_deployment,
+    infer,
+    run,
+    send_first_half,
+    terminal,
+)
 
 pytestmark = pytest.mark.integration
-
-T = TypeVar("T")
-DEVICE_1 = Target.device("device-1")
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
-
-
-def infer(daemon: DaemonProcess, x: np.ndarray[Any, Any]) -> tuple[str, np.ndarray[Any, Any]]:
-    version, outputs = LocalClient(Endpoint(url=daemon.url), timeout_s=10).infer(
-        "mlp", {"input": x}
-    )
-    return version, outputs["output"]
-
-
-def cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edged.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
-
-
-def connection_args(broker: Broker, pki: FleetPki) -> list[str]:
-    files = pki.client(FLEET_MANAGER)
-    return [
-        "--host",
-        broker.host,
-        "--port",
-        str(broker.manager_port),
-        "--ca-file",
-        str(files.ca_file),
-        "--cert-file",
-        str(files.cert_file),
-        "--key-file",
-        str(files.key_file),
-        "--op-timeout",
-        "5",
-    ]
-
-
-def for_deployment(
-    deployment_id: str, done: Callable[[Progress], bool]
-) -> Callable[[Progress], bool]:
-    return lambda p: p.deployment == deployment_id and done(p)
-
-
-def terminal(progress: Progress) -> bool:
-    return progress.terminal
-
-
-async def announce(
-    manager: ManagerSettings, signing: SigningKeys, prepared: PreparedBundle, target: Target
-) -> None:
-    """What push() does after the chunks: the signed announcement, and its accepted reply."""
-    command = deploy_command(target, prepared.deployment)
-    result = await send_command(
-        manager, [signing.signer], target, "deploy", command=command, expected=["device-1"]
-    )
-    assert result.ok, result.replies
-
 
 # --- pushing ---------------------------------------------------------------------------------
 
@@ -214,17 +153,8 @@ def test_a_broker_restart_mid_transfer_resumes_with_only_the_missing_chunks(
     v2 = bundles.mlp(2)
     prepared = prepare_bundle(v2.path.read_bytes(), CHUNK_BYTES)
     d = prepared.deployment
-    half = d.chunk_count // 2
-
-    async def first_half() -> None:
-        # The pusher gets through half the chunks before the broker goes down.
-        await publish_chunks(manager, DEVICE_1, prepared, range(half))
-        await announce(manager, signing, prepared, DEVICE_1)
-        await wait_progress(
-            manager, "device-1", for_deployment(d.id, lambda p: p.chunks_done >= half)
-        )
-
-    run(first_half())
+    # The pusher gets through half the chunks before the broker goes down.
+    half = run(send_first_half(manager, signing, prepared, "device-1"))
     broker.restart()  # persistence keeps the retained chunks and the device's session
 
     async def second_half() -> Progress:
@@ -246,16 +176,7 @@ def test_a_daemon_restart_mid_transfer_resumes_from_disk(
     v3 = bundles.mlp(3)
     prepared = prepare_bundle(v3.path.read_bytes(), CHUNK_BYTES)
     d = prepared.deployment
-    half = d.chunk_count // 2
-
-    async def first_half() -> None:
-        await publish_chunks(manager, DEVICE_1, prepared, range(half))
-        await announce(manager, signing, prepared, DEVICE_1)
-        await wait_progress(
-            manager, "device-1", for_deployment(d.id, lambda p: p.chunks_done >= half)
-        )
-
-    run(first_half())
+    half = run(send_first_half(manager, signing, prepared, "device-1"))
     first.process.send_signal(signal.SIGKILL)
     first.process.wait(10)
     view = run(fleet_status(manager, settle_s=0.5))

@@ -15,25 +15,22 @@ from edged.bundle.build import BundleSpec, build_bundle_from_dir
 from edged.demo.samples import write_counting_loop, write_test_vectors
 from edged.fleet.channel import (
     ManagerSettings,
-    deploy_command,
     fleet_status,
     prepare_bundle,
     publish_chunks,
-    send_command,
     wait_online,
     wait_progress,
 )
 from edged.modelrepo.config import TEST_VECTORS_FILE
 from edged.transport.protocol import Progress
-from edged.transport.topics import Target
 from tests.support.broker import Broker
 from tests.support.load import InferenceLoad
 from tests.support.pki import SigningKeys
 from tests.transport.conftest import CHUNK_BYTES, Devices
+from tests.transport.helpers import DEVICE_1, announce
 
 pytestmark = pytest.mark.integration
 
-DEVICE_1 = Target.device("device-1")
 # About 2 s per self-test run on this machine: SIGTERM lands inside load_version.
 SLOW_ITERATIONS = 3_000_000
 
@@ -80,11 +77,7 @@ def test_sigterm_during_an_install_is_not_a_failure_and_the_install_resumes_afte
 
     async def push_it() -> None:
         await publish_chunks(manager, DEVICE_1, prepared, range(deployment.chunk_count))
-        command = deploy_command(DEVICE_1, deployment)
-        result = await send_command(
-            manager, [signing.signer], DEVICE_1, "deploy", command=command, expected=["device-1"]
-        )
-        assert result.ok, result.replies
+        await announce(manager, signing, prepared, DEVICE_1)
 
     with InferenceLoad(first.port, clients=4) as load:
         asyncio.run(push_it())

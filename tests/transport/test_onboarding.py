@@ -15,7 +15,7 @@ from edged.modelrepo.config import TEST_VECTORS_FILE
 from tests.support.broker import Broker, mosquitto_missing_reason
 from tests.support.daemon import SAMPLE_MODELS, running_daemon
 from tests.support.pki import FleetPki
-from tests.transport.test_fleet import cli, infer
+from tests.transport.helpers import cli, infer
 
 pytestmark = pytest.mark.integration
 
