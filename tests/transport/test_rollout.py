@@ -34,7 +34,7 @@ from tests.support.load import InferenceLoad
 from tests.support.pki import FleetPki, SigningKeys
 from tests.support.slowmodel import write_slow_mlp
 from tests.transport.conftest import Devices
-from tests.transport.test_fleet import connection_args
+from tests.transport.helpers import connection_args
 
 EDGED = [sys.executable, "-m", "edged.cli.main"]
 GROUP = "wave"
