@@ -53,6 +53,7 @@ where it helps, what to do.
     │   │   └── VectorFileError          an .npz test-vector file malformed or over a limit
     │   ├── TrustStoreError              TrustDocumentError, TrustExpiredError, TrustVersionError
     │   ├── InstallFailedError           an unexpected failure inside the installer (a bug)
+    │   ├── RevertedReleaseError         the release failed probation here before
     │   └── StoreError                   StoreCorruptError, VersionConflictError,
     │                                    VersionNotHeldError, InstallBusyError
     ├── TransportError                   MQTT fleet channel
@@ -70,6 +71,7 @@ where it helps, what to do.
     │   ├── DownloadError                TooLargeError, InsufficientSpaceError,
     │   │                                ChunkHashMismatchError, DownloadStalledError
     │   ├── PushFailedError              (CLI) devices failed or did not answer
+    │   ├── RolloutError                 (CLI) a staged rollout: bad plan, state or lock
     │   └── FleetSetupError              fleet directory / PKI: missing, or would be overwritten
     ├── TelemetryError                   metrics, power sources, spool
     │   ├── HistogramMismatchError       snapshots with different bucket layouts
@@ -335,6 +337,10 @@ class InstallFailedError(BundleError):
     """Something unexpected failed inside the installer; nothing was installed."""
 
 
+class RevertedReleaseError(BundleError):
+    """The release failed probation on this device and was reverted; it is not re-installed."""
+
+
 class TrustStoreError(BundleError):
     """The device trust store (root.json, signers.json) is missing, invalid or stale."""
 
@@ -461,6 +467,11 @@ class FleetSetupError(TransportError):
 
 class PushFailedError(TransportError):
     """(CLI) A push or command did not succeed on every targeted device."""
+
+
+class RolloutError(TransportError):
+    """(CLI) A staged rollout cannot start or go on: bad plan, unreadable state, or another
+    process drives it."""
 
 
 # --- telemetry -----------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from edged.bundle.verify import release_tuple
 from edged.errors import BundleConfigError, ConfigError, ManifestSchemaError, UnsafePathError
 from edged.modelrepo.config import TEST_VECTORS_FILE, parse_model_config
 from edged.runtime.base import model_files
+from edged.serve.probation import ProbationPolicy
 
 DAY_S = 86_400
 DEFAULT_EXPIRES_IN_DAYS = 90
@@ -64,6 +65,7 @@ class BundleSpec:
     runtime: str | None = None  # None: from the model file present
     providers: tuple[str, ...] = ()
     min_edged_version: str = ""  # "": the release of the edged that builds it
+    rollout: ProbationPolicy | None = None  # None: the manifest states no policy (defaults)
 
     @classmethod
     def starting_now(
@@ -188,6 +190,7 @@ def make_manifest(
         ),
         files=tuple(entries),
         test_vectors=vectors,
+        rollout=spec.rollout,
     )
     # The builder refuses what a device would refuse.
     return manifest_from_json(manifest.to_json(), limits)

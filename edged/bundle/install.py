@@ -30,6 +30,7 @@ from edged.bundle.reader import (
     read_head,
     refuse_late_signatures,
 )
+from edged.bundle.reverted import RevertedList, RevertedRelease
 from edged.bundle.store import HeldVersion, ModelStore, RecoveryReport, StagingSink
 from edged.bundle.trust import TrustState
 from edged.bundle.truststore import TrustStore
@@ -49,6 +50,8 @@ from edged.errors import (
     VersionNotHeldError,
 )
 from edged.modelrepo.config import TEST_VECTORS_FILE, load_model_config, load_test_vectors
+from edged.modelrepo.layout import parse_version_name
+from edged.serve.watch import ProbationOutcome
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ class SwapTarget(Protocol):
 
 @dataclass(frozen=True)
 class InstallResult:
-    action: str  # "install" | "rollback"
+    action: str  # "install" | "rollback" | "probation"
     # installed | reinstalled | already-installed | rolled-back | rejected | load-failed
     # | record-failed (serving switched, but CURRENT could not be written)
     # | failed (an unexpected error: a bug) | interrupted (cancelled, KeyboardInterrupt)
@@ -96,7 +99,7 @@ class _Attempt:
     """What every result of one install or rollback attempt shares; a call site adds only its
     outcome and error or message."""
 
-    action: str  # "install" | "rollback"
+    action: str  # "install" | "rollback" | "probation"
     source: str
     at: int  # Unix seconds
     manifest: Manifest | None = None
@@ -170,6 +173,7 @@ class Installer:
         self.upload_lock = asyncio.Lock()  # one bundle upload at a time (edged.bundle.upload)
         self.last_result: InstallResult | None = None
         self._recorded: tuple[EdgedError, InstallResult] | None = None  # what _fail logged last
+        self.reverted = RevertedList(state_dir)
 
     @property
     def device(self) -> DeviceFacts:
@@ -267,6 +271,54 @@ class Installer:
         async with self._lock:
             with self.store.locked():
                 return await self._rollback(model, to_version)
+
+    async def record_probation(self, outcome: ProbationOutcome) -> InstallResult | None:
+        """The serving side ended a probation: log it; after a revert, point ``CURRENT`` back
+        at the version serving again, list the release as reverted and remove it."""
+        version = parse_version_name(outcome.version)
+        if version is None:
+            return None  # not a store version (a seed repository's); nothing to record
+        async with self._lock:
+            with self.store.locked():
+                return await _in_thread(self._record_probation, outcome, version)
+
+    def _record_probation(self, outcome: ProbationOutcome, version: int) -> InstallResult | None:
+        now = int(self.clock())
+        model = outcome.model
+        held = self.store.inspect_version(self.store.version_dir(model, version))
+        previous = parse_version_name(outcome.previous_version)
+        attempt = _Attempt(
+            "probation",
+            "probation",
+            now,
+            manifest=held.manifest if held is not None else None,
+            digest=held.manifest_sha256 if held is not None else None,
+            previous=previous,
+            model=model,
+        )
+        if outcome.decision == "promoted":
+            return self._record(
+                attempt, "promoted", message=f"{model} version {version}: {outcome.reason}"
+            )
+        if outcome.decision != "reverted":
+            return None  # superseded or stopped: no verdict to record
+        if held is not None:
+            self.reverted.add(
+                RevertedRelease(
+                    held.manifest_sha256, model, version, held.manifest.counter, outcome.reason, now
+                )
+            )
+        if self.store.current_version(model) == version and previous is not None:
+            self.store.set_current(model, previous)
+        if self.store.current_version(model) != version and held is not None:
+            self.store.discard(held.path)
+        return self._record(
+            attempt,
+            "reverted",
+            error_name="ProbationFailedError",
+            message=f"{model} version {version} reverted to {outcome.previous_version}: "
+            f"{outcome.reason}",
+        )
 
     def result_for(self, exc: BaseException) -> InstallResult | None:
         """The install-log entry recorded for ``exc``, if this installer raised it after
@@ -439,6 +491,7 @@ class Installer:
                 refuse_late_signatures(reader, pending, exc)
                 raise
             manifest = verified.manifest
+            self.reverted.check(verified.digest)
             self._checkpoint("manifest verified")
             try:
                 existing = self._existing(manifest, verified)

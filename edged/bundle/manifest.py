@@ -14,6 +14,7 @@ from typing import Any
 
 from edged.bundle.canonical import Json, encode_canonical, parse_canonical
 from edged.bundle.limits import DEFAULT_LIMITS, BundleLimits
+from edged.bundle.rollout_policy import parse_rollout, rollout_json
 from edged.errors import (
     LimitExceededError,
     ManifestEncodingError,
@@ -22,6 +23,7 @@ from edged.errors import (
 )
 from edged.modelrepo.layout import MAX_VERSION
 from edged.runtime.base import model_files
+from edged.serve.probation import ProbationPolicy
 
 MANIFEST_TYPE = "edged/bundle-manifest"
 SPEC_VERSION = 1
@@ -93,6 +95,7 @@ class Manifest:
     targets: Targets
     files: tuple[FileEntry, ...]  # sorted by path
     test_vectors: tuple[str, ...]  # bundle paths of .npz files; () when config.toml has inline
+    rollout: ProbationPolicy | None = None  # None: the release states no policy (defaults)
 
     @property
     def config_path(self) -> str:
@@ -134,7 +137,7 @@ class Manifest:
             "providers": list(self.targets.providers),
             "runtime": self.targets.runtime,
         }
-        return {
+        value: dict[str, Json] = {
             "_type": MANIFEST_TYPE,
             "counter": self.counter,
             "created": self.created,
@@ -146,6 +149,9 @@ class Manifest:
             "test_vectors": list(self.test_vectors),
             "version": self.version,
         }
+        if self.rollout is not None:
+            value["rollout"] = rollout_json(self.rollout)
+        return value
 
     def encode(self) -> bytes:
         """The canonical bytes that are signed and stored as ``manifest.json``."""
@@ -327,6 +333,11 @@ def manifest_from_json(value: Json, limits: BundleLimits = DEFAULT_LIMITS) -> Ma
             raise ManifestSchemaError(f"manifest field test_vectors[{i}] must be an .npz file")
     if len(set(vectors_value)) != len(vectors_value):
         raise ManifestSchemaError("manifest field test_vectors lists a file twice")
+    rollout = (
+        parse_rollout(root.get("rollout"))
+        if isinstance(value, dict) and "rollout" in value
+        else None
+    )
     root.done()
     return Manifest(
         model=model,
@@ -337,6 +348,7 @@ def manifest_from_json(value: Json, limits: BundleLimits = DEFAULT_LIMITS) -> Ma
         targets=targets,
         files=files,
         test_vectors=tuple(vectors_value),
+        rollout=rollout,
     )
 
 

@@ -24,6 +24,7 @@ COMMANDS = {
     "config": "edged.cli.configcmd",
     "push": "edged.cli.fleet",
     "fleet": "edged.cli.fleet",
+    "rollout": "edged.cli.rollout",
     "keygen": "edged.cli.bundle",
     "bundle": "edged.cli.bundle",
     "trust": "edged.cli.bundle",

@@ -109,6 +109,12 @@ def register(subparsers: Any) -> None:
         "--min-edged-version", default="", help="MAJOR.MINOR.PATCH (default: this edged's)"
     )
     p.add_argument(
+        "--rollout",
+        type=Path,
+        metavar="POLICY_JSON",
+        help="the signed rollout policy: probation and gates (docs/bundle-format.md)",
+    )
+    p.add_argument(
         "--vectors-from",
         type=Path,
         metavar="INPUTS_NPZ",
@@ -246,6 +252,8 @@ def handle_keygen(args: argparse.Namespace) -> int:
 
 
 def handle_build(args: argparse.Namespace) -> int:
+    from edged.bundle.rollout_policy import load_rollout_file
+
     keys = [load_private_key(p) for p in args.key]
     if args.vectors_from is not None:
         from edged.cli.vectors import write_test_vectors
@@ -262,6 +270,7 @@ def handle_build(args: argparse.Namespace) -> int:
         runtime=args.runtime,
         providers=tuple(args.provider),
         min_edged_version=args.min_edged_version,
+        rollout=load_rollout_file(args.rollout) if args.rollout is not None else None,
     )
     manifest = build_bundle_from_dir(args.model_dir, spec, keys, args.output, config=args.config)
     console = Console()

@@ -106,6 +106,17 @@ def handle_status(args: argparse.Namespace) -> int:
                 e["reason"],
             )
         console.print(events)
+    watched = [m for m in status["models"] if m.get("probation") or m.get("last_probation")]
+    if watched:
+        probation = Table("model", "version", "state", "reason", title="probation")
+        for m in watched:
+            p = m.get("probation")
+            if p:
+                probation.add_row(m["name"], p["version"], "watching", p["reason"])
+            else:
+                last = m["last_probation"]
+                probation.add_row(m["name"], last["version"], last["decision"], last["reason"])
+        console.print(probation)
     return 0
 
 

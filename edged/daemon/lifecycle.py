@@ -28,12 +28,14 @@ from edged._compat import TaskGroup
 from edged.api.app import build_app
 from edged.api.context import GATE
 from edged.bundle import Installer, detect_device_facts
+from edged.bundle.rollout_policy import policy_for_swap
 from edged.bundle.store import MODELS_DIR
 from edged.config import DaemonConfig
 from edged.daemon.sdnotify import Notifier, Watchdog, watchdog_interval_s
 from edged.daemon.supervisor import Supervisor
 from edged.errors import ConfigError, EdgedError, NotifyError
 from edged.serve.manager import ModelManager
+from edged.serve.watch import ProbationOutcome
 from edged.telemetry.hub import TelemetryHub
 
 if TYPE_CHECKING:  # the MQTT stack is imported only when the fleet channel is enabled
@@ -88,6 +90,9 @@ class Daemon:
             detect_device_facts,
             keep_previous=max(1, config.state.keep_versions - 1),
         )
+        # Probation after a swap: the signed policy of each installed release decides.
+        self.manager.probation_policy = policy_for_swap
+        self.manager.probation_listeners.append(self._record_probation)
         self.notifier = Notifier.from_environment()
         self.watchdog = Watchdog(self.notifier, watchdog_interval_s())
         self.supervisor = Supervisor(on_failure=self._report_failure)
@@ -111,6 +116,14 @@ class Daemon:
         self._shutdown_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.exit_code = 0
+
+    async def _record_probation(self, outcome: ProbationOutcome) -> None:
+        try:
+            await self.installer.record_probation(outcome)
+        except EdgedError as exc:
+            log.error("probation of %s %s not recorded: %s", outcome.model, outcome.version, exc)
+        if self.fleet is not None:
+            await self.fleet.report_probation(outcome)
 
     # --- signals --------------------------------------------------------------------------
 

@@ -39,6 +39,8 @@ from edged.transport.protocol import (
     FAILED,
     MAX_CHUNK_BYTES,
     MIN_CHUNK_BYTES,
+    PROMOTED,
+    REVERTED,
     SERVING,
     Command,
     Deployment,
@@ -161,11 +163,12 @@ class DeviceOutcome:
 
     @property
     def ok(self) -> bool:
-        return self.state == SERVING
+        # promoted: served, then passed probation (it may come before serving is seen)
+        return self.state in (SERVING, PROMOTED)
 
     @property
     def finished(self) -> bool:
-        return self.state in (SERVING, FAILED, REFUSED)
+        return self.state in (SERVING, FAILED, REFUSED, PROMOTED, REVERTED)
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,12 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 
 from edged._compat import TIMEOUT_ERRORS
@@ -43,6 +44,7 @@ from edged.runtime.base import (
 from edged.runtime.budget import CpuBudget, usable_cores
 from edged.serve.cache import ResultCache
 from edged.serve.memory import MemoryRequest, must_unload_first
+from edged.serve.probation import ProbationPolicy
 from edged.serve.scheduler import (
     BatchObserver,
     BatchSignature,
@@ -52,9 +54,10 @@ from edged.serve.scheduler import (
 )
 from edged.serve.selftest import self_test
 from edged.serve.slot import ModelSlot, ServedVersion
+from edged.serve.versionstats import StatsObserver, VersionStats
+from edged.serve.watch import ProbationOutcome, ProbationWatch
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -76,9 +79,18 @@ class ModelEntry:
     state: str = "LOADING"  # LOADING | READY | UNAVAILABLE
     last_error: str | None = None
     cache: ResultCache | None = None
+    probation: ProbationWatch | None = None  # the new version is on probation
+    last_probation: ProbationOutcome | None = None
 
 
 ObserverFactory = Callable[[str], BatchObserver]
+# (new version dir, replaced version dir) -> the policy to judge the new one by, or None.
+ProbationPolicyFor = Callable[[Path, Path], "ProbationPolicy | None"]
+ProbationListener = Callable[[ProbationOutcome], Awaitable[None]]
+
+
+def _no_probation(new: Path, old: Path) -> ProbationPolicy | None:
+    return None
 
 
 def validate_inputs(
@@ -159,6 +171,11 @@ class ModelManager:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self.events: deque[SwapEvent] = deque(maxlen=100)
+        # Probation after a swap (edged.serve.watch): the daemon says which swaps get one.
+        self.stats = VersionStats()
+        self.probation_policy: ProbationPolicyFor = _no_probation
+        self.probation_listeners: list[ProbationListener] = []
+        self._background: set[asyncio.Task[None]] = set()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -199,6 +216,7 @@ class ModelManager:
         """Stop accepting work, let queued requests finish, release every model."""
         self._closing = True
         for entry in self._entries.values():
+            self._end_probation(entry, "stopped", "the daemon is shutting down")
             entry.scheduler.stop()
         deadline = time.monotonic() + drain_timeout_s
         for entry in self._entries.values():
@@ -219,7 +237,12 @@ class ModelManager:
                 slot,
                 ModelConfig().batching,
                 self._loop,
-                self._observer_factory(name),
+                StatsObserver(
+                    self._observer_factory(name),
+                    self.stats,
+                    name,
+                    lambda: slot.current.version if slot.current is not None else None,
+                ),
                 stuck_after_s=self.worker_stuck_after_s,
             )
             scheduler.start()
@@ -241,6 +264,7 @@ class ModelManager:
         async with entry.lock:
             version = version_dir.name
             old = entry.slot.current
+            self._end_probation(entry, "superseded", f"version {version} is being loaded")
             try:
                 await self._load_and_swap(entry, version_dir)
             except EdgedError as exc:
@@ -254,7 +278,9 @@ class ModelManager:
                 log.error("model %s: version %s not switched in: %s", model, version, exc)
                 raise
 
-    async def _load_and_swap(self, entry: ModelEntry, version_dir: Path) -> None:
+    async def _load_and_swap(
+        self, entry: ModelEntry, version_dir: Path, *, probation: bool = True
+    ) -> None:
         name, version = entry.name, version_dir.name
         try:
             # TOML parsing and file sizes: on a thread, the loop keeps serving the old version.
@@ -284,8 +310,13 @@ class ModelManager:
             loaded.close()
             raise
         new = ServedVersion(name, version, version_dir, loaded, config, estimate)
+        policy = self._policy(old.version_dir, version_dir) if probation and old else None
+        # The replaced version stays loaded during probation (one extra handle), unless the
+        # memory policy already unloaded it: then a revert reloads it from its directory.
+        held = entry.slot.acquire() if policy is not None and not unload_first else None
         entry.scheduler.batching = config.batching
         entry.cache = ResultCache(config.cache.max_entries) if config.cache.enabled else None
+        self.stats.reset(name, version)
         previous = entry.slot.swap(new)
         entry.state = "READY"
         entry.last_error = None
@@ -302,6 +333,127 @@ class ModelManager:
             previous.version if previous else "none",
             reason,
         )
+        if policy is not None and old is not None:
+            self._start_probation(entry, new, old, held, policy)
+
+    def _policy(self, old_dir: Path, new_dir: Path) -> ProbationPolicy | None:
+        try:
+            return self.probation_policy(new_dir, old_dir)
+        except EdgedError as exc:
+            log.error("model %s: no probation for %s: %s", new_dir.parent.name, new_dir, exc)
+            return None
+
+    # --- probation ------------------------------------------------------------------------
+
+    def _start_probation(
+        self,
+        entry: ModelEntry,
+        new: ServedVersion,
+        old: ServedVersion,
+        held: ServedVersion | None,
+        policy: ProbationPolicy,
+    ) -> None:
+        baseline = self.stats.window(entry.name, old.version)
+        watch = ProbationWatch(
+            entry, new, old.version, old.version_dir, held, policy, baseline, self.stats
+        )
+        entry.probation = watch
+        log.info(
+            "model %s: version %s on probation (%d s to %d s, %d requests; %s loaded)",
+            entry.name,
+            new.version,
+            policy.min_s,
+            policy.max_s,
+            policy.min_requests,
+            f"version {old.version} stays" if held is not None else "nothing else",
+        )
+        task = asyncio.get_running_loop().create_task(
+            self._watch(entry, watch), name=f"probation-{entry.name}"
+        )
+        watch.task = task
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _watch(self, entry: ModelEntry, watch: ProbationWatch) -> None:
+        try:
+            await watch.run(
+                self._revert, lambda outcome: self._finish_probation(entry, watch, outcome)
+            )
+        except Exception as exc:  # a bug in the watch must not pin the old version forever
+            log.exception(
+                "model %s: probation of version %s failed", entry.name, watch.candidate.version
+            )
+            if entry.probation is watch:
+                entry.probation = None
+                watch.release_held()
+                self._finish_probation(
+                    entry, watch, watch.outcome("stopped", watch.last, f"probation failed: {exc}")
+                )
+
+    def _end_probation(self, entry: ModelEntry, decision: str, reason: str) -> None:
+        """Stop watching without a verdict (a newer version, shutdown); release the held one."""
+        watch = entry.probation
+        if watch is None:
+            return
+        entry.probation = None
+        if watch.task is not None:
+            watch.task.cancel()
+        watch.release_held()
+        self._finish_probation(entry, watch, watch.outcome(decision, watch.last, reason))
+
+    def _finish_probation(
+        self, entry: ModelEntry, watch: ProbationWatch, outcome: ProbationOutcome
+    ) -> None:
+        if entry.probation is watch:
+            entry.probation = None
+        entry.last_probation = outcome
+        for listener in self.probation_listeners:
+            task = asyncio.get_running_loop().create_task(
+                self._notify(listener, outcome), name="probation-outcome"
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    async def _notify(listener: ProbationListener, outcome: ProbationOutcome) -> None:
+        try:
+            await listener(outcome)
+        except Exception:  # a listener's bug must not end the watch or the loop
+            log.exception("probation outcome listener failed for %s", outcome.model)
+
+    async def _revert(self, entry: ModelEntry, watch: ProbationWatch) -> None:
+        """Serve the replaced version again: the held one at once, else reloaded."""
+        reason = watch.last.reason if watch.last is not None else "probation failed"
+        async with entry.lock:
+            if entry.probation is not watch:
+                return  # a newer load superseded it meanwhile
+            held = watch.held
+            if held is not None:
+                entry.scheduler.batching = held.config.batching
+                entry.cache = (
+                    ResultCache(held.config.cache.max_entries)
+                    if held.config.cache.enabled
+                    else None
+                )
+                entry.slot.swap(held)
+                watch.release_held()
+            else:
+                try:
+                    await self._load_and_swap(entry, watch.previous_dir, probation=False)
+                except EdgedError as exc:
+                    reason = f"{reason}; reloading version {watch.previous_version} failed: {exc}"
+                    log.error("model %s: %s", entry.name, reason)
+            entry.state = "READY" if entry.slot.current is not None else "UNAVAILABLE"
+            self.events.append(
+                SwapEvent(
+                    time.time(),
+                    entry.name,
+                    watch.candidate.version,
+                    watch.previous_version,
+                    True,
+                    f"reverted by probation: {reason}",
+                )
+            )
 
     def _check_memory(
         self, name: str, version: str, estimate: int, old: ServedVersion | None
@@ -316,10 +468,16 @@ class ModelManager:
                 old_estimate_bytes=old.memory_estimate_bytes if old is not None else 0,
                 available_bytes=psutil.virtual_memory().available
                 - self.config.memory_reserve_bytes,
+                # A version held for a probation's revert costs memory too.
                 in_use_bytes=sum(
                     e.slot.current.memory_estimate_bytes
                     for e in self._entries.values()
                     if e.slot.current is not None
+                )
+                + sum(
+                    e.probation.held.memory_estimate_bytes
+                    for e in self._entries.values()
+                    if e.probation is not None and e.probation.held is not None
                 ),
                 limit_bytes=self.config.memory_limit_bytes,
                 policy=self.config.memory_policy,
@@ -380,14 +538,31 @@ class ModelManager:
         if cache is None:
             future = entry.scheduler.submit(inputs, rows, signature, priority, deadline)
             if timeout_s is None:  # the common case, without a coroutine in between
-                return await future
-            return await self._await_result(entry, future, timeout_s)
-        return await cache.result(
+                result = await future
+            else:
+                result = await self._await_result(entry, future, timeout_s)
+            return result if entry.probation is None else self._watched(entry, inputs, result)
+        result = await cache.result(
             inputs,
             current.version,
             lambda: entry.scheduler.submit(inputs, rows, signature, priority, deadline),
             lambda future: self._await_result(entry, future, timeout_s),
         )
+        return self._watched(entry, inputs, result)
+
+    def _watched(
+        self, entry: ModelEntry, inputs: dict[str, Array], result: InferenceResult
+    ) -> InferenceResult:
+        """During probation, count the new version's answers that hold NaN or Inf, and offer
+        the request for a shadow run on the replaced version."""
+        watch = entry.probation
+        if watch is None or result.model_version != watch.candidate.version:
+            return result
+        if watch.shadow is not None:
+            watch.shadow.offer(inputs, result.outputs, loaded=entry.scheduler.queue_depth > 0)
+        if not all(np.isfinite(v).all() for v in result.outputs.values() if v.dtype.kind in "fc"):
+            self.stats.record_nonfinite(entry.name, result.model_version)
+        return result
 
     @staticmethod
     async def _await_result(
@@ -471,6 +646,10 @@ class ModelManager:
                     "dynamic_batch": current.model.dynamic_batch if current else None,
                     "queue_depth": entry.scheduler.queue_depth,
                     "last_error": entry.last_error,
+                    "probation": entry.probation.status() if entry.probation else None,
+                    "last_probation": (
+                        entry.last_probation.to_json() if entry.last_probation else None
+                    ),
                 }
             )
         events = [

@@ -61,6 +61,14 @@ class ModelSlot:
                 version._refs += 1
             return version
 
+    def hold(self, version: ServedVersion) -> bool:
+        """One more handle on ``version`` (current or not), unless it is being closed."""
+        with self._lock:
+            if version._retired and version._refs == 0:
+                return False
+            version._refs += 1
+            return True
+
     def release(self, version: ServedVersion) -> None:
         with self._lock:
             version._refs -= 1
@@ -72,6 +80,8 @@ class ModelSlot:
         """Make ``new`` current; retire the old version (closed once its handles are gone)."""
         with self._lock:
             old, self._current = self._current, new
+            if new is not None:
+                new._retired = False  # a held version swapped back in (probation revert)
             close = False
             if old is not None:
                 old._retired = True

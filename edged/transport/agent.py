@@ -11,6 +11,7 @@ This module composes those parts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -21,12 +22,14 @@ from edged._compat import TaskGroup
 from edged.bundle.device import detect_device_facts
 from edged.bundle.install import Installer, SwapTarget
 from edged.config import DaemonConfig
+from edged.errors import TransportError
+from edged.serve.watch import ProbationOutcome
 from edged.transport.client import Message, MqttClient
 from edged.transport.commands import NONCE_FILE, CommandHandler
 from edged.transport.deployments import ACTIVE_FILE, DOWNLOADS_DIR, Deployments
 from edged.transport.link import Link
 from edged.transport.progress import ProgressReporter
-from edged.transport.protocol import Progress
+from edged.transport.protocol import PROMOTED, REVERTED, SERVING, Progress
 from edged.transport.settings import AgentSettings
 from edged.transport.status import StatusPublisher, StatusSource
 from edged.transport.tls import certificate_common_name, client_context
@@ -118,6 +121,24 @@ class FleetAgent:
     @property
     def last_progress(self) -> Progress | None:
         return self._progress.last
+
+    async def report_probation(self, outcome: ProbationOutcome) -> None:
+        """A probation ended: the deployment that installed the version says how, on its
+        (retained) progress topic."""
+        last = self._progress.last
+        if (
+            last is None
+            or last.state != SERVING
+            or last.model != outcome.model
+            or str(last.version) != outcome.version
+            or outcome.decision not in ("promoted", "reverted")
+        ):
+            return
+        state = PROMOTED if outcome.decision == "promoted" else REVERTED
+        progress = replace(last, state=state, reason=outcome.reason, at=int(time.time()))
+        with contextlib.suppress(TransportError):
+            await self._progress.report(progress)
+        await self._status.refresh_now()
 
     async def run(self) -> None:
         """Run until cancelled (the daemon's shutdown)."""

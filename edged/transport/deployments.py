@@ -33,7 +33,9 @@ from edged.transport.progress import ProgressReporter, deployment_progress, erro
 from edged.transport.protocol import (
     FAILED,
     INSTALLED,
+    PROMOTED,
     RECEIVED,
+    REVERTED,
     SERVING,
     VERIFIED,
     Command,
@@ -219,6 +221,12 @@ class Deployments:
             self._check_serving(d)
             await report(deployment_progress(self.device_id, d, SERVING, n, fetched))
             log.info("deployment %s: %s version %s is serving", d.id, d.model, d.version)
+            ended = self._probation_state(d)
+            if ended is not None:
+                state, reason = ended
+                await report(
+                    deployment_progress(self.device_id, d, state, n, fetched, reason=reason)
+                )
         except asyncio.CancelledError:
             raise  # shutdown: active.json stays, the download resumes at the next start
         except ShuttingDownError as exc:
@@ -264,6 +272,22 @@ class Deployments:
                 f"deployment {d.id} announces {d.model} version {d.version} but its bundle "
                 f"manifest is {manifest.model} version {manifest.version}"
             )
+
+    def _probation_state(self, d: Deployment) -> tuple[str, str] | None:
+        """After ``serving``: how the probation already ended, that there is none, or None
+        while it runs (``FleetAgent.report_probation`` reports its end)."""
+        for m in self.manager.status().get("models", []):
+            if m.get("name") != d.model:
+                continue
+            watching = m.get("probation")
+            if watching and str(watching.get("version")) == str(d.version):
+                return None
+            last = m.get("last_probation")
+            if last and str(last.get("version")) == str(d.version):
+                if last.get("decision") == "reverted":
+                    return REVERTED, str(last.get("reason", ""))
+                return PROMOTED, str(last.get("reason", ""))
+        return PROMOTED, "no probation: no earlier version to compare with"
 
     def _check_serving(self, d: Deployment) -> None:
         serving = None

@@ -43,8 +43,11 @@ VERIFIED = "verified"
 INSTALLED = "installed"
 SERVING = "serving"
 FAILED = "failed"
-PROGRESS_STATES = (RECEIVED, VERIFIED, INSTALLED, SERVING, FAILED)
-TERMINAL_STATES = (SERVING, FAILED)
+# After ``serving`` (which may start a probation, docs/serving.md): how the probation ended.
+PROMOTED = "promoted"
+REVERTED = "reverted"
+PROGRESS_STATES = (RECEIVED, VERIFIED, INSTALLED, SERVING, FAILED, PROMOTED, REVERTED)
+TERMINAL_STATES = (SERVING, FAILED, PROMOTED, REVERTED)
 
 
 def new_nonce() -> str:

@@ -1,0 +1,142 @@
+"""The manifest's optional ``rollout`` object: how the device must judge the release.
+
+It is part of the signed manifest, so nobody on the path can weaken the gates. Every field is
+optional (the defaults of ``ProbationPolicy``); a builder writes them all, so the signed bytes
+say exactly what the device enforces. A manifest without ``rollout`` gets the defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edged.bundle.canonical import Json
+from edged.errors import ManifestSchemaError
+from edged.serve.probation import ProbationPolicy, ShadowPolicy
+
+DEFAULT_POLICY = ProbationPolicy()
+
+_DAY_S = 86_400
+_MAX_INT = 2**53 - 1
+
+# section -> field -> (minimum, maximum); a ratio limit is 0 (off) or at least 100 percent.
+_PROBATION = {"min_s": (0, 30 * _DAY_S), "max_s": (0, 30 * _DAY_S), "min_requests": (0, 10**9)}
+_GATES = {
+    "max_error_permille": (0, 1000),
+    "max_nonfinite_permille": (0, 1000),
+    "max_p99_latency_ratio_pct": (0, 100_000),
+    "max_energy_ratio_pct": (0, 100_000),
+}
+_SHADOW = {
+    "sample_permille": (1, 1000),
+    "max_per_s": (1, 10_000),
+    "max_abs_diff_micro": (0, 10**12),
+    "min_agreement_permille": (0, 1000),
+    "min_compared": (1, 10**6),
+}
+
+
+def _object(value: Any, where: str, known: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ManifestSchemaError(f"manifest field {where} must be an object")
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ManifestSchemaError(f"manifest field {where}.{unknown[0]} is not known")
+    return value
+
+
+def _integers(value: Any, where: str, fields: dict[str, tuple[int, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for key, item in _object(value, where, set(fields)).items():
+        low, high = fields[key]
+        if isinstance(item, bool) or not isinstance(item, int) or not low <= item <= high:
+            raise ManifestSchemaError(
+                f"manifest field {where}.{key} must be an integer in {low}..{high}, got {item!r}"
+            )
+        out[key] = item
+    return out
+
+
+def parse_rollout(value: Json) -> ProbationPolicy:
+    """The ``rollout`` object of a manifest as a policy; every error names the field."""
+    root = _object(value, "rollout", {"probation", "gates", "shadow"})
+    probation = _integers(root.get("probation", {}), "rollout.probation", _PROBATION)
+    gates = _integers(root.get("gates", {}), "rollout.gates", _GATES)
+    for key in ("max_p99_latency_ratio_pct", "max_energy_ratio_pct"):
+        if 0 < gates.get(key, 0) < 100:
+            raise ManifestSchemaError(
+                f"manifest field rollout.gates.{key} must be 0 (off) or at least 100 "
+                f"(a ratio in percent), got {gates[key]}"
+            )
+    shadow = None
+    if "shadow" in root:
+        raw = _object(root["shadow"], "rollout.shadow", {*_SHADOW, "top1"})
+        top1 = raw.get("top1", False)
+        if not isinstance(top1, bool):
+            raise ManifestSchemaError("manifest field rollout.shadow.top1 must be true or false")
+        numbers = _integers(
+            {k: v for k, v in raw.items() if k != "top1"}, "rollout.shadow", _SHADOW
+        )
+        shadow = ShadowPolicy(top1=top1, **numbers)
+    policy = ProbationPolicy(**probation, **gates, shadow=shadow)
+    if policy.max_s < policy.min_s:
+        raise ManifestSchemaError(
+            f"manifest field rollout.probation.max_s ({policy.max_s}) must not be below "
+            f"min_s ({policy.min_s})"
+        )
+    return policy
+
+
+def rollout_json(policy: ProbationPolicy) -> dict[str, Json]:
+    """The complete ``rollout`` object for ``policy`` (every field written out)."""
+    out: dict[str, Json] = {
+        "probation": {key: getattr(policy, key) for key in _PROBATION},
+        "gates": {key: getattr(policy, key) for key in _GATES},
+    }
+    if policy.shadow is not None:
+        shadow: dict[str, Json] = {key: getattr(policy.shadow, key) for key in _SHADOW}
+        shadow["top1"] = policy.shadow.top1
+        out["shadow"] = shadow
+    return out
+
+
+def load_rollout_file(path: Path) -> ProbationPolicy:
+    """A policy from a JSON file holding the ``rollout`` object (``edged bundle build
+    --rollout FILE``)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ManifestSchemaError(f"cannot read the rollout policy {path}: {exc}") from exc
+    return parse_rollout(value)
+
+
+def policy_of_version(version_dir: Path) -> ProbationPolicy | None:
+    """The policy of an installed version, from the manifest it was verified against
+    (``.verified``); None for a version that did not come from a bundle (a seed repository)."""
+    from edged.bundle.manifest import parse_manifest  # manifest imports this module
+    from edged.bundle.store import VERIFIED_MARKER
+
+    try:
+        data = (version_dir / VERIFIED_MARKER).read_bytes()
+    except OSError:
+        return None
+    manifest = parse_manifest(data)
+    return manifest.rollout if manifest.rollout is not None else DEFAULT_POLICY
+
+
+def policy_for_swap(new_dir: Path, old_dir: Path) -> ProbationPolicy | None:
+    """The policy a swap from ``old_dir`` to ``new_dir`` is judged by: the new version's, when
+    it came from a bundle and is a newer release than the old one (not a rollback)."""
+    from edged.bundle.manifest import parse_manifest
+    from edged.bundle.store import VERIFIED_MARKER
+
+    policy = policy_of_version(new_dir)
+    if policy is None:
+        return None
+    try:
+        old = parse_manifest((old_dir / VERIFIED_MARKER).read_bytes())
+    except OSError:
+        return policy  # the old version came from the seed repository
+    new = parse_manifest((new_dir / VERIFIED_MARKER).read_bytes())
+    return policy if new.counter > old.counter else None

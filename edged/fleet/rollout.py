@@ -1,0 +1,579 @@
+"""Staged rollouts: a signed release goes to a group in waves (a canary, then shares of the
+group), each wave only once its devices passed probation; too many failures or a wave that
+does not finish abort the rollout and roll back every device that took the release.
+
+The state lives in ``<dir>/<id>.json`` (written only by the engine, atomically after every
+change) so the tool can be killed and resumed; ``<dir>/<id>.control`` carries an operator's
+``pause`` or ``abort`` to a running engine. One engine per rollout at a time (a lock file).
+Devices that are offline when their wave starts get the release when they come back, while the
+rollout still runs (``edged rollout resume`` follows them), or nothing once it was aborted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edged._fs import atomic_write
+from edged.errors import ConfigError, RolloutError
+from edged.fleet.channel import (
+    DEFAULT_CHUNK_BYTES,
+    ManagerSettings,
+    _connected,
+    _Fleet,
+    _publish_chunks,
+    deploy_command,
+    prepare_bundle,
+)
+from edged.transport.client import MqttClient
+from edged.transport.protocol import (
+    FAILED,
+    PROMOTED,
+    REVERTED,
+    Command,
+    encode_command,
+    new_nonce,
+)
+from edged.transport.topics import Target, Topics
+
+log = logging.getLogger(__name__)
+
+# Rollout status.
+RUNNING = "running"
+PAUSED = "paused"
+ABORTING = "aborting"
+ABORTED = "aborted"
+DONE = "done"
+
+# Device states besides the device's own progress states.
+PENDING = "pending"  # its wave has not started
+OFFLINE = "offline"  # its wave started while it was offline: announced when it returns
+ANNOUNCED = "announced"
+PASSED = "passed"  # promoted after probation
+REFUSED = "refused"
+ROLLED_BACK = "rolled-back"
+ROLLBACK_FAILED = "rollback-failed"  # e.g. the version before is not held in its store
+BAD_STATES = frozenset({REVERTED, FAILED, REFUSED})
+DECIDED_STATES = BAD_STATES | {PASSED}
+
+ROLLOUT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class AbortPolicy:
+    failed_permille: int = 0  # abort when failed/decided exceeds this (0: the first failure)
+    min_devices: int = 1  # ... once at least this many devices decided
+    wave_timeout_s: float = 600.0  # a wave whose announced devices did not all decide by then
+
+
+def plan_waves(
+    devices: Sequence[str], percents: Sequence[int], canary: str | None = None
+) -> list[list[str]]:
+    """Waves of a group: one canary device, then cumulative percentages of the group (the
+    last is always 100). Every device is in exactly one wave; empty waves are dropped."""
+    members = sorted(set(devices))
+    if not members:
+        raise RolloutError("the group has no devices")
+    if canary is not None and canary not in members:
+        raise RolloutError(f"canary {canary!r} is not a member of the group")
+    first = canary or members[0]
+    rest = [d for d in members if d != first]
+    waves: list[list[str]] = [[first]]
+    taken = 1
+    for percent in [*sorted(p for p in percents if 0 < p < 100), 100]:
+        upto = min(len(members), max(taken, math.ceil(len(members) * percent / 100)))
+        wave = rest[taken - 1 : upto - 1]
+        if wave:
+            waves.append(wave)
+            taken = upto
+    return waves
+
+
+def abort_reason(policy: AbortPolicy, states: dict[str, str], reasons: dict[str, str]) -> str:
+    """Why the rollout must abort now (empty: it need not)."""
+    bad = sorted(d for d, s in states.items() if s in BAD_STATES)
+    decided = sum(1 for s in states.values() if s in DECIDED_STATES)
+    if decided < policy.min_devices or not bad:
+        return ""
+    if len(bad) * 1000 <= policy.failed_permille * decided:
+        return ""
+    first = bad[0]
+    return (
+        f"{len(bad)} of {decided} devices failed or reverted (limit "
+        f"{policy.failed_permille / 10:g} % after {policy.min_devices}); "
+        f"{first} {states[first]}: {reasons.get(first, '')}"
+    )
+
+
+@dataclass
+class DeviceRecord:
+    wave: int
+    state: str = PENDING
+    reason: str = ""
+    previous_version: str | None = None  # what it served before: the rollback target
+    at: float = 0.0
+
+
+@dataclass
+class RolloutState:
+    id: str
+    bundle: str
+    bundle_sha256: str
+    deployment: str
+    model: str
+    version: int
+    group: str
+    waves: list[list[str]]
+    abort: AbortPolicy
+    chunk_size: int = DEFAULT_CHUNK_BYTES
+    status: str = RUNNING
+    wave: int = 0
+    wave_started_at: float = 0.0
+    reason: str = ""
+    devices: dict[str, DeviceRecord] = field(default_factory=dict)
+    wave_started: list[float] = field(default_factory=list)  # Unix time each wave began
+    wave_done_at: list[float] = field(default_factory=list)
+    messages_sent: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> RolloutState:
+        value = dict(value)
+        value["abort"] = AbortPolicy(**value["abort"])
+        value["devices"] = {d: DeviceRecord(**r) for d, r in value["devices"].items()}
+        return cls(**value)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (DONE, ABORTED)
+
+
+class RolloutStore:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _path(self, rollout_id: str, suffix: str) -> Path:
+        if not ROLLOUT_ID_RE.match(rollout_id):
+            raise RolloutError(f"rollout id {rollout_id!r} is not valid")
+        return self.directory / f"{rollout_id}{suffix}"
+
+    def save(self, state: RolloutState) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(state.to_json(), indent=1, sort_keys=True).encode()
+        atomic_write(self._path(state.id, ".json"), data)
+
+    def load(self, rollout_id: str) -> RolloutState:
+        path = self._path(rollout_id, ".json")
+        try:
+            return RolloutState.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError as exc:
+            raise RolloutError(f"no rollout {rollout_id!r} in {self.directory}") from exc
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise RolloutError(f"rollout state {path} is unreadable: {exc}") from exc
+
+    def ids(self) -> list[str]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(p.stem for p in self.directory.glob("*.json"))
+
+    def control(self, rollout_id: str) -> str:
+        try:
+            return self._path(rollout_id, ".control").read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return ""
+
+    def set_control(self, rollout_id: str, value: str) -> None:
+        self.load(rollout_id)  # must exist
+        atomic_write(self._path(rollout_id, ".control"), value.encode("ascii"))
+
+    @contextlib.contextmanager
+    def engine_lock(self, rollout_id: str) -> Iterator[None]:
+        """Held while an engine drives the rollout; raises if another one does."""
+        path = self._path(rollout_id, ".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise RolloutError(
+                    f"rollout {rollout_id} is being driven by another edged process"
+                ) from exc
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def is_driven(self, rollout_id: str) -> bool:
+        try:
+            with self.engine_lock(rollout_id):
+                return False
+        except RolloutError:
+            return True
+
+
+def new_rollout(
+    store: RolloutStore,
+    bundle: Path,
+    group: str,
+    members: Sequence[str],
+    *,
+    percents: Sequence[int] = (10, 50),
+    canary: str | None = None,
+    abort: AbortPolicy = AbortPolicy(),
+    chunk_size: int = DEFAULT_CHUNK_BYTES,
+    rollout_id: str | None = None,
+) -> RolloutState:
+    data = bundle.read_bytes()
+    prepared = prepare_bundle(data, chunk_size)
+    d = prepared.deployment
+    waves = plan_waves(members, percents, canary)
+    state = RolloutState(
+        id=rollout_id or f"{d.model}-{d.version}-{secrets.token_hex(3)}",
+        bundle=str(bundle.resolve()),
+        bundle_sha256=hashlib.sha256(data).hexdigest(),
+        deployment=d.id,
+        model=d.model,
+        version=d.version,
+        group=group,
+        waves=waves,
+        abort=abort,
+        chunk_size=chunk_size,
+        devices={dev: DeviceRecord(i) for i, wave in enumerate(waves) for dev in wave},
+    )
+    store.save(state)
+    return state
+
+
+Event = Callable[[RolloutState, str], None]
+
+
+class _Engine:
+    def __init__(
+        self,
+        settings: ManagerSettings,
+        keys: Sequence[Ed25519PrivateKey],
+        store: RolloutStore,
+        state: RolloutState,
+        on_event: Event | None,
+        offline_timeout_s: float | None,
+    ) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.store = store
+        self.state = state
+        self.topics: Topics = settings.topics
+        self.on_event = on_event or (lambda s, m: None)
+        self.offline_timeout_s = (
+            state.abort.wave_timeout_s if offline_timeout_s is None else offline_timeout_s
+        )
+        data = Path(state.bundle).read_bytes()
+        if hashlib.sha256(data).hexdigest() != state.bundle_sha256:
+            raise RolloutError(f"{state.bundle} changed since the rollout started")
+        self.prepared = prepare_bundle(data, state.chunk_size, deployment_id=state.deployment)
+        self.nonces: dict[str, str] = {}  # device -> nonce of our deploy/rollback command
+
+    def event(self, message: str) -> None:
+        log.info("rollout %s: %s", self.state.id, message)
+        self.on_event(self.state, message)
+
+    def save(self) -> None:
+        self.store.save(self.state)
+
+    def set_device(self, device: str, state: str, reason: str = "") -> None:
+        record = self.state.devices[device]
+        if (record.state, record.reason) == (state, reason):
+            return
+        record.state, record.reason, record.at = state, reason, time.time()
+        self.save()
+        self.event(f"{device}: {state}{' (' + reason + ')' if reason else ''}")
+
+    # --- following the devices -----------------------------------------------------------
+
+    def observe(self, fleet: _Fleet) -> None:
+        for device, record in self.state.devices.items():
+            if record.state in (PENDING, OFFLINE, ROLLED_BACK, ROLLBACK_FAILED):
+                continue
+            progress = fleet.progress.get(device)
+            if progress is not None and progress.deployment == self.state.deployment:
+                state = PASSED if progress.state == PROMOTED else progress.state
+                if record.state not in DECIDED_STATES or state in DECIDED_STATES:
+                    self.set_device(device, state, progress.reason)
+            reply = fleet.replies.get(device)
+            nonce = self.nonces.get(device)
+            if (
+                reply is not None
+                and nonce is not None
+                and reply.nonce == nonce
+                and not reply.ok
+                and record.state == ANNOUNCED
+                and not reply.error.startswith("ReplayedCommandError")
+            ):
+                self.set_device(device, REFUSED, reply.error)
+
+    async def announce(self, client: MqttClient, fleet: _Fleet, device: str) -> None:
+        status = fleet.statuses.get(device)
+        previous = None
+        if status is not None:
+            previous = next((m.version for m in status.models if m.name == self.state.model), None)
+        target = Target.device(device)
+        d = self.prepared.deployment
+        await _publish_chunks(
+            client,
+            self.topics,
+            target,
+            d.id,
+            self.prepared.chunks,
+            list(range(len(self.prepared.chunks))),
+            set(),
+        )
+        command = deploy_command(target, d)
+        self.nonces[device] = command.nonce
+        await client.publish(
+            self.topics.deploy(target),
+            encode_command(command, self.keys),
+            qos=1,
+            response_topic=self.topics.replies(client.client_id),
+            correlation_data=command.nonce.encode("ascii"),
+        )
+        self.state.messages_sent += len(self.prepared.chunks) + 1
+        self.state.devices[device].previous_version = previous
+        self.set_device(device, ANNOUNCED)
+
+    async def clear_chunks(self, client: MqttClient, device: str) -> None:
+        empty = tuple(b"" for _ in self.prepared.chunks)
+        await _publish_chunks(
+            client,
+            self.topics,
+            Target.device(device),
+            self.state.deployment,
+            empty,
+            list(range(len(empty))),
+            set(),
+        )
+
+    # --- the loop -------------------------------------------------------------------------
+
+    async def run(self) -> RolloutState:
+        s = self.state
+        async with _connected(self.settings) as (client, fleet):
+            await client.subscribe(
+                [self.topics.all_status(), self.topics.replies(client.client_id)]
+                + [self.topics.progress(d) for d in s.devices]
+            )
+            await fleet.settle(1.0)
+            offline_since: float | None = None
+            while True:
+                self.observe(fleet)
+                control = self.store.control(s.id)
+                if control == "abort" and s.status not in (ABORTING, ABORTED):
+                    s.status, s.reason = ABORTING, "aborted by the operator"
+                    self.save()
+                if s.status == RUNNING and control == "pause":
+                    s.status = PAUSED
+                    self.save()
+                    self.event("paused")
+                    return s
+                if s.status == RUNNING:
+                    reason = abort_reason(
+                        s.abort,
+                        {d: r.state for d, r in s.devices.items()},
+                        {d: r.reason for d, r in s.devices.items()},
+                    )
+                    if not reason:
+                        reason = self.wave_timeout()
+                    if reason:
+                        s.status, s.reason = ABORTING, reason
+                        self.save()
+                        self.event(f"aborting: {reason}")
+                if s.status == ABORTING:
+                    if await self.roll_back(client, fleet):
+                        s.status = ABORTED
+                        self.save()
+                        self.event(f"aborted: {s.reason}")
+                        return s
+                elif s.status == RUNNING:
+                    await self.advance(client, fleet)
+                    if s.status == DONE:
+                        return s
+                    # Only offline devices left to wait for (after the last wave, or a wave
+                    # whose devices are all offline): bounded, then 'resume' goes on later.
+                    waiting_offline = s.wave >= len(s.waves) or all(
+                        s.devices[d].state == OFFLINE for d in s.waves[s.wave]
+                    )
+                    if not waiting_offline:
+                        offline_since = None
+                    else:
+                        offline_since = offline_since or time.monotonic()
+                        if time.monotonic() - offline_since > self.offline_timeout_s:
+                            self.event("devices still offline; 'edged rollout resume' follows them")
+                            return s
+                await fleet.wait_change(0.5)
+
+    def wave_timeout(self) -> str:
+        s = self.state
+        if s.wave >= len(s.waves) or not s.wave_started_at:
+            return ""
+        if time.time() - s.wave_started_at <= s.abort.wave_timeout_s:
+            return ""
+        late = [
+            d
+            for d in s.waves[s.wave]
+            if s.devices[d].state not in DECIDED_STATES | {OFFLINE, PENDING}
+        ]
+        if not late:
+            return ""
+        return f"wave {s.wave + 1} did not finish within {s.abort.wave_timeout_s:g}s: " + ", ".join(
+            f"{d} ({s.devices[d].state})" for d in late
+        )
+
+    async def advance(self, client: MqttClient, fleet: _Fleet) -> None:
+        s = self.state
+        # Devices of started waves that were offline: announce once they are back.
+        for wave in range(min(s.wave + 1, len(s.waves))):
+            for device in s.waves[wave]:
+                record = s.devices[device]
+                if record.state in (PENDING, OFFLINE):
+                    status = fleet.statuses.get(device)
+                    if status is not None and status.online:
+                        await self.announce(client, fleet, device)
+                    elif record.state == PENDING:
+                        self.set_device(device, OFFLINE, "announced when it comes back online")
+        if s.wave < len(s.waves):
+            if not s.wave_started_at:
+                s.wave_started_at = time.time()
+                s.wave_started.append(s.wave_started_at)
+                self.save()
+                self.event(f"wave {s.wave + 1} of {len(s.waves)}: {', '.join(s.waves[s.wave])}")
+                return
+            states = [s.devices[d].state for d in s.waves[s.wave]]
+            if all(st in (PASSED, OFFLINE) for st in states) and PASSED in states:
+                s.wave_done_at.append(time.time())
+                s.wave += 1
+                s.wave_started_at = 0.0
+                self.save()
+                self.event(f"wave {s.wave} passed")
+        if all(r.state == PASSED for r in s.devices.values()):
+            for device in s.devices:
+                await self.clear_chunks(client, device)
+            s.status = DONE
+            self.save()
+            self.event("done: every device passed probation")
+
+    async def roll_back(self, client: MqttClient, fleet: _Fleet) -> bool:
+        """Roll back every device that took the release; True once none is left to do."""
+        s = self.state
+        took = [
+            d
+            for d, r in s.devices.items()
+            if r.state
+            not in (PENDING, OFFLINE, REVERTED, FAILED, REFUSED, ROLLED_BACK, ROLLBACK_FAILED)
+        ]
+        # A device still installing is waited for (up to the wave timeout), then rolled back.
+        busy = [d for d in took if s.devices[d].state != PASSED]
+        if busy and time.time() - s.devices[busy[0]].at < s.abort.wave_timeout_s:
+            return False
+        for device in took:
+            record = s.devices[device]
+            args: dict[str, Any] = {"model": s.model}
+            if record.previous_version is not None and record.previous_version.isdigit():
+                args["to_version"] = int(record.previous_version)
+            command = Command(
+                "rollback", Target.device(device), int(time.time()), new_nonce(), args
+            )
+            await client.publish(
+                self.topics.cmd(Target.device(device)),
+                encode_command(command, self.keys),
+                qos=1,
+                response_topic=self.topics.replies(client.client_id),
+                correlation_data=command.nonce.encode("ascii"),
+            )
+            s.messages_sent += 1
+            ok, reply = await self.wait_reply(fleet, device, command.nonce)
+            self.set_device(
+                device,
+                ROLLED_BACK if ok else ROLLBACK_FAILED,
+                reply or "rollback sent; no answer (it runs when the device is back)",
+            )
+        for device in s.devices:
+            await self.clear_chunks(client, device)
+        return True
+
+    async def wait_reply(self, fleet: _Fleet, device: str, nonce: str) -> tuple[bool, str]:
+        """(ok, what the device answered); an unanswered rollback counts as sent."""
+        deadline = time.monotonic() + self.settings.timeout_s * 3
+        while time.monotonic() < deadline:
+            reply = fleet.replies.get(device)
+            if reply is not None and reply.nonce == nonce:
+                return reply.ok, "rolled back" if reply.ok else f"rollback failed: {reply.error}"
+            await fleet.wait_change(0.5)
+        return True, ""
+
+
+async def drive(
+    settings: ManagerSettings,
+    keys: Sequence[Ed25519PrivateKey],
+    store: RolloutStore,
+    rollout_id: str,
+    *,
+    on_event: Event | None = None,
+    offline_timeout_s: float | None = None,
+) -> RolloutState:
+    """Run (or resume) a rollout until it is done, aborted, paused, or only offline devices
+    are left; the state is saved after every change."""
+    with store.engine_lock(rollout_id):
+        state = store.load(rollout_id)
+        if state.finished:
+            return state
+        if state.status == PAUSED:
+            if store.control(rollout_id) == "pause":
+                store.set_control(rollout_id, "")
+            state.status = RUNNING
+        engine = _Engine(settings, keys, store, state, on_event, offline_timeout_s)
+        return await engine.run()
+
+
+async def members_of(settings: ManagerSettings, group: str, settle_s: float = 2.0) -> list[str]:
+    """Devices whose retained status lists ``group``."""
+    async with _connected(settings) as (client, fleet):
+        await client.subscribe([settings.topics.all_status()])
+        await fleet.settle(settle_s)
+    return sorted(d for d, s in fleet.statuses.items() if group in s.groups)
+
+
+def check_percents(values: Sequence[int]) -> list[int]:
+    for value in values:
+        if not 0 < value <= 100:
+            raise ConfigError("--waves", f"percentages must be in 1..100, got {value}")
+    return sorted(values)
+
+
+__all__ = [
+    "ABORTED",
+    "DONE",
+    "PAUSED",
+    "RUNNING",
+    "AbortPolicy",
+    "DeviceRecord",
+    "RolloutState",
+    "RolloutStore",
+    "abort_reason",
+    "drive",
+    "members_of",
+    "new_rollout",
+    "plan_waves",
+]
