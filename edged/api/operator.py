@@ -103,7 +103,7 @@ async def rollback_model(request: web.Request) -> web.Response:
     try:
         result = await installer.rollback(request.match_info["name"], to_version)
     except EdgedError as exc:
-        failed = installer.last_result
+        failed = installer.result_for(exc)  # this rollback's entry, never another request's
         if failed is None:
             raise
         log.warning("rollback refused: %s", exc)

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -127,6 +128,7 @@ class TelemetryHub:
         self._readings: deque[PowerReading] = deque(maxlen=10_000)
         self._new_record = asyncio.Event()
         self._unwritten: dict[str, Any] | None = None  # gap for records a full disk refused
+        self._spool_lock = threading.Lock()
 
     def _total_is_interval_average(self) -> bool:
         if not self.power.available:
@@ -210,6 +212,11 @@ class TelemetryHub:
         """Append to the spool (worker thread). A spool that cannot be written (a full or
         read-only disk) pauses: records are folded into one gap marker, which is written
         first once the spool accepts writes again. Telemetry never stops serving."""
+        assert self.spool is not None
+        with self._spool_lock:  # the shutdown flush may run beside the record loop
+            return self._spool_record_locked(record)
+
+    def _spool_record_locked(self, record: dict[str, Any]) -> int | None:
         assert self.spool is not None
         try:
             if self._unwritten is not None:
