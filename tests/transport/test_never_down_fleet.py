@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,10 @@ from edged.modelrepo.config import TEST_VECTORS_FILE
 from edged.transport.protocol import Progress
 from tests.support.broker import Broker
 from tests.support.load import InferenceLoad
-from tests.support.pki import SigningKeys
+from tests.support.pki import FleetPki, SigningKeys
 from tests.transport.conftest import CHUNK_BYTES, Devices
 from tests.transport.helpers import DEVICE_1, announce
+from tests.transport.test_telemetry_publish import Collector
 
 pytestmark = pytest.mark.integration
 
@@ -102,3 +104,28 @@ def test_sigterm_during_an_install_is_not_a_failure_and_the_install_resumes_afte
     final = asyncio.run(wait_progress(manager, "device-1", served, timeout_s=120))
     assert final.state == "serving", final.reason
     assert "resuming deployment" in second.log()
+
+
+def test_a_failing_side_service_is_reported_over_mqtt_while_serving_goes_on(
+    devices: Devices, manager: ManagerSettings, broker: Broker, pki: FleetPki
+) -> None:
+    health = Collector(broker, pki, "edged/devices/device-1/telemetry/health")
+    health.start()
+    try:
+        state = devices.workdir_of("device-1") / "state"
+        state.mkdir(parents=True)
+        (state / "telemetry").write_text("a file where the spool directory should be")
+        daemon = devices.start("device-1")
+        with InferenceLoad(daemon.port, clients=2) as load:
+            deadline = time.monotonic() + 60
+            while not any(r.get("service") == "telemetry" for r in health.records):
+                assert time.monotonic() < deadline, daemon.log()
+                time.sleep(0.05)
+            load.wait_for_ok(50)
+        assert load.failures == {}
+    finally:
+        health.stop()
+    report = next(r for r in health.records if r.get("service") == "telemetry")
+    assert report["type"] == "service-failure"
+    assert "cannot open telemetry spool" in report["error"]
+    assert report["restarts"] >= 1

@@ -33,8 +33,9 @@ class Collector:
     """The fleet manager's side: a persistent MQTT v5 session subscribed to one device's
     telemetry, so the broker queues QoS 1 records while this client is away."""
 
-    def __init__(self, broker: Broker, pki: FleetPki) -> None:
+    def __init__(self, broker: Broker, pki: FleetPki, topic: str = TELEMETRY_TOPIC) -> None:
         files = pki.client(FLEET_MANAGER)
+        self._topic = topic
         self._tls = client_context(TlsFiles(files.ca_file, files.cert_file, files.key_file))
         self._broker = broker
         self.records: list[dict[str, Any]] = []
@@ -55,7 +56,7 @@ class Collector:
                     clean_start=False,
                     properties=properties,
                 ) as client:
-                    await client.subscribe(TELEMETRY_TOPIC, qos=1)
+                    await client.subscribe(self._topic, qos=1)
                     async for message in client.messages:
                         assert isinstance(message.payload, bytes)
                         self.records.append(json.loads(message.payload))
