@@ -27,7 +27,7 @@ import numpy as np
 from rich.console import Console
 
 from edged._compat import TIMEOUT_ERRORS
-from edged._net import free_port
+from edged._net import free_port, free_ports
 from edged.errors import DemoStepFailedError, EdgedError
 
 # Sample models shipped with the package: the demo needs no model generator (onnx) at run time.
@@ -252,7 +252,8 @@ class Demo:
 
         self.step("throw-away CA, device and fleet certificates, signing keys", make_credentials)
         # Triton's port for the API when it is free, so the README's curl lines work.
-        broker_port, http_port = free_port(), free_port(8000 if not self.smoke else 0)
+        http_port = free_port(8000 if not self.smoke else 0)
+        broker_port = next(p for p in free_ports(2) if p != http_port)
         pki: Pki = holder["pki"]
         with contextlib.ExitStack() as stack:
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edged._net import free_port
+from edged._net import free_ports
 from edged.fleet.acl import render_acl
 from edged.transport.topics import Topics
 from tests.support.pki import FLEET_MANAGER, FleetPki
@@ -43,17 +43,25 @@ class Broker:
     groups_by_device: Mapping[str, Sequence[str]]
     topics: Topics = field(default_factory=Topics)
     host: str = "127.0.0.1"
-    port: int = field(default_factory=free_port)
+    # -1: a free port is picked (all three distinct).
+    port: int = -1
     # A second listener whose certificate names another host (hostname checks must refuse it);
     # 0: none.
-    wrong_host_port: int = field(default_factory=free_port)
+    wrong_host_port: int = -1
     # The fleet managers' listener: the client id is not bound to the certificate there, so
     # several tools may run at once (the shipped config restricts it to the managers' CA).
-    manager_port: int = field(default_factory=free_port)
+    manager_port: int = -1
     # A complete mosquitto.conf to run instead of the generated one (e.g. the shipped example).
     config_text: str | None = None
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
+
+    def __post_init__(self) -> None:
+        picked = iter(free_ports(3))
+        self.port, self.wrong_host_port, self.manager_port = (
+            next(picked) if p == -1 else p
+            for p in (self.port, self.wrong_host_port, self.manager_port)
+        )
 
     @property
     def conf_file(self) -> Path:

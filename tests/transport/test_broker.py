@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edged._net import free_port
+from edged._net import free_ports
 from edged.errors import SubscribeDeniedError, TlsHandshakeError
 from edged.fleet.brokerconf import SHIPPED_FILES, render_mosquitto_conf
 from edged.fleet.pki import ClientFiles, issue_client, make_ca, write_client
@@ -149,7 +149,7 @@ def test_the_shipped_broker_config_binds_identities_and_keeps_the_listeners_apar
     managers_ca_file.write_bytes(managers_ca.cert_pem)
     manager = write_client(tmp_path, pki.ca_file, issue_client(managers_ca, FLEET_MANAGER), "fm")
     shipped = (REPO_ROOT / "docs" / "mosquitto" / "mosquitto.conf").read_text()
-    port, manager_port = free_port(), free_port()
+    port, manager_port = free_ports(2)
     (tmp_path / "data").mkdir()
     (tmp_path / "edged.acl").write_text(
         (REPO_ROOT / "docs" / "mosquitto" / "edged.acl").read_text()

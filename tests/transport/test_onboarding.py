@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edged._net import free_port
+from edged._net import free_ports
 from edged.demo.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
 from edged.modelrepo.config import TEST_VECTORS_FILE
 from tests.support.broker import Broker, mosquitto_missing_reason
@@ -27,7 +27,7 @@ def test_a_new_device_joins_with_the_documented_commands_and_gets_its_first_push
     if reason is not None:
         pytest.skip(reason)
     fleet = tmp_path / "fleet"
-    device_port, manager_port = free_port(), free_port()
+    device_port, manager_port = free_ports(2)
 
     # 1. the fleet (test ports on loopback; the README uses the defaults)
     made = cli("fleet", "init", str(fleet), "--broker-host", "127.0.0.1",
