@@ -164,6 +164,8 @@ class ModelManager:
         self.repository = config.repository
         self.store = store
         self.worker_stuck_after_s = worker_stuck_after_s
+        # Cores the processes that parse requests keep (the rest run inference).
+        self.front_ends = 1
         self._observer_factory = observer_factory or (lambda name: NullObserver())
         self._entries: dict[str, ModelEntry] = {}
         # Models the repository holds: the CPU budget is split between them.
@@ -176,6 +178,12 @@ class ModelManager:
         self.probation_policy: ProbationPolicyFor = _no_probation
         self.probation_listeners: list[ProbationListener] = []
         self._background: set[asyncio.Task[None]] = set()
+        # Called after a serving version changed (a swap, an unload), from the swapping thread.
+        self.change_listeners: list[Callable[[], None]] = []
+
+    def _changed(self) -> None:
+        for listener in self.change_listeners:
+            listener()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -186,7 +194,7 @@ class ModelManager:
 
     @property
     def cpu_budget(self) -> CpuBudget:
-        return CpuBudget(usable_cores(), self.config.inference_threads)
+        return CpuBudget(usable_cores(), self.config.inference_threads, self.front_ends)
 
     @property
     def repositories(self) -> list[Path]:
@@ -233,6 +241,7 @@ class ModelManager:
         if entry is None:
             assert self._loop is not None, "ModelManager.start() was not awaited"
             slot = ModelSlot(name)
+            slot.on_swap = self._changed
             scheduler = Scheduler(
                 slot,
                 ModelConfig().batching,
@@ -589,6 +598,15 @@ class ModelManager:
 
     def model_names(self) -> list[str]:
         return sorted(self._entries)
+
+    @property
+    def entries(self) -> dict[str, ModelEntry]:
+        """Every model by name (read-only use; any thread may look one up)."""
+        return self._entries
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     def entry(self, name: str) -> ModelEntry:
         entry = self._entries.get(name)

@@ -1,0 +1,121 @@
+"""The entry points of the daemon's child processes: the engine and the front ends.
+
+They are forked from a fork server that imported the heavy modules once (numpy, the runtimes,
+aiohttp, edged), so children start in milliseconds and share those pages. Both ignore SIGINT
+(Ctrl-C reaches the whole process group; the control plane decides) and end when the control
+plane goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+
+from aiohttp import web
+
+from edged._compat import TIMEOUT_ERRORS
+from edged.api.app import build_data_app
+from edged.api.context import GATE
+from edged.api.forward import add_forwarding
+from edged.config import DaemonConfig
+from edged.daemon.loops import run_loop
+from edged.engine.client import EngineClient
+from edged.engine.service import EngineService
+from edged.errors import EdgedError
+
+log = logging.getLogger(__name__)
+
+# What the fork server imports before it forks anyone (shared, copy-on-write, by every child).
+PRELOAD = ["edged.daemon.children", "edged.runtime.onnx", "edged.runtime.litert"]
+
+
+def configure_logging(role: str, level: int) -> None:
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s %(levelname)s {role}[%(process)d] %(name)s: %(message)s",
+        force=True,
+    )
+
+
+def engine_main(
+    config: DaemonConfig, control: socket.socket, listener: socket.socket, log_level: int
+) -> None:
+    configure_logging("engine", log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    service = EngineService(config, control, listener)
+    try:
+        run_loop(service.run())
+    except EdgedError as exc:
+        log.error("engine failed: %s", exc)
+        sys.exit(1)
+    manager = getattr(service, "manager", None)
+    if manager is not None and manager.running_workers():
+        # A runtime torn down by interpreter exit while a thread runs inside it aborts.
+        logging.shutdown()
+        os._exit(0)
+
+
+def frontend_main(
+    config: DaemonConfig,
+    number: int,
+    listeners: list[socket.socket],
+    engine_path: str,
+    control_path: str,
+    lifeline: socket.socket,
+    log_level: int,
+) -> None:
+    configure_logging(f"front-end-{number}", log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    run_loop(_serve_front_end(config, number, listeners, engine_path, control_path, lifeline))
+
+
+async def _serve_front_end(
+    config: DaemonConfig,
+    number: int,
+    listeners: list[socket.socket],
+    engine_path: str,
+    control_path: str,
+    lifeline: socket.socket,
+) -> None:
+    loop = asyncio.get_running_loop()
+    server = config.server
+    client = EngineClient(engine_path, f"front end {number}")
+    keep_connected = loop.create_task(client.run())
+    app = build_data_app(client, server.max_body_bytes, server.shared_memory_enabled)
+    add_forwarding(app, control_path)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=min(1.0, server.drain_timeout_s),
+    )
+    await runner.setup()
+    for listener in listeners:
+        await web.SockSite(runner, listener).start()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    lifeline.setblocking(False)
+    gone = loop.create_task(loop.sock_recv(lifeline, 1))
+    stopping = loop.create_task(stop.wait())
+    await asyncio.wait([gone, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if gone.done():  # the control plane is gone: nothing to drain for
+        log.warning("the control plane went away: stopping")
+        os._exit(1)
+    # The ordered drain: new requests get 503 + Retry-After, admitted ones finish.
+    deadline = loop.time() + server.drain_timeout_s
+    gate = app[GATE]
+    gate.start_draining()
+    await asyncio.sleep(min(server.drain_grace_s, server.drain_timeout_s))
+    with contextlib.suppress(*TIMEOUT_ERRORS):
+        if not await gate.drained(max(0.0, deadline - loop.time())):
+            log.warning(
+                "%d request(s) still running after %.1fs", gate.inflight, server.drain_timeout_s
+            )
+    await runner.cleanup()
+    keep_connected.cancel()
+    gone.cancel()
