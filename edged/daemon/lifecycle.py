@@ -198,6 +198,7 @@ class Daemon:
         status["services"] = [s.to_json() for s in self.supervisor.status()]
         if self.processes is not None:
             status["processes"] = self.processes.status()
+            status["engine"] = self.processes.proxy.engine_status
         return status
 
     # --- lifecycle ------------------------------------------------------------------------

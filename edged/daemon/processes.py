@@ -59,6 +59,7 @@ class ChildState:
     restarts: int = 0
     last_exit: str | None = None
     last_exit_at: float | None = None
+    last_pid: int | None = None  # the process that ended last
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -109,6 +110,7 @@ class Child:
                 loop.remove_reader(process.sentinel)
             await asyncio.to_thread(process.join, 1.0)
             code = process.exitcode
+            self.state.last_pid = process.pid
             self.state.last_exit = describe_exit(code)
             self.state.last_exit_at = time.time()
             self.state.pid = None

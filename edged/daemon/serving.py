@@ -136,7 +136,7 @@ class ServingProcesses:
         )
         log.error(
             "the engine (pid %s) ended: %s, while serving %s; restarting it",
-            state.pid or "?",
+            state.last_pid or "?",
             describe_exit(code),
             serving or "no models",
         )
@@ -181,7 +181,7 @@ class ServingProcesses:
 
     def _front_end_exited(self, state: ChildState, code: int | None) -> None:
         log.error(
-            "%s (pid %s) ended: %s; restarting it", state.name, state.pid, describe_exit(code)
+            "%s (pid %s) ended: %s; restarting it", state.name, state.last_pid, describe_exit(code)
         )
 
     # --- status and stop ----------------------------------------------------------------------

@@ -215,7 +215,7 @@ class EngineClient:
         timeout_s: float | None = None,
     ) -> InferenceResult:
         connection = self._connection
-        if connection is None or connection.transport is None:
+        if connection is None or connection.transport is None or connection.transport.is_closing():
             raise EngineUnavailableError("the engine is restarting; retry shortly")
         view = self.view(name, version)
         if priority == 0:
@@ -249,22 +249,25 @@ class EngineClient:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         future: asyncio.Future[InferenceResult] = asyncio.get_running_loop().create_future()
         connection.pending[request_id] = _Pending(future, offsets)
-        connection.transport.write(
-            wire.frame(
-                {
-                    "k": wire.INFER,
-                    "i": request_id,
-                    "m": name,
-                    "v": version,
-                    "vv": view.version,
-                    "p": priority,
-                    "r": rows,
-                    "d": deadline,
-                    "t": refs,
-                },
-                inline,
-            )
+        frame = wire.frame(
+            {
+                "k": wire.INFER,
+                "i": request_id,
+                "m": name,
+                "v": version,
+                "vv": view.version,
+                "p": priority,
+                "r": rows,
+                "d": deadline,
+                "t": refs,
+            },
+            inline,
         )
+        try:
+            connection.transport.write(frame)
+        except (RuntimeError, OSError) as exc:  # the engine went away a moment ago
+            connection.pending.pop(request_id, None)
+            raise EngineUnavailableError("the engine is restarting; retry shortly") from exc
         if timeout_s is None:
             return await future
         try:

@@ -66,6 +66,7 @@ class FrontEndConnection:
         self._write_lock = threading.Lock()
         self._claim_lock = threading.Lock()
         self.closed = False
+        self.cpu_s = 0.0  # this connection's reader thread so far
         self.thread = threading.Thread(
             target=self._serve, name=f"edged-frontend-{number}", daemon=True
         )
@@ -149,6 +150,7 @@ class FrontEndConnection:
                         free = self.allocator.free
                         for offset in header["o"]:
                             free(offset)
+                self.cpu_s = time.thread_time()
         except (OSError, ValueError) as exc:
             if not self.closed:
                 log.warning("front end %d: connection failed: %s", self.number, exc)
@@ -183,6 +185,7 @@ class DataPlane:
         self._broadcast_pending = False
         self._background: set[asyncio.Task[Any]] = set()
         self.requests_served = 0
+        self._closed_readers_cpu_s = 0.0
         self._acceptor = threading.Thread(target=self._accept, name="edged-accept", daemon=True)
 
     def start(self) -> None:
@@ -192,6 +195,12 @@ class DataPlane:
     @property
     def front_ends(self) -> int:
         return len(self._connections)
+
+    @property
+    def readers_cpu_s(self) -> float:
+        """CPU of every front end's reader thread so far (the engine's receiving side)."""
+        with self._lock:
+            return self._closed_readers_cpu_s + sum(c.cpu_s for c in self._connections)
 
     # --- what serves now --------------------------------------------------------------------
 
@@ -265,6 +274,7 @@ class DataPlane:
     def forget(self, connection: FrontEndConnection) -> None:
         with self._lock:
             self._connections.discard(connection)
+            self._closed_readers_cpu_s += connection.cpu_s
         if connection.requests is not None:
             connection.requests.close()
 

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,16 @@ class EngineService:
             "requests": self.dataplane.requests_served,
             "stuck_workers": self.manager.stuck_workers(),
             "queue_depths": {k: list(v) for k, v in self.manager.queue_depths().items()},
+            # The engine's own CPU per request, apart from the runtimes' compute: its reader
+            # threads, its workers outside ``run``, and its event loop (this thread).
+            "cpu": {
+                "readers_s": self.dataplane.readers_cpu_s,
+                "workers_outside_run_s": sum(
+                    e.scheduler.thread_cpu_s - e.scheduler.run_cpu_s
+                    for e in self.manager.entries.values()
+                ),
+                "loop_s": time.thread_time(),
+            },
         }
         return status
 

@@ -149,6 +149,10 @@ class Scheduler:
         self._worker_waiting = False  # guarded by _cond: only then does submit notify
         # Brackets each run: a worker inside one run for too long counts as hung.
         self.stall = StallDetector(stuck_after_s)
+        # This worker thread's CPU so far, and the part of it spent inside the runtime: the
+        # rest is the scheduler's own per-request cost (bench/serving.py reports it).
+        self.thread_cpu_s = 0.0
+        self.run_cpu_s = 0.0
         self._thread = threading.Thread(
             target=self._work, name=f"edged-worker-{slot.name}", daemon=True
         )
@@ -246,6 +250,7 @@ class Scheduler:
                 completions = [(item.future, exc) for item in batch]
             if completions:
                 self._deliver(completions)
+            self.thread_cpu_s = time.thread_time()
 
     def _deliver(self, completions: list[Completion]) -> None:
         local: list[tuple[asyncio.Future[InferenceResult], InferenceResult | BaseException]] = []
@@ -309,8 +314,10 @@ class Scheduler:
         try:
             feeds = _concat([item.inputs for item in live])
             start = time.monotonic()
+            cpu = time.thread_time()
             with self.stall.working():
                 outputs = version.model.run(feeds)
+            self.run_cpu_s += time.thread_time() - cpu
             end = time.monotonic()
         except EdgedError as exc:
             self.observer.on_outcome("error", len(live))
