@@ -745,6 +745,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-one-process", action="store_true", help="skip the p rows (workers = 0)"
     )
+    parser.add_argument(
+        "--workers-sweep",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also edged with each of these [server] workers at 64 binary clients (rows d64wK)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return parser.parse_args(argv)
 
@@ -862,6 +869,15 @@ def main(argv: list[str] | None = None) -> int:
                     label = f"edged, {n} client{'s' * (n > 1)}, {work.kind}"
                     settings: dict[str, Any] = {"defaults": True, "max_batch_size": MAX_BATCH}
                     phases.measure(f"d{suffix}{n}", label, port, pid, work, n, settings)
+
+        # d64wK: the number of front ends, for choosing the default.
+        for workers in args.workers_sweep:
+            port = free_port()
+            cmd = edged_command(repo, port, tmp, f"state-w{workers}", workers=workers)
+            with server_process(cmd, port, tmp / f"w{workers}.log") as pid:
+                check_response(port, binary)
+                label = f"edged, 64 clients, binary, {workers} front ends"
+                phases.measure(f"d64w{workers}", label, port, pid, binary, 64, {"workers": workers})
 
         # p: edged in one process (the engine in the daemon's process), the design before.
         if not args.no_one_process:
