@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -150,3 +152,38 @@ def test_every_metric_the_dashboard_queries_is_in_a_real_daemons_metrics(
         name == "edged_service_restarts_total" and labels == (("service", "telemetry"),)
         for name, labels in found
     )
+
+
+# Grafana's variables as a dashboard user picking "All" would have them substituted.
+_GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__interval": "15s",
+    "$__range": "1h",
+    "$instance": ".*",
+    "$model": ".*",
+    "$version": ".*",
+}
+
+
+def test_every_panel_query_is_valid_promql(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt-get install prometheus provides it)")
+    rules = []
+    for index, expr in enumerate(
+        t["expr"] for p in panels(dashboard()) for t in p.get("targets", [])
+    ):
+        for variable, value in sorted(_GRAFANA_VARIABLES.items(), key=lambda kv: -len(kv[0])):
+            expr = expr.replace(variable, value)
+        rules.append({"record": f"edged:dashboard_query_{index}", "expr": expr})
+    rules_file = tmp_path / "dashboard.rules.json"  # JSON is YAML
+    rules_file.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))
+    done = subprocess.run(
+        [promtool, "check", "rules", str(rules_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{len(rules)} rules found" in done.stdout
