@@ -104,9 +104,16 @@ class Daemon:
             keep_previous=max(1, config.state.keep_versions - 1),
         )
         self.manager.probation_listeners.append(self._record_probation)
+        # Swaps, probation verdicts and service restarts are counted for /metrics.
+        self.manager.swap_listeners.append(
+            lambda e: self.telemetry.count_swap(e.model, e.to_version, e.ok)
+        )
         self.notifier = Notifier.from_environment()
         self.watchdog = Watchdog(self.notifier, watchdog_interval_s())
         self.supervisor = Supervisor(on_failure=self._report_failure)
+        self.telemetry.service_restarts = lambda: {
+            s.name: s.restarts for s in self.supervisor.status()
+        }
         self.supervisor.add("watchdog", self.watchdog.run)
         self.supervisor.add("reload", self._reload_loop)
         if config.telemetry.enabled:
@@ -129,6 +136,7 @@ class Daemon:
         self.exit_code = 0
 
     async def _record_probation(self, outcome: ProbationOutcome) -> None:
+        self.telemetry.count_probation_verdict(outcome.model, outcome.version, outcome.decision)
         try:
             await self.installer.record_probation(outcome)
         except EdgedError as exc:

@@ -87,6 +87,7 @@ ObserverFactory = Callable[[str], BatchObserver]
 # (new version dir, replaced version dir) -> the policy to judge the new one by, or None.
 ProbationPolicyFor = Callable[[Path, Path], "ProbationPolicy | None"]
 ProbationListener = Callable[[ProbationOutcome], Awaitable[None]]
+SwapListener = Callable[[SwapEvent], None]
 
 
 def _no_probation(new: Path, old: Path) -> ProbationPolicy | None:
@@ -173,6 +174,9 @@ class ModelManager:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self.events: deque[SwapEvent] = deque(maxlen=100)
+        # Told of every swap, failed ones too (the daemon counts them for /metrics); called on
+        # the event loop, so a listener must not block.
+        self.swap_listeners: list[SwapListener] = []
         # Probation after a swap (edged.serve.watch): the daemon says which swaps get one.
         self.stats = VersionStats()
         self.probation_policy: ProbationPolicyFor = _no_probation
@@ -184,6 +188,14 @@ class ModelManager:
     def _changed(self) -> None:
         for listener in self.change_listeners:
             listener()
+
+    def _record_swap(self, event: SwapEvent) -> None:
+        self.events.append(event)
+        for listener in self.swap_listeners:
+            try:
+                listener(event)
+            except Exception:  # a listener's bug must not fail the swap it hears about
+                log.exception("swap listener failed for %s %s", event.model, event.to_version)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -279,7 +291,7 @@ class ModelManager:
             except EdgedError as exc:
                 entry.last_error = str(exc)
                 entry.state = "READY" if entry.slot.current is not None else "UNAVAILABLE"
-                self.events.append(
+                self._record_swap(
                     SwapEvent(
                         time.time(), model, old.version if old else None, version, False, str(exc)
                     )
@@ -330,7 +342,7 @@ class ModelManager:
         entry.state = "READY"
         entry.last_error = None
         reason = f"{summary}; loaded in {time.monotonic() - started:.2f}s; {loaded.description}"
-        self.events.append(
+        self._record_swap(
             SwapEvent(
                 time.time(), name, previous.version if previous else None, version, True, reason
             )
@@ -453,7 +465,7 @@ class ModelManager:
                     reason = f"{reason}; reloading version {watch.previous_version} failed: {exc}"
                     log.error("model %s: %s", entry.name, reason)
             entry.state = "READY" if entry.slot.current is not None else "UNAVAILABLE"
-            self.events.append(
+            self._record_swap(
                 SwapEvent(
                     time.time(),
                     entry.name,

@@ -55,7 +55,7 @@ print("ed25519 ok")
 
 def test_runtimes_infer_without_writable_executable_memory() -> None:
     result = subprocess.run(
-        [sys.executable, "-c", _UNDER_MDWE, str(REPO / "edged" / "demo" / "models")],
+        [sys.executable, "-c", _UNDER_MDWE, str(REPO / "models")],
         capture_output=True,
         text=True,
         timeout=120,

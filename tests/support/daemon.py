@@ -18,7 +18,7 @@ from pathlib import Path
 from edged._net import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SAMPLE_MODELS = REPO_ROOT / "edged" / "demo" / "models"
+SAMPLE_MODELS = REPO_ROOT / "models"
 SHARED_MODELS = REPO_ROOT.parent / "shared" / "models"
 
 
@@ -85,8 +85,10 @@ def running_daemon(
     extra_args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
     wait: bool = True,
+    cwd: Path | None = None,
 ) -> Iterator[DaemonProcess]:
-    """``edged run --models repo`` on a free port and a socket in ``workdir``."""
+    """``edged run --models repo`` on a free port and a socket in ``workdir``; a relative
+    ``repo`` is relative to ``cwd`` (default: the test's working directory)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     # AF_UNIX paths are limited to 107 bytes; pytest's tmp_path can be longer.
@@ -113,7 +115,11 @@ def running_daemon(
     ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
         )
     daemon = DaemonProcess(process, port, socket_path, log_path)
     try:
