@@ -111,9 +111,7 @@ class Daemon:
         self.notifier = Notifier.from_environment()
         self.watchdog = Watchdog(self.notifier, watchdog_interval_s())
         self.supervisor = Supervisor(on_failure=self._report_failure)
-        self.telemetry.service_restarts = lambda: {
-            s.name: s.restarts for s in self.supervisor.status()
-        }
+        self.telemetry.service_restarts = self._restarts
         self.supervisor.add("watchdog", self.watchdog.run)
         self.supervisor.add("reload", self._reload_loop)
         if config.telemetry.enabled:
@@ -134,6 +132,13 @@ class Daemon:
         self._shutdown_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.exit_code = 0
+
+    def _restarts(self) -> dict[str, int]:
+        """Restarts of the side services and of the serving processes (engine, front ends)."""
+        restarts = {s.name: s.restarts for s in self.supervisor.status()}
+        if self.processes is not None:
+            restarts.update({p["name"]: p["restarts"] for p in self.processes.status()})
+        return restarts
 
     async def _record_probation(self, outcome: ProbationOutcome) -> None:
         self.telemetry.count_probation_verdict(outcome.model, outcome.version, outcome.decision)

@@ -24,6 +24,7 @@ from edged.engine import wire
 from edged.engine.relay import replay
 from edged.engine.service import models_config_fields
 from edged.errors import EngineUnavailableError
+from edged.serve.manager import SwapEvent
 from edged.serve.scheduler import BatchObserver
 from edged.serve.watch import ProbationOutcome
 
@@ -39,6 +40,7 @@ class EngineProxy:
         self._observer = observer
         self._observers: dict[str, BatchObserver] = {}
         self.probation_listeners: list[ProbationListener] = []
+        self.swap_listeners: list[Callable[[SwapEvent], None]] = []
         self._writer: asyncio.StreamWriter | None = None
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
@@ -103,6 +105,13 @@ class EngineProxy:
                 self._status_at = time.monotonic()
                 if name == "started":
                     self._started.set()
+            elif name == "swap":
+                event = SwapEvent(**header["swap"])
+                for hear in self.swap_listeners:
+                    try:
+                        hear(event)
+                    except Exception:  # a listener's bug must not stop the engine's events
+                        log.exception("swap listener failed for %s", event.model)
             elif name == "probation":
                 outcome = ProbationOutcome(**header["outcome"])
                 for listener in self.probation_listeners:

@@ -26,7 +26,7 @@ from edged.engine.dataplane import DataPlane
 from edged.engine.relay import Record, TelemetryRelay
 from edged.errors import EdgedError, InvalidRequestError
 from edged.runtime.budget import front_ends, usable_cores
-from edged.serve.manager import ModelManager
+from edged.serve.manager import ModelManager, SwapEvent
 from edged.serve.watch import ProbationOutcome
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,9 @@ class EngineService:
     async def _probation(self, outcome: ProbationOutcome) -> None:
         self._event("probation", outcome=outcome.to_json())
 
+    def _swap(self, event: SwapEvent) -> None:
+        self._event("swap", swap=dataclasses.asdict(event))
+
     def status(self) -> dict[str, Any]:
         status = self.manager.status()
         status["engine"] = {
@@ -105,6 +108,7 @@ class EngineService:
         self.manager.front_ends = front_ends(usable_cores(), config.server.workers)
         self.manager.probation_policy = policy_for_swap
         self.manager.probation_listeners.append(self._probation)
+        self.manager.swap_listeners.append(self._swap)
         reader, self._writer = await asyncio.open_unix_connection(sock=self._control_socket)
         self.dataplane = DataPlane(self.manager, self._listener, loop)
         await self.manager.start()
