@@ -12,9 +12,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import signal
 import socket
 import sys
+import threading
 
 from aiohttp import web
 
@@ -42,11 +44,45 @@ def configure_logging(role: str, level: int) -> None:
     )
 
 
+def end_with(control_plane: int) -> None:
+    """Exit as soon as the control plane's process ends, whatever this process is doing (a
+    model still loading, a worker stuck in a run): nothing outlives the daemon's main process."""
+    try:
+        pidfd = os.pidfd_open(control_plane)
+    except (OSError, AttributeError):  # gone already, or a kernel before 5.3
+        if not _alive(control_plane):
+            os._exit(1)
+        return
+
+    def wait() -> None:
+        select.select([pidfd], [], [])
+        log.warning("the control plane (pid %d) is gone: exiting", control_plane)
+        logging.shutdown()
+        os._exit(1)
+
+    threading.Thread(target=wait, name="edged-lifeline", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def engine_main(
-    config: DaemonConfig, control: socket.socket, listener: socket.socket, log_level: int
+    config: DaemonConfig,
+    control: socket.socket,
+    listener: socket.socket,
+    log_level: int,
+    control_plane: int,
 ) -> None:
     configure_logging("engine", log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    end_with(control_plane)
     service = EngineService(config, control, listener)
     try:
         run_loop(service.run())
@@ -68,9 +104,11 @@ def frontend_main(
     control_path: str,
     lifeline: socket.socket,
     log_level: int,
+    control_plane: int,
 ) -> None:
     configure_logging(f"front-end-{number}", log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    end_with(control_plane)
     run_loop(_serve_front_end(config, number, listeners, engine_path, control_path, lifeline))
 
 

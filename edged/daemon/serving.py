@@ -116,7 +116,13 @@ class ServingProcesses:
         task.add_done_callback(self._tasks.discard)
         return fork_context().Process(
             target=engine_main,
-            args=(self.config, theirs, self._engine_listener, logging.getLogger().level),
+            args=(
+                self.config,
+                theirs,
+                self._engine_listener,
+                logging.getLogger().level,
+                os.getpid(),
+            ),
             name="edged-engine",
             daemon=True,
         )
@@ -163,6 +169,7 @@ class ServingProcesses:
                     self.control_path,
                     theirs,
                     logging.getLogger().level,
+                    os.getpid(),
                 ),
                 name=f"edged-front-end-{number}",
                 daemon=True,

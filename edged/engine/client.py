@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 REQUEST_ARENA_BYTES = 16 * 1024 * 1024
 ENGINE_GRACE_S = 2.0
+FREE_BATCH = 64
 
 
 def view_from(name: str, fields: dict[str, Any]) -> ModelView:
@@ -72,6 +73,7 @@ class EngineConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.pending: dict[int, _Pending] = {}
         self.buffer = bytearray()
+        self.freed: list[int] = []  # response slots read, for the engine to reuse
         self.lost = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -79,7 +81,7 @@ class EngineConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        freed: list[int] = []
+        freed = self.freed
         client = self.client
         for header, inline in wire.frames(self.buffer):
             kind = header["k"]
@@ -87,8 +89,18 @@ class EngineConnection(asyncio.Protocol):
                 self._result(header, inline, freed)
             elif kind == wire.VIEWS:
                 client.update_views(header)
-        if freed and self.transport is not None:
+        # Freed response slots ride on the next request's frame; only a pile of them (no
+        # requests going out) gets a frame of its own.
+        if len(freed) >= FREE_BATCH and self.transport is not None:
             self.transport.write(wire.frame({"k": wire.FREE, "o": freed}))
+            self.freed = []
+
+    def take_freed(self) -> list[int] | None:
+        freed = self.freed
+        if not freed:
+            return None
+        self.freed = []
+        return freed
 
     def _result(self, header: dict[str, Any], inline: bytes, freed: list[int]) -> None:
         pending = self.pending.pop(header["i"], None)
@@ -260,6 +272,7 @@ class EngineClient:
                 "r": rows,
                 "d": deadline,
                 "t": refs,
+                "f": connection.take_freed(),
             },
             inline,
         )

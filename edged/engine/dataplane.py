@@ -30,7 +30,7 @@ from edged.errors import (
 )
 from edged.runtime.base import Array
 from edged.serve.manager import ModelManager
-from edged.serve.scheduler import BatchObserver, InferenceResult, RemoteWaiter
+from edged.serve.scheduler import BatchObserver, InferenceResult, RemoteWaiter, thread_cpu_s
 from edged.serve.view import ModelView
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class FrontEndConnection:
         self._write_lock = threading.Lock()
         self._claim_lock = threading.Lock()
         self.closed = False
-        self.cpu_s = 0.0  # this connection's reader thread so far
+        self.final_cpu_s = 0.0  # the reader thread's CPU, once it ended
         self.thread = threading.Thread(
             target=self._serve, name=f"edged-frontend-{number}", daemon=True
         )
@@ -145,18 +145,22 @@ class FrontEndConnection:
                 for header, data in wire.frames(buffer):
                     kind = header["k"]
                     if kind == wire.INFER:
+                        freed = header.get("f")
+                        if freed:  # response slots the front end is done with, piggybacked
+                            for offset in freed:
+                                self.allocator.free(offset)
                         self.engine.infer(self, header, data)
                     elif kind == wire.FREE:
                         free = self.allocator.free
                         for offset in header["o"]:
                             free(offset)
-                self.cpu_s = time.thread_time()
         except (OSError, ValueError) as exc:
             if not self.closed:
                 log.warning("front end %d: connection failed: %s", self.number, exc)
         finally:
             with self._write_lock:
                 self.closed = True
+            self.final_cpu_s = time.thread_time()
             self.engine.forget(self)
             try:
                 sock.close()
@@ -200,7 +204,8 @@ class DataPlane:
     def readers_cpu_s(self) -> float:
         """CPU of every front end's reader thread so far (the engine's receiving side)."""
         with self._lock:
-            return self._closed_readers_cpu_s + sum(c.cpu_s for c in self._connections)
+            live = list(self._connections)
+        return self._closed_readers_cpu_s + sum(thread_cpu_s(c.thread) for c in live)
 
     # --- what serves now --------------------------------------------------------------------
 
@@ -274,7 +279,7 @@ class DataPlane:
     def forget(self, connection: FrontEndConnection) -> None:
         with self._lock:
             self._connections.discard(connection)
-            self._closed_readers_cpu_s += connection.cpu_s
+            self._closed_readers_cpu_s += connection.final_cpu_s
         if connection.requests is not None:
             connection.requests.close()
 

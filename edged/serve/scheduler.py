@@ -149,9 +149,8 @@ class Scheduler:
         self._worker_waiting = False  # guarded by _cond: only then does submit notify
         # Brackets each run: a worker inside one run for too long counts as hung.
         self.stall = StallDetector(stuck_after_s)
-        # This worker thread's CPU so far, and the part of it spent inside the runtime: the
-        # rest is the scheduler's own per-request cost (bench/serving.py reports it).
-        self.thread_cpu_s = 0.0
+        # CPU this worker spent inside the runtime: the rest of its thread's CPU is the
+        # scheduler's own per-request cost (bench/serving.py reports it).
         self.run_cpu_s = 0.0
         self._thread = threading.Thread(
             target=self._work, name=f"edged-worker-{slot.name}", daemon=True
@@ -219,6 +218,11 @@ class Scheduler:
     def worker_alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def thread_cpu_s(self) -> float:
+        """CPU seconds the worker thread used so far (0 before it started or after it ended)."""
+        return thread_cpu_s(self._thread)
+
     def _complete(
         self,
         completions: list[tuple[asyncio.Future[InferenceResult], InferenceResult | BaseException]],
@@ -250,7 +254,6 @@ class Scheduler:
                 completions = [(item.future, exc) for item in batch]
             if completions:
                 self._deliver(completions)
-            self.thread_cpu_s = time.thread_time()
 
     def _deliver(self, completions: list[Completion]) -> None:
         local: list[tuple[asyncio.Future[InferenceResult], InferenceResult | BaseException]] = []
@@ -371,3 +374,14 @@ def _concat(feeds: list[dict[str, Array]]) -> dict[str, Array]:
     if len(feeds) == 1:
         return feeds[0]
     return {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
+
+
+def thread_cpu_s(thread: threading.Thread) -> float:
+    """CPU seconds ``thread`` (of this process) used so far; 0 when it is not running."""
+    ident = thread.ident
+    if ident is None or not thread.is_alive():
+        return 0.0
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(ident))
+    except OSError:  # it ended a moment ago
+        return 0.0

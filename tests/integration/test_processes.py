@@ -152,3 +152,26 @@ def test_an_engine_killed_under_load_is_logged_with_what_served_and_restarted(
         assert row["restarts"] == 1 and row["state"] == "running"
         services = {s["name"]: s for s in status(daemon)["services"]}
         assert services["telemetry"]["restarts"] == 0
+
+
+def test_nothing_outlives_a_killed_control_plane(model_repo: Path, tmp_path: Path) -> None:
+    with running_daemon(model_repo, tmp_path / "d") as daemon:
+        children = [p["pid"] for p in processes(daemon).values()]
+        daemon.process.kill()
+        daemon.process.wait(30)
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in children):
+            assert time.monotonic() < deadline, f"still running: {children}"
+            time.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie waits for its parent: it ended
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
