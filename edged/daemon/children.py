@@ -1,9 +1,9 @@
 """The entry points of the daemon's child processes: the engine and the front ends.
 
-They are forked from a fork server that imported the heavy modules once (numpy, the runtimes,
-aiohttp, edged), so children start in milliseconds and share those pages. Both ignore SIGINT
-(Ctrl-C reaches the whole process group; the control plane decides) and end when the control
-plane goes away.
+They are forked by the zygote (``edged.daemon.zygote``) after the heavy modules are imported
+(numpy, the runtimes, aiohttp, edged), so children start in milliseconds and share those
+pages. Both ignore SIGINT (Ctrl-C reaches the whole process group; the control plane decides)
+and end when the control plane goes away.
 """
 
 from __future__ import annotations
@@ -32,8 +32,14 @@ from edged.errors import EdgedError
 
 log = logging.getLogger(__name__)
 
-# What the fork server imports before it forks anyone (shared, copy-on-write, by every child).
-PRELOAD = ["edged.daemon.children", "edged.runtime.onnx", "edged.runtime.litert"]
+# What the zygote imports before it forks anyone (shared, copy-on-write, by every child).
+PRELOAD = (
+    "edged.daemon.children",
+    "edged.runtime.onnx",
+    "edged.runtime.litert",
+    "onnxruntime",
+    "ai_edge_litert.interpreter",
+)
 
 
 def configure_logging(role: str, level: int) -> None:
@@ -73,13 +79,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def engine_main(
-    config: DaemonConfig,
-    control: socket.socket,
-    listener: socket.socket,
-    log_level: int,
-    control_plane: int,
-) -> None:
+def engine_main(config: DaemonConfig, log_level: int, control_plane: int, fds: list[int]) -> None:
+    """``fds``: the control connection, then the engine's listening socket."""
+    control, listener = (socket.socket(fileno=fd) for fd in fds)
     configure_logging("engine", log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     end_with(control_plane)
@@ -99,13 +101,14 @@ def engine_main(
 def frontend_main(
     config: DaemonConfig,
     number: int,
-    listeners: list[socket.socket],
     engine_path: str,
     control_path: str,
-    lifeline: socket.socket,
     log_level: int,
     control_plane: int,
+    fds: list[int],
 ) -> None:
+    """``fds``: the lifeline to the control plane, then the listening sockets."""
+    lifeline, *listeners = (socket.socket(fileno=fd) for fd in fds)
     configure_logging(f"front-end-{number}", log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     end_with(control_plane)

@@ -74,7 +74,11 @@ class EngineConnection(asyncio.Protocol):
         self.pending: dict[int, _Pending] = {}
         self.buffer = bytearray()
         self.freed: list[int] = []  # response slots read, for the engine to reuse
-        self.lost = asyncio.get_running_loop().create_future()
+        self.loop = asyncio.get_running_loop()
+        self.lost = self.loop.create_future()
+        # Frames written in one turn of the event loop go out in one write: under load the
+        # engine's reader wakes once for many requests, and the front end makes one syscall.
+        self._outbox: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -91,9 +95,19 @@ class EngineConnection(asyncio.Protocol):
                 client.update_views(header)
         # Freed response slots ride on the next request's frame; only a pile of them (no
         # requests going out) gets a frame of its own.
-        if len(freed) >= FREE_BATCH and self.transport is not None:
-            self.transport.write(wire.frame({"k": wire.FREE, "o": freed}))
+        if len(freed) >= FREE_BATCH:
+            self.send(wire.frame({"k": wire.FREE, "o": freed}))
             self.freed = []
+
+    def send(self, frame: bytes) -> None:
+        if not self._outbox:
+            self.loop.call_soon(self._flush)
+        self._outbox.append(frame)
+
+    def _flush(self) -> None:
+        frames, self._outbox = self._outbox, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     def take_freed(self) -> list[int] | None:
         freed = self.freed
@@ -276,11 +290,7 @@ class EngineClient:
             },
             inline,
         )
-        try:
-            connection.transport.write(frame)
-        except (RuntimeError, OSError) as exc:  # the engine went away a moment ago
-            connection.pending.pop(request_id, None)
-            raise EngineUnavailableError("the engine is restarting; retry shortly") from exc
+        connection.send(frame)
         if timeout_s is None:
             return await future
         try:
