@@ -138,7 +138,9 @@ def main() -> int:
             r["pss_mib_median"],
             r["idle_cpu_percent_of_one_core"],
         )
-        assert isinstance(ready, float) and isinstance(pss, float) and isinstance(idle, float)
+        assert isinstance(ready, float)
+        assert isinstance(pss, float)
+        assert isinstance(idle, float)
         rows += [
             (f"{name}: start to READY=1", f"{ready:.2f} s", "<= 0.6 s", ready <= 0.6),
             (f"{name}: PSS, all processes", f"{pss:.1f} MiB", "<= 140 MiB", pss <= 140),
