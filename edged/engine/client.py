@@ -89,7 +89,9 @@ class EngineConnection(asyncio.Protocol):
         client = self.client
         for header, inline in wire.frames(self.buffer):
             kind = header["k"]
-            if kind == wire.RESULT:
+            if kind == wire.BATCH:
+                self._batch(header, inline, freed)
+            elif kind == wire.RESULT:
                 self._result(header, inline, freed)
             elif kind == wire.VIEWS:
                 client.update_views(header)
@@ -115,6 +117,33 @@ class EngineConnection(asyncio.Protocol):
             return None
         self.freed = []
         return freed
+
+    def _batch(self, header: dict[str, Any], inline: bytes, freed: list[int]) -> None:
+        view = self.responses.view
+        # One copy of each output (the engine reuses the slot once it is freed), then a view
+        # of its rows per request.
+        outputs: dict[str, Array] = {}
+        for ref in header["t"]:
+            outputs[ref[0]] = np.array(wire.tensor_at(ref, view, inline))
+            if ref[3] >= 0:
+                freed.append(ref[3])
+        ids, counts = header["i"], header["n"]
+        version, batch_rows = header["v"], header["b"]
+        free = self.allocator.free
+        pending_of = self.pending.pop
+        single = len(ids) == 1
+        first = 0
+        for request_id, count in zip(ids, counts, strict=True):
+            pending = pending_of(request_id, None)
+            if pending is not None:
+                for offset in pending.offsets:
+                    free(offset)
+                part = (
+                    outputs if single else {k: v[first : first + count] for k, v in outputs.items()}
+                )
+                if not pending.future.done():
+                    pending.future.set_result(InferenceResult(part, version, batch_rows))
+            first += count
 
     def _result(self, header: dict[str, Any], inline: bytes, freed: list[int]) -> None:
         pending = self.pending.pop(header["i"], None)

@@ -85,6 +85,9 @@ class FrontEndConnection:
 
     def claim(self, waiter: RemoteWaiter) -> bool:
         """True for the first caller only: it answers ``waiter``."""
+        if not waiter.timed:  # nothing else can answer it
+            waiter.answered = True
+            return True
         with self._claim_lock:
             if waiter.answered:
                 return False
@@ -106,20 +109,60 @@ class FrontEndConnection:
                 out += self._result_frame(waiter.token, outcome)
         self.send(bytes(out))
 
-    def _result_frame(self, token: object, result: InferenceResult) -> bytes:
+    def deliver_batch(
+        self,
+        version: str,
+        total_rows: int,
+        outputs: dict[str, Array],
+        rows: list[tuple[RemoteWaiter, int, int]],
+    ) -> None:
+        """One frame for every answer of a batch that belongs to this front end: each output
+        is copied into the response arena once, and the front end splits it by rows."""
+        live = [(w, first, n) for w, first, n in rows if self.claim(w)]
+        if not live:
+            return
+        first, last = live[0][1], live[-1][1] + live[-1][2]
+        if len(live) == 1 and first == 0 and last == total_rows:
+            mine = outputs  # the whole batch (also a model without a batch dimension)
+        elif sum(n for _, _, n in live) == last - first:  # contiguous rows: a view
+            mine = {name: value[first:last] for name, value in outputs.items()}
+        else:
+            index = np.concatenate([np.arange(f, f + n) for _, f, n in live])
+            mine = {name: value[index] for name, value in outputs.items()}
+        refs, inline = self._place(mine)
+        self.send(
+            wire.frame(
+                {
+                    "k": wire.BATCH,
+                    "v": version,
+                    "b": total_rows,
+                    "i": [w.token for w, _, _ in live],
+                    "n": [n for _, _, n in live],
+                    "t": refs,
+                },
+                inline,
+            )
+        )
+
+    def _place(self, outputs: dict[str, Array]) -> tuple[list[wire.TensorRef], bytearray]:
+        """Outputs into the response arena (or, when it is full, inline in the frame)."""
         refs = []
         inline = bytearray()
         view = self.responses.view
-        for name, value in result.outputs.items():
+        for name, value in outputs.items():
             flat = np.ascontiguousarray(value)
             nbytes = flat.nbytes
             offset = self.allocator.alloc(nbytes)
-            if offset is None:  # the arena is full: this answer travels in the frame
+            if offset is None:
                 refs.append(wire.describe(name, flat, -1, len(inline)))
                 inline += flat.tobytes()
             else:
                 view[offset : offset + nbytes] = flat.reshape(-1).view(np.uint8).data
                 refs.append(wire.describe(name, flat, offset, 0))
+        return refs, inline
+
+    def _result_frame(self, token: object, result: InferenceResult) -> bytes:
+        refs, inline = self._place(result.outputs)
         return wire.frame(
             {
                 "k": wire.RESULT,
@@ -330,8 +373,8 @@ class DataPlane:
             signature = tuple(
                 (ref[0], tuple(ref[2][1:]) if dynamic else tuple(ref[2]), ref[1]) for ref in refs
             )
-            waiter = RemoteWaiter(connection, request_id)
             deadline = header["d"]
+            waiter = RemoteWaiter(connection, request_id, deadline is not None)
             entry.scheduler.submit_remote(
                 inputs, header["r"], signature, header["p"], deadline, waiter
             )
