@@ -171,6 +171,7 @@ class Scheduler:
             tuple[str, int, dict[str, Array], dict[ReplySink, list[tuple[RemoteWaiter, int, int]]]]
         ] = []
         self._sender: threading.Thread | None = None
+        self._sending = False  # the sender is inside a send (answers must stay in order)
         self._thread = threading.Thread(
             target=self._work, name=f"edged-worker-{slot.name}", daemon=True
         )
@@ -208,16 +209,41 @@ class Scheduler:
         """``submit`` from any thread, for a request whose answer goes to ``waiter.sink``."""
         self._enqueue(PendingRequest(inputs, rows, signature, deadline, waiter), priority)
 
+    def submit_remote_many(
+        self, items: list[tuple[PendingRequest, int]]
+    ) -> list[tuple[PendingRequest, EdgedError]]:
+        """Queue several requests of other processes (``(request, priority)``, their futures
+        ``RemoteWaiter``s) under one lock; what was refused, with why."""
+        refused: list[tuple[PendingRequest, EdgedError]] = []
+        with self._cond:
+            for item, priority in items:
+                if self._stopping:
+                    refused.append(
+                        (item, ShuttingDownError(f"model {self.slot.name!r} is shutting down"))
+                    )
+                elif self._count >= self.batching.max_queue_size:
+                    self.observer.on_outcome("rejected")
+                    refused.append((item, self._queue_full()))
+                else:
+                    self._queues[priority - 1].append(item)
+                    self._count += 1
+            if self._worker_waiting:
+                self._cond.notify()
+        return refused
+
+    def _queue_full(self) -> QueueFullError:
+        return QueueFullError(
+            f"queue of model {self.slot.name!r} is full "
+            f"({self.batching.max_queue_size} requests waiting); retry later"
+        )
+
     def _enqueue(self, item: PendingRequest, priority: int) -> None:
         with self._cond:
             if self._stopping:
                 raise ShuttingDownError(f"model {self.slot.name!r} is shutting down")
             if self._count >= self.batching.max_queue_size:
                 self.observer.on_outcome("rejected")
-                raise QueueFullError(
-                    f"queue of model {self.slot.name!r} is full "
-                    f"({self.batching.max_queue_size} requests waiting); retry later"
-                )
+                raise self._queue_full()
             self._queues[priority - 1].append(item)
             self._count += 1
             if self._worker_waiting:  # a busy worker looks at the queue before it waits
@@ -285,6 +311,14 @@ class Scheduler:
         """Hand a batch's answers for other processes to the sender thread: it copies and
         sends them while this worker already runs the next batch (the runtime releases the
         GIL, so the two overlap)."""
+        if not self._count:
+            # Nothing waits for this worker: sending from here is quicker than waking the
+            # sender (a lone caller's latency).
+            with self._send_cond:
+                idle = not self._to_send and not self._sending
+            if idle:
+                self._send(version, total_rows, outputs, remote)
+                return
         with self._send_cond:
             self._to_send.append((version, total_rows, outputs, remote))
             if self._sender is None:
@@ -300,12 +334,26 @@ class Scheduler:
                 while not self._to_send:
                     self._send_cond.wait()
                 work, self._to_send = self._to_send, []
-            for version, total_rows, outputs, remote in work:
-                for sink, rows in remote.items():
-                    try:
-                        sink.deliver_batch(version, total_rows, outputs, rows)
-                    except Exception:  # a front end that went away must not stop the sender
-                        log.exception("answers of %s not delivered", self.slot.name)
+                self._sending = True
+            try:
+                for version, total_rows, outputs, remote in work:
+                    self._send(version, total_rows, outputs, remote)
+            finally:
+                with self._send_cond:
+                    self._sending = False
+
+    def _send(
+        self,
+        version: str,
+        total_rows: int,
+        outputs: dict[str, Array],
+        remote: dict[ReplySink, list[tuple[RemoteWaiter, int, int]]],
+    ) -> None:
+        for sink, rows in remote.items():
+            try:
+                sink.deliver_batch(version, total_rows, outputs, rows)
+            except Exception:  # a front end that went away must not stop the sending thread
+                log.exception("answers of %s not delivered", self.slot.name)
 
     def _deliver(self, completions: list[Completion]) -> None:
         local: list[tuple[asyncio.Future[InferenceResult], InferenceResult | BaseException]] = []
