@@ -745,6 +745,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-one-process", action="store_true", help="skip the p rows (workers = 0)"
     )
+    parser.add_argument("--no-thread-server", action="store_true", help="skip the c and e rows")
     parser.add_argument(
         "--workers-sweep",
         type=int,
@@ -935,7 +936,8 @@ def main(argv: list[str] | None = None) -> int:
 
         # c: thread-per-request with the runtime's default threads; e: with 1 intra-op thread
         # per request (the best such a server can do: requests in parallel, one core each).
-        for letter, threads in (("c", args.baseline_intra_op_threads), ("e", 1)):
+        thread_servers = (("c", args.baseline_intra_op_threads), ("e", 1))
+        for letter, threads in () if args.no_thread_server else thread_servers:
             port = free_port()
             cmd = [
                 sys.executable, str(THREAD_SERVER), "--version-dir", str(version_dir),
