@@ -880,6 +880,19 @@ def main(argv: list[str] | None = None) -> int:
                 label = f"edged, 64 clients, binary, {workers} front ends"
                 phases.measure(f"d64w{workers}", label, port, pid, binary, 64, {"workers": workers})
 
+        # d64sK: the engine's GIL switch interval, for the hand-off between its threads.
+        for interval in args.switch_interval:
+            port = free_port()
+            key = f"d64s{interval * 1e6:.0f}"
+            cmd = [
+                "env", f"EDGED_ENGINE_SWITCH_INTERVAL_S={interval}",
+                *edged_command(repo, port, tmp, f"state-{key}"),
+            ]  # fmt: skip
+            with server_process(cmd, port, tmp / f"{key}.log") as pid:
+                check_response(port, binary)
+                label = f"edged, 64 clients, binary, engine switch interval {interval * 1e3:g} ms"
+                phases.measure(key, label, port, pid, binary, 64, {"switch_interval_s": interval})
+
         # p: edged in one process (the engine in the daemon's process), the design before.
         if not args.no_one_process:
             write_model_config(model_dir)

@@ -32,6 +32,10 @@ from edged.errors import EdgedError
 
 log = logging.getLogger(__name__)
 
+# The GIL switch interval of the engine (seconds; Python's default 0.005), for measuring the
+# hand-off between its threads (bench/serving.py --switch-interval).
+SWITCH_INTERVAL_ENV = "EDGED_ENGINE_SWITCH_INTERVAL_S"
+
 # What the zygote imports before it forks anyone (shared, copy-on-write, by every child).
 PRELOAD = (
     "edged.daemon.children",
@@ -83,6 +87,9 @@ def engine_main(config: DaemonConfig, log_level: int, control_plane: int, fds: l
     """``fds``: the control connection, then the engine's listening socket."""
     control, listener = (socket.socket(fileno=fd) for fd in fds)
     configure_logging("engine", log_level)
+    switch = os.environ.get(SWITCH_INTERVAL_ENV)
+    if switch:  # a diagnostic: the engine's threads take turns on the GIL this often
+        sys.setswitchinterval(float(switch))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     end_with(control_plane)
     service = EngineService(config, control, listener)

@@ -23,6 +23,7 @@ from edged.config import DaemonConfig
 from edged.daemon.processes import Child, ChildState, describe_exit
 from edged.daemon.zygote import Zygote, ZygoteProcess
 from edged.engine.proxy import EngineProxy
+from edged.engine.service import HEARTBEAT_S
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,8 @@ class ServingProcesses:
         )
 
     def engine_healthy(self) -> bool:
-        return self.proxy.connected and self.proxy.status_age_s < 10.0
+        """Connected, and its heartbeat is recent: a frozen engine stops the watchdog pings."""
+        return self.proxy.connected and self.proxy.status_age_s < 3 * HEARTBEAT_S
 
     # --- front ends ---------------------------------------------------------------------------
 

@@ -103,6 +103,9 @@ class EngineConnection(asyncio.Protocol):
 
     def send(self, frame: bytes) -> None:
         if not self._outbox:
+            if len(self.pending) <= 1 and self.transport is not None:
+                self.transport.write(frame)  # a lone request: no turn of the loop to wait
+                return
             self.loop.call_soon(self._flush)
         self._outbox.append(frame)
 
