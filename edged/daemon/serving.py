@@ -217,8 +217,10 @@ class ServingProcesses:
         await self._cleanup()
 
     async def kill(self) -> None:
-        for child in [*self.front_ends, *([self.engine] if self.engine else [])]:
+        children = [*self.front_ends, *([self.engine] if self.engine else [])]
+        for child in children:
             child.kill()
+        await _wait_ended(children, 2.0)  # SIGKILL: the zygote reports them at once
         await self._cleanup()
 
     async def _cleanup(self) -> None:

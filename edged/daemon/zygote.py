@@ -145,7 +145,14 @@ class Zygote:
             self._exited.pop(pid, None)
 
     def close(self) -> None:
-        """Let the zygote end (it exits when this side closes) and reap it."""
+        """Let the zygote end (it exits when this side closes) and reap it. Waits for exits
+        it can no longer report end as if killed."""
+        if self._attached:
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                asyncio.get_running_loop().remove_reader(self._sock.fileno())
+        for exited in self._exited.values():
+            if not exited.done():
+                exited.set_result(-signal.SIGKILL)
         with contextlib.suppress(OSError):
             self._sock.close()
         if self._process is not None:

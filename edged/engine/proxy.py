@@ -43,6 +43,7 @@ class EngineProxy:
         self.swap_listeners: list[Callable[[SwapEvent], None]] = []
         self._writer: asyncio.StreamWriter | None = None
         self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._status_calls: set[int] = set()
         self._ids = itertools.count(1)
         self._status: dict[str, Any] = {"ready": False, "models": [], "events": []}
         self._status_at = 0.0
@@ -83,13 +84,21 @@ class EngineProxy:
                         EngineUnavailableError("the engine stopped before it answered")
                     )
             self._calls.clear()
+            self._status_calls.clear()
             with contextlib.suppress(OSError):
                 writer.close()
 
     def _dispatch(self, header: dict[str, Any]) -> None:
         kind = header.get("k")
         if kind == wire.REPLY:
-            future = self._calls.pop(header["i"], None)
+            call_id = header["i"]
+            future = self._calls.pop(call_id, None)
+            if header.get("ok") and call_id in self._status_calls:
+                # Applied here, in the order the engine sent it: a later status event must
+                # not be overwritten when the caller resumes.
+                self._status = header["result"]
+                self._status_at = time.monotonic()
+            self._status_calls.discard(call_id)
             if future is None or future.done():
                 return
             if header.get("ok"):
@@ -134,6 +143,8 @@ class EngineProxy:
         call_id = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = future
+        if method == "status":
+            self._status_calls.add(call_id)
         writer.write(wire.frame({"k": wire.CALL, "i": call_id, "m": method, "a": args}))
         if wait_s is None:
             return await future
@@ -162,13 +173,11 @@ class EngineProxy:
         """The engine's status now (not the last one it sent), with the telemetry of every
         batch that ran so far replayed first; the last status when no engine answers."""
         try:
-            self._status = await self.call("status", wait_s=5.0)
+            await self.call("status", wait_s=5.0)  # _dispatch applies it, in order
         except EngineUnavailableError:
-            return self._status
+            pass
         except TIMEOUT_ERRORS:
             log.warning("the engine did not answer a status call within 5s")
-            return self._status
-        self._status_at = time.monotonic()
         return self._status
 
     async def close(self, timeout_s: float) -> bool:
