@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from edged._net import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -41,7 +43,8 @@ def start(models: Path, work: Path) -> tuple[subprocess.Popen[bytes], float, soc
     env = {**os.environ, "NOTIFY_SOCKET": address}
     args = [
         sys.executable, "-m", "edged.cli.main", "run", "--models", str(models),
-        "--port", "0", "--socket", str(work / "edged.sock"), "--state-dir", str(work / "state"),
+        "--port", "0", "--grpc-port", str(free_port()), "--socket", str(work / "edged.sock"),
+        "--state-dir", str(work / "state"),
     ]  # fmt: skip
     started = time.monotonic()
     process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -284,12 +284,16 @@ def server_process(
                 proc.wait()
 
 
-def edged_command(repo: Path, port: int, tmp: Path, state: str = "state") -> list[str]:
+def edged_command(
+    repo: Path, port: int, tmp: Path, state: str = "state", grpc_port: int | None = 0
+) -> list[str]:
+    """``grpc_port``: 0 turns gRPC off; None leaves the flag out (an edged from before it)."""
     config = tmp / "edged.toml"
     config.write_text("# bench: defaults only, so /etc/edged/edged.toml cannot leak in\n")
+    grpc = [] if grpc_port is None else ["--grpc-port", str(grpc_port)]
     return [
         sys.executable, "-m", "edged.cli.main", "run",
-        "--models", str(repo), "--port", str(port), "--no-socket",
+        "--models", str(repo), "--port", str(port), *grpc, "--no-socket",
         "--config", str(config), "--state-dir", str(tmp / state),
     ]  # fmt: skip
 
@@ -765,7 +769,8 @@ def main(argv: list[str] | None = None) -> int:
             write_model_config(model_dir)
             port = free_port()
             with checkout(args.compare_ref, tmp) as path:
-                cmd = with_pythonpath(edged_command(repo, port, tmp, "state-ref"), path)
+                ref_cmd = edged_command(repo, port, tmp, "state-ref", grpc_port=None)
+                cmd = with_pythonpath(ref_cmd, path)
                 # From the checkout: `python -m` puts the working directory first on the path.
                 with server_process(cmd, port, tmp / "edged-ref.log", cwd=path) as pid:
                     old = [(s, w, n) for s, w in works for n in (1, 64)

@@ -26,6 +26,8 @@ def default_socket_path() -> Path:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
+    # KServe v2 gRPC (inference.GRPCInferenceService) on the same host; 0 turns gRPC off.
+    grpc_port: int = 8001
     socket_path: Path | None = None
     socket_mode: int = 0o660
     max_body_bytes: int = 64 * 1024 * 1024
@@ -36,6 +38,15 @@ class ServerConfig:
     drain_grace_s: float = 0.5
     # A worker inside one run for longer than this counts as hung: watchdog pings stop.
     worker_stuck_after_s: float = 60.0
+
+    @property
+    def grpc_socket_path(self) -> Path | None:
+        """gRPC's Unix socket, beside the HTTP one (``edged.sock`` -> ``edged-grpc.sock``):
+        where the repository extension's load and unload are accepted."""
+        if self.socket_path is None or not self.grpc_port:
+            return None
+        path = self.socket_path
+        return path.with_name(f"{path.stem}-grpc{path.suffix}")
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,7 @@ def _server(t: Table, base: Path) -> ServerConfig:
     cfg = ServerConfig(
         host=t.string("host", d.host),
         port=t.integer("port", d.port, 0, 65535),
+        grpc_port=t.integer("grpc_port", d.grpc_port, 0, 65535),
         socket_path=(base / socket if socket and not Path(socket).is_absolute() else Path(socket))
         if socket
         else None,
@@ -132,6 +144,12 @@ def _server(t: Table, base: Path) -> ServerConfig:
         worker_stuck_after_s=t.number("worker_stuck_after_s", d.worker_stuck_after_s, 0.1),
     )
     t.reject_unknown()
+    if cfg.grpc_port and cfg.grpc_port == cfg.port:
+        from edged.errors import ConfigError
+
+        raise ConfigError(
+            t.key_path("grpc_port"), f"must differ from server.port (both are {cfg.port})"
+        )
     return cfg
 
 

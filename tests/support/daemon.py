@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from edged._net import free_port
+from edged._net import free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_MODELS = REPO_ROOT / "edged" / "demo" / "models"
@@ -28,10 +28,20 @@ class DaemonProcess:
     port: int
     socket_path: Path
     log_path: Path
+    grpc_port: int = 0
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def grpc_socket_url(self) -> str:
+        """gRPC's Unix socket, where the repository extension's load and unload are accepted."""
+        return f"unix:{self.socket_path.with_name('edged-grpc.sock')}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -86,9 +96,9 @@ def running_daemon(
     env: dict[str, str] | None = None,
     wait: bool = True,
 ) -> Iterator[DaemonProcess]:
-    """``edged run --models repo`` on a free port and a socket in ``workdir``."""
+    """``edged run --models repo`` on free HTTP and gRPC ports and a socket in ``workdir``."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port, grpc_port = free_ports(2)
     # AF_UNIX paths are limited to 107 bytes; pytest's tmp_path can be longer.
     socket_path = Path(tempfile.mkdtemp(prefix="edged-")) / "edged.sock"
     config = workdir / "edged.toml"
@@ -103,6 +113,8 @@ def running_daemon(
         str(repo),
         "--port",
         str(port),
+        "--grpc-port",
+        str(grpc_port),
         "--socket",
         str(socket_path),
         "--config",
@@ -115,7 +127,7 @@ def running_daemon(
         process = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
-    daemon = DaemonProcess(process, port, socket_path, log_path)
+    daemon = DaemonProcess(process, port, socket_path, log_path, grpc_port)
     try:
         if wait:
             wait_ready(daemon.url, process, log_path)
