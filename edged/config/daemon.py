@@ -148,7 +148,9 @@ def _server(t: Table, base: Path) -> ServerConfig:
         from edged.errors import ConfigError
 
         raise ConfigError(
-            t.key_path("grpc_port"), f"must differ from server.port (both are {cfg.port})"
+            t.key_path("grpc_port"),
+            f"must differ from server.port (both are {cfg.port}); set another port, or 0 to "
+            "turn gRPC off",
         )
     return cfg
 

@@ -54,8 +54,8 @@ def test_raw_inputs_are_views_of_the_message_bytes_in_order() -> None:
 @pytest.mark.parametrize("datatype", sorted(CONTENTS_FIELD))
 def test_typed_contents_of_every_datatype_decode_and_encode_back(datatype: str) -> None:
     dtype = DATATYPE_TO_NUMPY[datatype]
-    value = (np.arange(6) % 2 if datatype == "BOOL" else np.arange(6) + 1).astype(dtype)
-    value = value.reshape(2, 3)
+    flat = (np.arange(6) % 2 if datatype == "BOOL" else np.arange(6) + 1).astype(dtype)
+    value = flat.reshape(2, 3)
     request = pb.ModelInferRequest(model_name="m")
     tensor = request.inputs.add(name="x", datatype=datatype, shape=[2, 3])
     getattr(tensor.contents, CONTENTS_FIELD[datatype]).extend(value.ravel().tolist())

@@ -30,6 +30,7 @@ class GrpcServer:
         self.config = config
         self.service = InferenceService(backend, shm)
         self._server: grpc.aio.Server | None = None
+        self.port = 0  # the TCP port bound (config.grpc_port, or any free one when that is 0)
 
     @property
     def inflight(self) -> int:
@@ -51,7 +52,9 @@ class GrpcServer:
         add_registered = getattr(server, "add_registered_method_handlers", None)
         if add_registered is not None:  # grpcio >= 1.63: no per-call lookup by method name
             add_registered(SERVICE, handlers)
-        endpoints = [self._bind(server, f"{config.host}:{config.grpc_port}", "server.grpc_port")]
+        host = f"[{config.host}]" if ":" in config.host else config.host  # IPv6
+        self.port = self._bind(server, f"{host}:{config.grpc_port}", "server.grpc_port")
+        endpoints = [f"{host}:{self.port}"]
         socket_path = config.grpc_socket_path
         if socket_path is not None:
             socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,21 +62,21 @@ class GrpcServer:
             # Bound under a tight umask so the socket never exists with looser permissions.
             old_umask = os.umask(0o777 & ~config.socket_mode)
             try:
-                endpoints.append(self._bind(server, f"unix:{socket_path}", "server.socket"))
+                self._bind(server, f"unix:{socket_path}", "server.socket")
             finally:
                 os.umask(old_umask)
             os.chmod(socket_path, config.socket_mode)
+            endpoints.append(f"unix:{socket_path}")
         await server.start()
         self._server = server
         return [f"grpc://{e}" if not e.startswith("unix:") else f"grpc+{e}" for e in endpoints]
 
     @staticmethod
-    def _bind(server: grpc.aio.Server, address: str, key: str) -> str:
+    def _bind(server: grpc.aio.Server, address: str, key: str) -> int:
         try:
-            server.add_insecure_port(address)
+            return server.add_insecure_port(address)
         except RuntimeError as exc:
-            raise ConfigError(f"{key}", f"cannot listen for gRPC on {address}: {exc}") from exc
-        return address
+            raise ConfigError(key, f"cannot listen for gRPC on {address}: {exc}") from exc
 
     def start_draining(self) -> None:
         """New calls get UNAVAILABLE from now on; admitted ones go on."""
