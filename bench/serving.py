@@ -6,6 +6,7 @@ One model (ONNX MLP 1024 -> 2048 -> 2048 -> 1000, fp32, dynamic batch, max batch
   b      raw runtime at batch 32, the batching limit (same settings)         throughput ceiling
   cN     ``ThreadingHTTPServer``, one runtime call per request, N clients    the usual server
   dN     ``edged run`` with default settings, N clients
+  gN     the same edged over KServe v2 gRPC (raw contents), N calls in flight
   s64    edged with ``spin_wait = true``, 64 clients                        battery vs spinning
   wN     edged with ``intra_op_threads`` = all usable cores (no spinning)     the CPU budget's price
   oN     edged at an older git ref (``--compare-ref``), default settings     "today"
@@ -15,6 +16,8 @@ tensor bodies (what curl and most scripts send), rows without it send the binary
 extension. Every HTTP row reports throughput, latency, failed requests, and CPU time per
 request from /proc accounting: the server's (all threads), edged's event-loop thread alone
 ("loop"), and wrk's. CPU accounting is far less noisy than wall clock on a shared machine.
+The g rows' load generator is ``bench/grpc_load.py`` (Python, grpc.aio: wrk speaks no gRPC),
+N calls in flight over min(N, 64) connections; its CPU shows in the wrk column.
 
 Prints one table and the ratios against the serving issue's targets, and writes everything to
 bench/out/serving.json. Exit status 1 when any edged request failed.
@@ -45,7 +48,7 @@ from typing import Any
 import numpy as np
 from cpuload import NOISY_CORES, OtherLoad, ServerCpu, children_cpu_s, wait_for_quiet
 
-from edged._net import free_port
+from edged._net import free_port, free_ports
 from edged.demo.samples import BENCH_MLP_LAYERS, make_bench_mlp
 from edged.runtime import LoadedModel, load_model
 from edged.runtime.budget import CpuBudget, usable_cores
@@ -54,6 +57,8 @@ from edged.runtime.options import RuntimeOptions
 BENCH_DIR = Path(__file__).resolve().parent
 LUA_SCRIPT = BENCH_DIR / "infer.lua"
 THREAD_SERVER = BENCH_DIR / "thread_server.py"
+GRPC_LOAD = BENCH_DIR / "grpc_load.py"
+GRPC_MAX_CONNECTIONS = 64
 DEFAULT_OUT = BENCH_DIR / "out" / "serving.json"
 
 MODEL_NAME = "mlp"
@@ -450,6 +455,51 @@ def http_row(
     )
 
 
+def grpc_row(
+    key: str,
+    label: str,
+    grpc_port: int,
+    server_pid: int,
+    clients: int,
+    duration_s: float,
+    settings: dict[str, Any],
+) -> Row:
+    """One bench/grpc_load.py run: ``clients`` ModelInfer calls in flight, raw contents."""
+    connections = min(clients, GRPC_MAX_CONNECTIONS)
+    cmd = [
+        sys.executable, str(GRPC_LOAD), "--target", f"127.0.0.1:{grpc_port}",
+        "--model", MODEL_NAME, "--shape", "1", str(BENCH_MLP_LAYERS[0]),
+        "--concurrency", str(clients), "--connections", str(connections),
+        "--duration-s", f"{duration_s:g}", "--timeout-s", WRK_TIMEOUT.removesuffix("s"),
+    ]  # fmt: skip
+    other = OtherLoad([server_pid])
+    server0, client0 = ServerCpu.read(server_pid), children_cpu_s()
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    server1, client1 = ServerCpu.read(server_pid), children_cpu_s()
+    other_cores = other.cores()
+    lines = [x for x in done.stdout.splitlines() if x.startswith("GRPC_RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"grpc_load failed ({done.returncode}): {done.stderr or done.stdout}")
+    result = json.loads(lines[0].removeprefix("GRPC_RESULT "))
+    requests = int(result["requests"])
+    per_request = 1e6 / max(requests, 1)
+    return Row(
+        key,
+        label,
+        "req/s",
+        int(result["ok"]) / result["duration_s"],
+        result["p50_ms"],
+        result["p99_ms"],
+        other_cores,
+        {**settings, "connections": connections, "command": " ".join(cmd)},
+        requests,
+        {k.lower(): int(v) for k, v in result["errors"].items()},
+        server_cpu_us_per_request=(server1.total_s - server0.total_s) * per_request,
+        loop_cpu_us_per_request=(server1.main_thread_s - server0.main_thread_s) * per_request,
+        client_cpu_us_per_request=(client1 - client0) * per_request,
+    )
+
+
 # --- report -----------------------------------------------------------------------------------
 
 
@@ -485,6 +535,7 @@ def extra_ratios(rows: dict[str, Row]) -> dict[str, float]:
         "dj64_over_cj64": ("dj64", "cj64"), "dj1000_over_cj1000": ("dj1000", "cj1000"),
         "d64_over_o64": ("d64", "o64"), "d64_over_b": ("d64", "b"),
         "dj64_over_d64": ("dj64", "d64"), "w64_over_d64": ("w64", "d64"),
+        "g64_over_d64": ("g64", "d64"), "g1000_over_d1000": ("g1000", "d1000"),
     }  # fmt: skip
     out = {k: rows[x].throughput / rows[y].throughput for k, (x, y) in pairs.items()
            if x in rows and y in rows}  # fmt: skip
@@ -492,6 +543,10 @@ def extra_ratios(rows: dict[str, Row]) -> dict[str, float]:
         out["w1_over_d1_p50"] = rows["w1"].p50_ms / rows["d1"].p50_ms
     if "dj64" in rows and "oj64" in rows:
         out["dj64_over_oj64_loop_cpu"] = _loop(rows["dj64"]) / _loop(rows["oj64"])
+    if "g64" in rows and "d64" in rows:
+        out["g64_over_d64_server_cpu"] = (rows["g64"].server_cpu_us_per_request or 0.0) / (
+            rows["d64"].server_cpu_us_per_request or float("nan")
+        )
     return out
 
 
@@ -632,6 +687,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-json", action="store_true", help="binary bodies only (skip the j rows)"
     )
+    parser.add_argument("--no-grpc", action="store_true", help="skip the gRPC rows (g)")
     parser.add_argument(
         "--quiet-wait-s",
         type=float,
@@ -678,6 +734,13 @@ class Phases:
         measure = partial(
             http_row, key, label, port, pid, work, self.load(clients), settings, event_loop
         )
+        self.rows[key] = best_of(measure, self.patience, [pid])
+
+    def measure_grpc(
+        self, key: str, label: str, grpc_port: int, pid: int, clients: int, settings: dict[str, Any]
+    ) -> None:
+        print(f"bench: {key}: {label} for {self.duration_s:g}s", flush=True)
+        measure = partial(grpc_row, key, label, grpc_port, pid, clients, self.duration_s, settings)
         self.rows[key] = best_of(measure, self.patience, [pid])
 
 
@@ -731,16 +794,21 @@ def main(argv: list[str] | None = None) -> int:
         del model
         phases.rows.update(a=a, b=b)
 
-        # d: edged as installed, no [runtime] settings.
+        # d: edged as installed, no [runtime] settings; g: the same process over gRPC.
         write_model_config(model_dir)
-        port = free_port()
-        with server_process(edged_command(repo, port, tmp), port, tmp / "edged.log") as pid:
+        port, grpc_port = free_ports(2)
+        command = edged_command(repo, port, tmp, grpc_port=0 if args.no_grpc else grpc_port)
+        with server_process(command, port, tmp / "edged.log") as pid:
             for suffix, work in works:
                 check_response(port, work)
                 for n in clients:
                     label = f"edged, {n} client{'s' * (n > 1)}, {work.kind}"
                     settings: dict[str, Any] = {"defaults": True, "max_batch_size": MAX_BATCH}
                     phases.measure(f"d{suffix}{n}", label, port, pid, work, n, settings)
+            for n in [] if args.no_grpc else clients:
+                label = f"edged over gRPC, {n} call{'s' * (n > 1)} in flight, raw"
+                settings = {"defaults": True, "max_batch_size": MAX_BATCH, "protocol": "grpc"}
+                phases.measure_grpc(f"g{n}", label, grpc_port, pid, n, settings)
 
         # s: edged with spinning intra-op threads (the old default), for the spin_wait target.
         if 64 in clients:
@@ -816,7 +884,8 @@ def main(argv: list[str] | None = None) -> int:
         "HTTP rows include the loopback round trip, and wrk shares the cores with the server; "
         "raw rows are one in-process runtime call",
         "CPU µs per request: server = all its threads, loop = edged's event-loop thread, "
-        "wrk = the load generator; other = cores used by unrelated processes (* = noisy)",
+        "wrk = the load generator (bench/grpc_load.py for the g rows); other = cores used by "
+        "unrelated processes (* = noisy)",
     ]
     ordered = sorted(rows.values(), key=lambda r: (r.key[0], "j" in r.key, len(r.key), r.key))
     print_report(ordered, checks, extra, notes)
