@@ -2,7 +2,9 @@
 ``--concurrency`` callers in one asyncio process keep one ModelInfer each in flight, spread over
 ``--connections`` HTTP/2 connections, for ``--duration-s``. The request is serialized once and
 the answers are not parsed (but the first one, checked), so the client's own CPU per request
-stays small. Prints one ``GRPC_RESULT {json}`` line.
+stays small. With ``--stream`` the calls are ModelStreamInfer messages instead: one stream per
+connection, ``--concurrency`` messages in flight over all of them. Prints one
+``GRPC_RESULT {json}`` line.
 
     python bench/grpc_load.py --target 127.0.0.1:8001 --model mlp --shape 1 1024 \
         --concurrency 64 --duration-s 5
@@ -23,11 +25,14 @@ import numpy as np
 from edged.api.grpc._proto import grpc_service_pb2 as pb
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
-def request_bytes(model: str, input_name: str, shape: list[int], seed: int) -> bytes:
+def request_bytes(
+    model: str, input_name: str, shape: list[int], seed: int, request_id: str = ""
+) -> bytes:
     x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
-    request = pb.ModelInferRequest(model_name=model)
+    request = pb.ModelInferRequest(model_name=model, id=request_id)
     request.inputs.add(name=input_name, datatype="FP32", shape=shape)
     request.raw_input_contents.append(x.tobytes())
     return request.SerializeToString()
@@ -57,13 +62,51 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         clock = time.perf_counter
         while (t0 := clock()) < stop_at:
             try:
-                await call(body, timeout=args.timeout_s)
+                await call(body, timeout=args.timeout_s or None)
             except grpc.aio.AioRpcError as exc:
                 errors[exc.code().name] += 1
             else:
                 latencies.append(clock() - t0)
 
-    await asyncio.gather(*(caller(i) for i in range(args.concurrency)))
+    async def streamer(i: int, depth: int) -> None:
+        """``depth`` messages in flight on one stream; each answer (matched by id) is
+        followed by the next request from the same slot."""
+        bodies = [
+            request_bytes(args.model, args.input_name, args.shape, args.seed, str(k))
+            for k in range(depth)
+        ]
+        call: grpc.aio.StreamStreamCall[bytes, bytes] = channels[i].stream_stream(STREAM_METHOD)()
+        sent = [0.0] * depth
+        clock = time.perf_counter
+        for k, request in enumerate(bodies):
+            sent[k] = clock()
+            await call.write(request)
+        outstanding = depth
+        while outstanding:
+            data = await call.read()
+            if data is grpc.aio.EOF:
+                errors["EOF"] += outstanding
+                break
+            outstanding -= 1
+            assert isinstance(data, bytes)
+            answer = pb.ModelStreamInferResponse.FromString(data)
+            k = int(answer.infer_response.id)
+            if answer.error_message:
+                errors["stream error"] += 1
+            else:
+                latencies.append(clock() - sent[k])
+            if clock() < stop_at:
+                sent[k] = clock()
+                await call.write(bodies[k])
+                outstanding += 1
+        await call.done_writing()
+
+    if args.stream:
+        per_stream, extra = divmod(args.concurrency, len(channels))
+        depths = [per_stream + (i < extra) for i in range(len(channels))]
+        await asyncio.gather(*(streamer(i, d) for i, d in enumerate(depths) if d))
+    else:
+        await asyncio.gather(*(caller(i) for i in range(args.concurrency)))
     duration = time.perf_counter() - started
     for channel in channels:
         await channel.close()
@@ -87,8 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--duration-s", type=float, default=5.0)
-    parser.add_argument("--timeout-s", type=float, default=10.0, help="each call's deadline")
+    parser.add_argument(
+        "--timeout-s", type=float, default=10.0, help="each call's deadline (0: none)"
+    )
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--stream", action="store_true", help="ModelStreamInfer, not ModelInfer")
     parser.add_argument(
         "--no-check", dest="check", action="store_false", help="skip the answer check"
     )

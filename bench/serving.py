@@ -6,7 +6,8 @@ One model (ONNX MLP 1024 -> 2048 -> 2048 -> 1000, fp32, dynamic batch, max batch
   b      raw runtime at batch 32, the batching limit (same settings)         throughput ceiling
   cN     ``ThreadingHTTPServer``, one runtime call per request, N clients    the usual server
   dN     ``edged run`` with default settings, N clients
-  gN     the same edged over KServe v2 gRPC (raw contents), N calls in flight
+  gN     the same edged over KServe v2 gRPC (raw contents), N ModelInfer calls in flight
+  gsN    the same, N ModelStreamInfer messages in flight over min(N, 64) streams
   s64    edged with ``spin_wait = true``, 64 clients                        battery vs spinning
   wN     edged with ``intra_op_threads`` = all usable cores (no spinning)     the CPU budget's price
   oN     edged at an older git ref (``--compare-ref``), default settings     "today"
@@ -463,14 +464,17 @@ def grpc_row(
     clients: int,
     duration_s: float,
     settings: dict[str, Any],
+    stream: bool = False,
 ) -> Row:
-    """One bench/grpc_load.py run: ``clients`` ModelInfer calls in flight, raw contents."""
+    """One bench/grpc_load.py run: ``clients`` ModelInfer calls (``stream``: ModelStreamInfer
+    messages) in flight, raw contents."""
     connections = min(clients, GRPC_MAX_CONNECTIONS)
     cmd = [
         sys.executable, str(GRPC_LOAD), "--target", f"127.0.0.1:{grpc_port}",
         "--model", MODEL_NAME, "--shape", "1", str(BENCH_MLP_LAYERS[0]),
         "--concurrency", str(clients), "--connections", str(connections),
         "--duration-s", f"{duration_s:g}", "--timeout-s", WRK_TIMEOUT.removesuffix("s"),
+        *(["--stream"] if stream else []),
     ]  # fmt: skip
     other = OtherLoad([server_pid])
     server0, client0 = ServerCpu.read(server_pid), children_cpu_s()
@@ -536,6 +540,7 @@ def extra_ratios(rows: dict[str, Row]) -> dict[str, float]:
         "d64_over_o64": ("d64", "o64"), "d64_over_b": ("d64", "b"),
         "dj64_over_d64": ("dj64", "d64"), "w64_over_d64": ("w64", "d64"),
         "g64_over_d64": ("g64", "d64"), "g1000_over_d1000": ("g1000", "d1000"),
+        "gs64_over_d64": ("gs64", "d64"),
     }  # fmt: skip
     out = {k: rows[x].throughput / rows[y].throughput for k, (x, y) in pairs.items()
            if x in rows and y in rows}  # fmt: skip
@@ -737,10 +742,19 @@ class Phases:
         self.rows[key] = best_of(measure, self.patience, [pid])
 
     def measure_grpc(
-        self, key: str, label: str, grpc_port: int, pid: int, clients: int, settings: dict[str, Any]
+        self,
+        key: str,
+        label: str,
+        grpc_port: int,
+        pid: int,
+        clients: int,
+        settings: dict[str, Any],
+        stream: bool = False,
     ) -> None:
         print(f"bench: {key}: {label} for {self.duration_s:g}s", flush=True)
-        measure = partial(grpc_row, key, label, grpc_port, pid, clients, self.duration_s, settings)
+        measure = partial(
+            grpc_row, key, label, grpc_port, pid, clients, self.duration_s, settings, stream
+        )
         self.rows[key] = best_of(measure, self.patience, [pid])
 
 
@@ -809,6 +823,9 @@ def main(argv: list[str] | None = None) -> int:
                 label = f"edged over gRPC, {n} call{'s' * (n > 1)} in flight, raw"
                 settings = {"defaults": True, "max_batch_size": MAX_BATCH, "protocol": "grpc"}
                 phases.measure_grpc(f"g{n}", label, grpc_port, pid, n, settings)
+                label = f"edged over gRPC, {n} stream message{'s' * (n > 1)} in flight"
+                settings = {**settings, "stream": True}
+                phases.measure_grpc(f"gs{n}", label, grpc_port, pid, n, settings, stream=True)
 
         # s: edged with spinning intra-op threads (the old default), for the spin_wait target.
         if 64 in clients:
