@@ -4,9 +4,11 @@ HTTP clients on the same models, through a hot swap under mixed load and an orde
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
 import signal
+import stat
 import urllib.request
 from pathlib import Path
 from typing import Any, cast
@@ -133,6 +135,8 @@ def test_repository_load_and_unload_are_accepted_on_the_grpc_unix_socket_only(
     model_repo: Path, tmp_path: Path
 ) -> None:
     with running_daemon(model_repo, tmp_path / "d") as daemon:
+        socket_path = daemon.grpc_socket_url.removeprefix("unix:")
+        assert stat.S_IMODE(os.stat(socket_path).st_mode) == 0o660
         tcp = triton.InferenceServerClient(daemon.grpc_url)
         local = triton.InferenceServerClient(daemon.grpc_socket_url)
         index = tcp.get_model_repository_index(as_json=True)["models"]

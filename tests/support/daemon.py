@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edged._net import free_ports
+from edged.config import ServerConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_MODELS = REPO_ROOT / "edged" / "demo" / "models"
@@ -41,7 +42,8 @@ class DaemonProcess:
     @property
     def grpc_socket_url(self) -> str:
         """gRPC's Unix socket, where the repository extension's load and unload are accepted."""
-        return f"unix:{self.socket_path.with_name('edged-grpc.sock')}"
+        config = ServerConfig(socket_path=self.socket_path, grpc_port=self.grpc_port)
+        return f"unix:{config.grpc_socket_path}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
