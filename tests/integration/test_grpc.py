@@ -251,14 +251,15 @@ def probe(infer: Any) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-def test_a_full_queue_is_resource_exhausted_with_a_retry_hint_and_the_drain_counts_grpc_calls(
+def test_full_queue_is_resource_exhausted_and_a_drain_answers_unavailable_and_waits_for_grpc(
     loop_repo: Path, tmp_path: Path
 ) -> None:
     """The loop model's queue holds one request. A hung run keeps its worker busy (a probe with
     a 50 ms timeout parameter then waits it out: DEADLINE_EXCEEDED); of two more calls at
-    least one is refused with the retry hint; SIGTERM's drain waits for the gRPC calls."""
+    least one is refused with the retry hint. After SIGTERM new calls get UNAVAILABLE and the
+    server turns unready while the drain waits for the admitted gRPC calls."""
     (loop_repo / "loop" / "config.toml").write_text(LOOP_CONFIG)
-    config = "[server]\ndrain_timeout_s = 1\n"
+    config = "[server]\ndrain_timeout_s = 3\n"
     with running_daemon(loop_repo, tmp_path / "d", config) as daemon:
         channel = grpc.insecure_channel(daemon.grpc_url)
         infer = channel.unary_unary(
@@ -283,12 +284,23 @@ def test_a_full_queue_is_resource_exhausted_with_a_retry_hint_and_the_drain_coun
         hints = dict(cast(Any, error.trailing_metadata()))
         assert hints["retry-after"] == "1"
         daemon.signal(signal.SIGTERM)
+        daemon.wait_for_log("stopping: draining")
+        with pytest.raises(grpc.RpcError) as info:
+            infer(loop_request(1), timeout=30)
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in (info.value.details() or "")
+        ready = channel.unary_unary(
+            "/inference.GRPCInferenceService/ServerReady",
+            request_serializer=pb.ServerReadyRequest.SerializeToString,
+            response_deserializer=pb.ServerReadyResponse.FromString,
+        )
+        assert not ready(pb.ServerReadyRequest(), timeout=30).ready
         exit_code = daemon.process.wait(60)
         channel.close()
     log = daemon.log()
     assert exit_code == 0, log
     # Only gRPC calls were running: the hung one at least (the queued one too, unless the
     # expired probe still held the queue's one place).
-    running = re.search(r"(\d+) request\(s\) still running after 1.0s", log)
+    running = re.search(r"(\d+) request\(s\) still running after 3.0s", log)
     assert running is not None and int(running.group(1)) >= 1, log
     assert "Traceback" not in log
