@@ -87,5 +87,7 @@ class ServerCpu:
     main_thread_s: float
 
     @classmethod
-    def read(cls, pid: int) -> ServerCpu:
-        return cls(task_cpu_s(f"/proc/{pid}/stat"), task_cpu_s(f"/proc/{pid}/task/{pid}/stat"))
+    def read(cls, pid: int, tree: Sequence[int] = ()) -> ServerCpu:
+        """``tree``: every process of the server (``pid`` and its children), summed."""
+        total = sum(task_cpu_s(f"/proc/{p}/stat") for p in (tree or [pid]))
+        return cls(total, task_cpu_s(f"/proc/{pid}/task/{pid}/stat"))

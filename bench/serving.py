@@ -3,22 +3,30 @@
 One model (ONNX MLP 1024 -> 2048 -> 2048 -> 1000, fp32, dynamic batch, max batch 32):
 
   a      raw ``load_model(...).run`` at batch 1 (edged's thread settings)   latency floor
-  b      raw runtime at batch 32, the batching limit (same settings)         throughput ceiling
+  bT     raw runtime at batch 32 with T intra-op threads, T = 1..cores       the machine's limit
   cN     ``ThreadingHTTPServer``, one runtime call per request, N clients    the usual server
-  dN     ``edged run`` with default settings, N clients
+  eN     the same with 1 intra-op thread per request                         the best it can do
+  dN     ``edged run`` with default settings (its processes), N clients
   gN     the same edged over KServe v2 gRPC (raw contents), N ModelInfer calls in flight
   gsN    the same, N ModelStreamInfer messages in flight over min(N, 64) streams
-  s64    edged with ``spin_wait = true``, 64 clients                        battery vs spinning
-  wN     edged with ``intra_op_threads`` = all usable cores (no spinning)     the CPU budget's price
+  pN     edged in one process (``[server] workers = 0``)                     the old design
+  s64    edged with ``spin_wait = true``, 64 clients (``--legacy-rows``)    battery vs spinning
+  wN     edged with ``intra_op_threads`` = all cores (``--legacy-rows``)     the CPU budget's price
   oN     edged at an older git ref (``--compare-ref``), default settings     "today"
+
+``--cores N`` pins every server (and the raw rows) to N cores and wrk to the others, when the
+machine has more than N.
 
 N is 1, 64 and 1000 concurrent batch-1 clients (wrk); a ``j`` after the letter marks JSON
 tensor bodies (what curl and most scripts send), rows without it send the binary tensor
 extension. Every HTTP row reports throughput, latency, failed requests, and CPU time per
-request from /proc accounting: the server's (all threads), edged's event-loop thread alone
-("loop"), and wrk's. CPU accounting is far less noisy than wall clock on a shared machine.
-The g rows' load generator is ``bench/grpc_load.py`` (Python, grpc.aio: wrk speaks no gRPC),
-N calls in flight over min(N, 64) connections; its CPU shows in the wrk column.
+request from /proc accounting: the server's (all its processes and threads), edged's event-loop
+thread alone ("loop": the control plane's in the process design), edged's engine apart from the
+runtime's compute ("engine": its reader threads, its workers outside ``run`` and its loop, from
+thread CPU clocks; every request passes through it), and wrk's. CPU accounting is far less
+noisy than wall clock on a shared machine. The g rows' load generator is ``bench/grpc_load.py``
+(Python, grpc.aio: wrk speaks no gRPC), N calls in flight over min(N, 64) connections; its CPU
+shows in the wrk column.
 
 Prints one table and the ratios against the serving issue's targets, and writes everything to
 bench/out/serving.json. Exit status 1 when any edged request failed.
@@ -47,12 +55,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 from cpuload import NOISY_CORES, OtherLoad, ServerCpu, children_cpu_s, wait_for_quiet
 
 from edged._net import free_port, free_ports
 from edged.demo.samples import BENCH_MLP_LAYERS, make_bench_mlp
 from edged.runtime import LoadedModel, load_model
-from edged.runtime.budget import CpuBudget, usable_cores
+from edged.runtime.budget import CpuBudget, front_ends, usable_cores
 from edged.runtime.options import RuntimeOptions
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -71,18 +80,24 @@ WRK_TIMEOUT = "10s"  # a stalled request is counted in the latency, not dropped 
 RAW_WARMUP_RUNS = 20
 
 CLIENTS = (1, 64, 1000)
-# edged before the serving-speed work (issue 13): the "today" of rows o1, o64, oj64.
-DEFAULT_COMPARE_REF = "5f0bd17d2133d7027405e79ba558c79ae4b8b761"
+# An older edged for the o rows (``--compare-ref``); none by default (the p rows run edged's
+# one-process design from this tree).
+DEFAULT_COMPARE_REF = ""
 
-# The serving issue's targets: (name, ratio key, comparison, bound, rows it is made of).
+# The targets of "Serving at scale": (name, ratio key, comparison, bound, rows it is made of,
+# least cores the target is for). "raw" is the best bT row: the machine's limit.
 TARGETS = (
-    ("d64/c64 throughput, binary", "d64_over_c64", ">=", 10.0, ("d64", "c64")),
-    ("d1000/c1000 throughput, binary", "d1000_over_c1000", ">=", 10.0, ("d1000", "c1000")),
-    ("dj64/oj64 throughput, JSON", "dj64_over_oj64", ">=", 4.0, ("dj64", "oj64")),
-    ("d1 p50 - a p50 (ms)", "d1_minus_a_p50_ms", "<=", 0.2, ("d1", "a")),
-    ("d1 p50 / o1 p50 (single client)", "d1_over_o1_p50", "<=", 1.0, ("d1", "o1")),
-    ("d64/o64 loop CPU per request", "d64_over_o64_loop_cpu", "<=", 0.6, ("d64", "o64")),
-    ("d64/s64 throughput (spin off/on)", "d64_over_s64", ">=", 0.95, ("d64", "s64")),
+    ("d64 / raw limit, binary", "d64_over_raw", ">=", 0.6, ("d64", "raw"), 1),
+    ("d1000 / raw limit, binary", "d1000_over_raw", ">=", 0.55, ("d1000", "raw"), 1),
+    ("dj64 / raw limit, JSON", "dj64_over_raw", ">=", 0.45, ("dj64", "raw"), 1),
+    ("d1 p50 - a p50 (ms)", "d1_minus_a_p50_ms", "<=", 0.15, ("d1", "a"), 1),
+    ("engine CPU µs/req, d64 binary", "d64_engine_us", "<=", 20.0, ("d64",), 1),
+    ("engine CPU µs/req, dj64 JSON", "dj64_engine_us", "<=", 30.0, ("dj64",), 1),
+    ("d64 / raw limit (>= 12 cores)", "d64_over_raw", ">=", 0.5, ("d64", "raw"), 12),
+    ("d64 / c64 (>= 12 cores)", "d64_over_c64", ">=", 8.0, ("d64", "c64"), 12),
+    ("d64 / e64 (>= 12 cores)", "d64_over_e64", ">=", 3.0, ("d64", "e64"), 12),
+    ("d1000 / c1000 (>= 12 cores)", "d1000_over_c1000", ">=", 8.0, ("d1000", "c1000"), 12),
+    ("d1000 / e1000 (>= 12 cores)", "d1000_over_e1000", ">=", 3.0, ("d1000", "e1000"), 12),
 )
 
 Array = np.ndarray[Any, Any]
@@ -104,6 +119,7 @@ class Row:
     errors: dict[str, int] = field(default_factory=dict)
     server_cpu_us_per_request: float | None = None
     loop_cpu_us_per_request: float | None = None  # edged's event-loop (main) thread only
+    engine_cpu_us_per_request: float | None = None  # edged's engine apart from the runtime
     client_cpu_us_per_request: float | None = None  # wrk
     rounds: list[dict[str, Any]] = field(default_factory=list)  # every measurement of the phase
 
@@ -265,7 +281,9 @@ def server_process(
 ) -> Iterator[int]:
     """Start a server, wait until ``/v2/health/ready`` answers 200, stop it with SIGTERM."""
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+        proc = subprocess.Popen(
+            [*PINNING.server, *cmd], stdout=log, stderr=subprocess.STDOUT, cwd=cwd
+        )
         try:
             deadline = time.monotonic() + READY_TIMEOUT_S
             while True:
@@ -291,11 +309,19 @@ def server_process(
 
 
 def edged_command(
-    repo: Path, port: int, tmp: Path, state: str = "state", grpc_port: int | None = 0
+    repo: Path,
+    port: int,
+    tmp: Path,
+    state: str = "state",
+    workers: int | None = None,
+    grpc_port: int | None = 0,
 ) -> list[str]:
     """``grpc_port``: 0 turns gRPC off; None leaves the flag out (an edged from before it)."""
-    config = tmp / "edged.toml"
-    config.write_text("# bench: defaults only, so /etc/edged/edged.toml cannot leak in\n")
+    config = tmp / f"edged-{state}.toml"
+    config.write_text(
+        "# bench: defaults only, so /etc/edged/edged.toml cannot leak in\n"
+        + (f"[server]\nworkers = {workers}\n" if workers is not None else "")
+    )
     grpc = [] if grpc_port is None else ["--grpc-port", str(grpc_port)]
     return [
         sys.executable, "-m", "edged.cli.main", "run",
@@ -392,8 +418,8 @@ def run_wrk(
     """wrk with bench/infer.lua: the parsed ``WRK_RESULT`` line plus the non-2xx count."""
     url = f"http://127.0.0.1:{port}/v2/models/{MODEL_NAME}/infer"
     cmd = [
-        "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s:g}s", "--timeout", WRK_TIMEOUT,
-        "-s", str(LUA_SCRIPT), url, "--", str(work.body_file),
+        *PINNING.wrk, "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s:g}s",
+        "--timeout", WRK_TIMEOUT, "-s", str(LUA_SCRIPT), url, "--", str(work.body_file),
     ]  # fmt: skip
     if work.header_length is not None:
         cmd.append(str(work.header_length))
@@ -427,10 +453,13 @@ def http_row(
     """One wrk run against a server; ``load`` is (wrk threads, connections, seconds).
     ``event_loop``: the server's main thread is an event loop (edged), so report its CPU."""
     threads, connections, duration_s = load
-    other = OtherLoad([server_pid])
-    server0, client0 = ServerCpu.read(server_pid), children_cpu_s()
+    tree = process_tree(server_pid)
+    other = OtherLoad(tree)
+    engine0 = engine_cpu_s(port) if event_loop else None
+    server0, client0 = ServerCpu.read(server_pid, tree), children_cpu_s()
     result = run_wrk(port, work, threads, connections, duration_s)
-    server1, client1 = ServerCpu.read(server_pid), children_cpu_s()
+    server1, client1 = ServerCpu.read(server_pid, tree), children_cpu_s()
+    engine1 = engine_cpu_s(port) if event_loop else None
     other_cores = other.cores()
 
     errors = {k: int(v) for k, v in result["errors"].items() if k != "status"}  # ⊂ non_2xx
@@ -453,33 +482,40 @@ def http_row(
         if event_loop
         else None,
         client_cpu_us_per_request=(client1 - client0) * per_request,
+        engine_cpu_us_per_request=(engine1 - engine0) * per_request
+        if engine0 is not None and engine1 is not None
+        else None,
     )
 
 
 def grpc_row(
     key: str,
     label: str,
-    grpc_port: int,
+    ports: tuple[int, int],
     server_pid: int,
     clients: int,
     duration_s: float,
     settings: dict[str, Any],
     stream: bool = False,
 ) -> Row:
-    """One bench/grpc_load.py run: ``clients`` ModelInfer calls (``stream``: ModelStreamInfer
-    messages) in flight, raw contents."""
+    """One bench/grpc_load.py run against edged's gRPC port (``ports``: HTTP, gRPC):
+    ``clients`` ModelInfer calls (``stream``: ModelStreamInfer messages) in flight, raw."""
+    port, grpc_port = ports
     connections = min(clients, GRPC_MAX_CONNECTIONS)
     cmd = [
-        sys.executable, str(GRPC_LOAD), "--target", f"127.0.0.1:{grpc_port}",
+        *PINNING.wrk, sys.executable, str(GRPC_LOAD), "--target", f"127.0.0.1:{grpc_port}",
         "--model", MODEL_NAME, "--shape", "1", str(BENCH_MLP_LAYERS[0]),
         "--concurrency", str(clients), "--connections", str(connections),
         "--duration-s", f"{duration_s:g}", "--timeout-s", WRK_TIMEOUT.removesuffix("s"),
         *(["--stream"] if stream else []),
     ]  # fmt: skip
-    other = OtherLoad([server_pid])
-    server0, client0 = ServerCpu.read(server_pid), children_cpu_s()
+    tree = process_tree(server_pid)
+    other = OtherLoad(tree)
+    engine0 = engine_cpu_s(port)
+    server0, client0 = ServerCpu.read(server_pid, tree), children_cpu_s()
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    server1, client1 = ServerCpu.read(server_pid), children_cpu_s()
+    server1, client1 = ServerCpu.read(server_pid, tree), children_cpu_s()
+    engine1 = engine_cpu_s(port)
     other_cores = other.cores()
     lines = [x for x in done.stdout.splitlines() if x.startswith("GRPC_RESULT ")]
     if done.returncode != 0 or not lines:
@@ -501,30 +537,84 @@ def grpc_row(
         server_cpu_us_per_request=(server1.total_s - server0.total_s) * per_request,
         loop_cpu_us_per_request=(server1.main_thread_s - server0.main_thread_s) * per_request,
         client_cpu_us_per_request=(client1 - client0) * per_request,
+        engine_cpu_us_per_request=(engine1 - engine0) * per_request
+        if engine0 is not None and engine1 is not None
+        else None,
     )
+
+
+def process_tree(pid: int) -> list[int]:
+    """The server and every process it started (edged's fork server, engine, front ends)."""
+    with contextlib.suppress(psutil.Error):
+        return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+    return [pid]
+
+
+def engine_cpu_s(port: int) -> float | None:
+    """CPU seconds edged's engine spent so far apart from the runtime's compute (None: edged
+    runs in one process, with no engine apart)."""
+    status, _, body = http_call(port, "GET", "/edged/v1/status")
+    if status != 200:
+        return None
+    cpu = json.loads(body).get("engine", {}).get("cpu")
+    return None if not cpu else float(sum(cpu.values()))
+
+
+@dataclass(frozen=True)
+class Pinning:
+    """Which cores the servers (and the raw rows) run on, and which the load generator."""
+
+    server_cores: tuple[int, ...] = ()
+    wrk_cores: tuple[int, ...] = ()
+
+    @property
+    def server(self) -> list[str]:
+        return _taskset(self.server_cores)
+
+    @property
+    def wrk(self) -> list[str]:
+        return _taskset(self.wrk_cores)
+
+
+def _taskset(cores: tuple[int, ...]) -> list[str]:
+    return ["taskset", "-c", ",".join(map(str, cores))] if cores else []
+
+
+PINNING = Pinning()
 
 
 # --- report -----------------------------------------------------------------------------------
 
 
+def raw_limit(rows: dict[str, Row]) -> Row | None:
+    """The best batch-32 raw row over the thread counts measured: the machine's limit."""
+    raw = [r for k, r in rows.items() if k.startswith("b")]
+    return max(raw, key=lambda r: r.throughput) if raw else None
+
+
 def ratios(rows: dict[str, Row]) -> dict[str, float]:
     """Every ratio of TARGETS whose rows were measured."""
+    limit = raw_limit(rows)
+    have = dict(rows, **({"raw": limit} if limit is not None else {}))
 
     def tp(key: str) -> float:
-        return rows[key].throughput
+        return have[key].throughput
 
     formulas: dict[str, Callable[[], float]] = {
+        "d64_over_raw": lambda: tp("d64") / tp("raw"),
+        "d1000_over_raw": lambda: tp("d1000") / tp("raw"),
+        "dj64_over_raw": lambda: tp("dj64") / tp("raw"),
+        "d1_minus_a_p50_ms": lambda: have["d1"].p50_ms - have["a"].p50_ms,
+        "d64_engine_us": lambda: _engine(have["d64"]),
+        "dj64_engine_us": lambda: _engine(have["dj64"]),
         "d64_over_c64": lambda: tp("d64") / tp("c64"),
+        "d64_over_e64": lambda: tp("d64") / tp("e64"),
         "d1000_over_c1000": lambda: tp("d1000") / tp("c1000"),
-        "dj64_over_oj64": lambda: tp("dj64") / tp("oj64"),
-        "d1_minus_a_p50_ms": lambda: rows["d1"].p50_ms - rows["a"].p50_ms,
-        "d1_over_o1_p50": lambda: rows["d1"].p50_ms / rows["o1"].p50_ms,
-        "d64_over_o64_loop_cpu": lambda: _loop(rows["d64"]) / _loop(rows["o64"]),
-        "d64_over_s64": lambda: tp("d64") / tp("s64"),
+        "d1000_over_e1000": lambda: tp("d1000") / tp("e1000"),
     }
     out: dict[str, float] = {}
-    for _name, key, _op, _bound, needs in TARGETS:
-        if all(k in rows for k in needs):
+    for _name, key, _op, _bound, needs, _cores in TARGETS:
+        if all(k in have for k in needs):
             out[key] = formulas[key]()
     return out
 
@@ -533,21 +623,24 @@ def _loop(row: Row) -> float:
     return row.loop_cpu_us_per_request or float("nan")
 
 
+def _engine(row: Row) -> float:
+    return row.engine_cpu_us_per_request or float("nan")
+
+
 def extra_ratios(rows: dict[str, Row]) -> dict[str, float]:
     """Ratios without a target, for the record."""
     pairs = {
-        "dj64_over_cj64": ("dj64", "cj64"), "dj1000_over_cj1000": ("dj1000", "cj1000"),
-        "d64_over_o64": ("d64", "o64"), "d64_over_b": ("d64", "b"),
-        "dj64_over_d64": ("dj64", "d64"), "w64_over_d64": ("w64", "d64"),
+        "d64_over_p64": ("d64", "p64"), "d1000_over_p1000": ("d1000", "p1000"),
+        "dj64_over_pj64": ("dj64", "pj64"), "dj64_over_cj64": ("dj64", "cj64"),
+        "d64_over_o64": ("d64", "o64"), "dj64_over_d64": ("dj64", "d64"),
+        "e64_over_c64": ("e64", "c64"),
         "g64_over_d64": ("g64", "d64"), "g1000_over_d1000": ("g1000", "d1000"),
         "gs64_over_d64": ("gs64", "d64"),
     }  # fmt: skip
     out = {k: rows[x].throughput / rows[y].throughput for k, (x, y) in pairs.items()
            if x in rows and y in rows}  # fmt: skip
-    if "w1" in rows and "d1" in rows:
-        out["w1_over_d1_p50"] = rows["w1"].p50_ms / rows["d1"].p50_ms
-    if "dj64" in rows and "oj64" in rows:
-        out["dj64_over_oj64_loop_cpu"] = _loop(rows["dj64"]) / _loop(rows["oj64"])
+    if "p1" in rows and "d1" in rows:
+        out["d1_minus_p1_p50_ms"] = rows["d1"].p50_ms - rows["p1"].p50_ms
     if "g64" in rows and "d64" in rows:
         out["g64_over_d64_server_cpu"] = (rows["g64"].server_cpu_us_per_request or 0.0) / (
             rows["d64"].server_cpu_us_per_request or float("nan")
@@ -555,15 +648,18 @@ def extra_ratios(rows: dict[str, Row]) -> dict[str, float]:
     return out
 
 
-def verdicts(values: dict[str, float], rows: dict[str, Row]) -> list[dict[str, Any]]:
-    """PASS/MISS per target; ``noisy`` when a row the ratio is made of was disturbed."""
+def verdicts(values: dict[str, float], rows: dict[str, Row], cores: int) -> list[dict[str, Any]]:
+    """PASS/MISS per target that applies to ``cores``; ``noisy`` when a row the ratio is made
+    of was disturbed."""
     out = []
-    for name, key, op, bound, needs in TARGETS:
-        if key not in values:
+    limit = raw_limit(rows)
+    have = dict(rows, **({"raw": limit} if limit is not None else {}))
+    for name, key, op, bound, needs, least_cores in TARGETS:
+        if key not in values or cores < least_cores:
             continue
         value = values[key]
         ok = value >= bound if op == ">=" else value <= bound
-        noisy = any(rows[k].noisy for k in needs)
+        noisy = any(have[k].noisy for k in needs)
         out.append(
             {"name": name, "key": key, "value": value, "target": f"{op} {bound:g}", "pass": ok,
              "noisy": noisy}
@@ -578,11 +674,11 @@ def _us(value: float | None) -> str:
 def print_report(
     rows: list[Row], checks: list[dict[str, Any]], extra: dict[str, float], notes: list[str]
 ) -> None:
-    line = "{:6} {:44} {:>18} {:>7} {:>8} {:>8} {:>6} {:>7} {:>6} {:>5} {:>7}"
+    line = "{:6} {:44} {:>18} {:>7} {:>8} {:>8} {:>6} {:>7} {:>6} {:>6} {:>5} {:>7}"
     print()
     print(line.format("", "what", "throughput", "spread", "p50 ms", "p99 ms", "errors", "server",
-                      "loop", "wrk", "other"))  # fmt: skip
-    print(line.format("", "", "(best round)", "", "", "", "", "CPU µs", "per", "req", "cores"))
+                      "loop", "engine", "wrk", "other"))  # fmt: skip
+    print(line.format("", "", "(best round)", "", "", "", "", "CPU µs", "per", "req", "", "cores"))
     for r in rows:
         print(
             line.format(
@@ -595,6 +691,7 @@ def print_report(
                 str(r.error_count) if r.unit == "req/s" else "-",
                 _us(r.server_cpu_us_per_request),
                 _us(r.loop_cpu_us_per_request),
+                _us(r.engine_cpu_us_per_request),
                 _us(r.client_cpu_us_per_request),
                 f"{r.other_load_cores:.2f}" + ("*" if r.noisy else " "),
             )
@@ -622,15 +719,17 @@ def print_report(
 def markdown(rows: list[Row], checks: list[dict[str, Any]]) -> str:
     """The table and the verdicts as Markdown, for bench/README.md."""
     out = [
-        "| | | throughput | p50 ms | p99 ms | errors | server CPU µs/req | loop µs/req |",
-        "|---|---|---|---|---|---|---|---|",
+        "| | | throughput | p50 ms | p99 ms | errors | server CPU µs/req | loop µs/req "
+        "| engine µs/req |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         star = "*" if r.noisy else ""
         out.append(
             f"| {r.key}{star} | {r.label} | {r.throughput:,.0f} {r.unit} | {r.p50_ms:.2f} | "
             f"{r.p99_ms:.2f} | {r.error_count if r.unit == 'req/s' else ''} | "
-            f"{_us(r.server_cpu_us_per_request)} | {_us(r.loop_cpu_us_per_request)} |"
+            f"{_us(r.server_cpu_us_per_request)} | {_us(r.loop_cpu_us_per_request)} | "
+            f"{_us(r.engine_cpu_us_per_request)} |"
         )
     out += ["", "| target | measured | bound | verdict |", "|---|---|---|---|"]
     for c in checks:
@@ -692,7 +791,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-json", action="store_true", help="binary bodies only (skip the j rows)"
     )
-    parser.add_argument("--no-grpc", action="store_true", help="skip the gRPC rows (g)")
+    parser.add_argument("--no-grpc", action="store_true", help="skip the gRPC rows (g, gs)")
     parser.add_argument(
         "--quiet-wait-s",
         type=float,
@@ -708,8 +807,36 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=2,
         help="extra rounds per phase to replace rounds that other processes disturbed",
     )
+    parser.add_argument(
+        "--cores",
+        type=int,
+        default=0,
+        help="pin the servers and the raw rows to this many cores and wrk to the others "
+        "(0: no pinning; ignored unless the machine has more cores)",
+    )
+    parser.add_argument(
+        "--legacy-rows", action="store_true", help="also the s64 (spin) and w (wide) rows"
+    )
+    parser.add_argument(
+        "--no-one-process", action="store_true", help="skip the p rows (workers = 0)"
+    )
+    parser.add_argument(
+        "--workers-sweep",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also edged with each of these [server] workers at 64 binary clients (rows d64wK)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return parser.parse_args(argv)
+
+
+def raw_thread_counts(cores: int) -> list[int]:
+    """Intra-op thread counts for the bT rows: every count on a small machine, a spread on a
+    big one (the best of them is the machine's limit)."""
+    if cores <= 4:
+        return list(range(1, cores + 1))
+    return sorted({1, 2, 4, cores // 2, cores - 2, cores - 1, cores} - {0})
 
 
 @dataclass
@@ -745,7 +872,7 @@ class Phases:
         self,
         key: str,
         label: str,
-        grpc_port: int,
+        ports: tuple[int, int],
         pid: int,
         clients: int,
         settings: dict[str, Any],
@@ -753,7 +880,7 @@ class Phases:
     ) -> None:
         print(f"bench: {key}: {label} for {self.duration_s:g}s", flush=True)
         measure = partial(
-            grpc_row, key, label, grpc_port, pid, clients, self.duration_s, settings, stream
+            grpc_row, key, label, ports, pid, clients, self.duration_s, settings, stream
         )
         self.rows[key] = best_of(measure, self.patience, [pid])
 
@@ -763,6 +890,13 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         print("bench: wrk is missing; install it with `apt-get install -y wrk`", file=sys.stderr)
         return 2
+    global PINNING
+    cpus = sorted(os.sched_getaffinity(0))
+    if 0 < args.cores < len(cpus):
+        PINNING = Pinning(tuple(cpus[: args.cores]), tuple(cpus[args.cores :]))
+        os.sched_setaffinity(0, PINNING.server_cores)  # the raw rows run on the server's cores
+        print(f"bench: servers on cores {PINNING.server_cores}, wrk on {PINNING.wrk_cores}")
+    cores = usable_cores()
     patience = Patience(args.rounds, args.quiet_wait_s, args.retries)
     phases = Phases(patience, args.duration_s, args.wrk_threads)
     clients: list[int] = args.clients
@@ -781,7 +915,8 @@ def main(argv: list[str] | None = None) -> int:
         xb = rng.standard_normal((MAX_BATCH, BENCH_MLP_LAYERS[0]), dtype=np.float32)
 
         # What `edged run` gives a model with no [runtime] settings on this machine.
-        edged_options = CpuBudget(usable_cores()).apply(RuntimeOptions(), models=1)
+        budget = CpuBudget(cores, 0, front_ends(cores))
+        edged_options = budget.apply(RuntimeOptions(), models=1)
         raw_settings = {
             "intra_op_threads": edged_options.intra_op_threads,
             "spin_wait": edged_options.spin_wait,
@@ -800,13 +935,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: a: raw batch 1 for {args.raw_duration_s:g}s", flush=True)
         label = "raw runtime, batch 1"
         a = best_of(partial(raw_row, model, x1, args.raw_duration_s, "a", label), patience)
-        print(f"bench: b: raw batch {MAX_BATCH} for {args.raw_duration_s:g}s", flush=True)
-        label = f"raw runtime, batch {MAX_BATCH}"
-        b = best_of(partial(raw_row, model, xb, args.raw_duration_s, "b", label), patience)
-        a.settings = b.settings = raw_settings
+        a.settings = raw_settings
         model.close()
         del model
-        phases.rows.update(a=a, b=b)
+        phases.rows["a"] = a
+        for threads in raw_thread_counts(cores):
+            print(f"bench: b{threads}: raw batch {MAX_BATCH}, {threads} threads", flush=True)
+            options = RuntimeOptions(intra_op_threads=threads, spin_wait=False)
+            wide = load_model(version_dir, options)
+            label = f"raw runtime, batch {MAX_BATCH}, {threads} thread{'s' * (threads > 1)}"
+            key = f"b{threads}"
+            row = best_of(partial(raw_row, wide, xb, args.raw_duration_s, key, label), patience)
+            row.settings = {"intra_op_threads": threads, "spin_wait": False, "via": "load_model"}
+            phases.rows[key] = row
+            wide.close()
 
         # d: edged as installed, no [runtime] settings; g: the same process over gRPC.
         write_model_config(model_dir)
@@ -822,13 +964,37 @@ def main(argv: list[str] | None = None) -> int:
             for n in [] if args.no_grpc else clients:
                 label = f"edged over gRPC, {n} call{'s' * (n > 1)} in flight, raw"
                 settings = {"defaults": True, "max_batch_size": MAX_BATCH, "protocol": "grpc"}
-                phases.measure_grpc(f"g{n}", label, grpc_port, pid, n, settings)
+                phases.measure_grpc(f"g{n}", label, (port, grpc_port), pid, n, settings)
                 label = f"edged over gRPC, {n} stream message{'s' * (n > 1)} in flight"
                 settings = {**settings, "stream": True}
-                phases.measure_grpc(f"gs{n}", label, grpc_port, pid, n, settings, stream=True)
+                phases.measure_grpc(
+                    f"gs{n}", label, (port, grpc_port), pid, n, settings, stream=True
+                )
+
+        # d64wK: the number of front ends, for choosing the default.
+        for workers in args.workers_sweep:
+            port = free_port()
+            cmd = edged_command(repo, port, tmp, f"state-w{workers}", workers=workers)
+            with server_process(cmd, port, tmp / f"w{workers}.log") as pid:
+                check_response(port, binary)
+                label = f"edged, 64 clients, binary, {workers} front ends"
+                phases.measure(f"d64w{workers}", label, port, pid, binary, 64, {"workers": workers})
+
+        # p: edged in one process (the engine in the daemon's process), the design before.
+        if not args.no_one_process:
+            write_model_config(model_dir)
+            port = free_port()
+            cmd = edged_command(repo, port, tmp, "state-one", workers=0)
+            with server_process(cmd, port, tmp / "one.log") as pid:
+                for suffix, work in works:
+                    check_response(port, work)
+                    for n in clients:
+                        label = f"edged one process, {n} client{'s' * (n > 1)}, {work.kind}"
+                        settings = {"workers": 0}
+                        phases.measure(f"p{suffix}{n}", label, port, pid, work, n, settings)
 
         # s: edged with spinning intra-op threads (the old default), for the spin_wait target.
-        if 64 in clients:
+        if 64 in clients and args.legacy_rows:
             write_model_config(model_dir, spin_wait=True)
             port = free_port()
             with server_process(edged_command(repo, port, tmp), port, tmp / "spin.log") as pid:
@@ -837,15 +1003,16 @@ def main(argv: list[str] | None = None) -> int:
                 phases.measure("s64", label, port, pid, binary, 64, {"spin_wait": True})
 
         # w: every core for inference (the loop gets no core of its own), for the budget rule.
-        write_model_config(model_dir, intra_op_threads=usable_cores())
-        port = free_port()
-        with server_process(edged_command(repo, port, tmp), port, tmp / "wide.log") as pid:
-            check_response(port, binary)
-            for n in (1, 64):
-                if n in clients:
-                    label = f"edged, {n} client{'s' * (n > 1)}, binary, intra_op={usable_cores()}"
-                    settings = {"intra_op_threads": usable_cores()}
-                    phases.measure(f"w{n}", label, port, pid, binary, n, settings)
+        if args.legacy_rows:
+            write_model_config(model_dir, intra_op_threads=cores)
+            port = free_port()
+            with server_process(edged_command(repo, port, tmp), port, tmp / "wide.log") as pid:
+                check_response(port, binary)
+                for n in (1, 64):
+                    if n in clients:
+                        label = f"edged, {n} client{'s' * (n > 1)}, binary, intra_op={cores}"
+                        settings = {"intra_op_threads": cores}
+                        phases.measure(f"w{n}", label, port, pid, binary, n, settings)
 
         # o: edged at an older ref, its own defaults ("today").
         if args.compare_ref and not _has_ref(args.compare_ref):
@@ -868,41 +1035,56 @@ def main(argv: list[str] | None = None) -> int:
                         settings = {"ref": args.compare_ref}
                         phases.measure(f"o{suffix}{n}", label, port, pid, work, n, settings)
 
-        # c: thread-per-request.
-        port = free_port()
-        cmd = [
-            sys.executable, str(THREAD_SERVER), "--version-dir", str(version_dir),
-            "--port", str(port), "--intra-op-threads", str(args.baseline_intra_op_threads),
-            "--spin-wait", args.baseline_spin_wait,
-        ]  # fmt: skip
-        with server_process(cmd, port, tmp / "thread_server.log") as pid:
-            settings = {
-                "intra_op_threads": args.baseline_intra_op_threads,
-                "spin_wait": args.baseline_spin_wait,
-                "via": "bench/thread_server.py",
-            }
-            for suffix, work in works:
-                check_response(port, work)
-                for n in clients:
-                    label = f"ThreadingHTTPServer, {n} client{'s' * (n > 1)}, {work.kind}"
-                    key = f"c{suffix}{n}"
-                    phases.measure(key, label, port, pid, work, n, settings, event_loop=False)
+        # c: thread-per-request with the runtime's default threads; e: with 1 intra-op thread
+        # per request (the best such a server can do: requests in parallel, one core each).
+        for letter, threads in (("c", args.baseline_intra_op_threads), ("e", 1)):
+            port = free_port()
+            cmd = [
+                sys.executable, str(THREAD_SERVER), "--version-dir", str(version_dir),
+                "--port", str(port), "--intra-op-threads", str(threads),
+                "--spin-wait", args.baseline_spin_wait,
+            ]  # fmt: skip
+            with server_process(cmd, port, tmp / f"thread_server_{letter}.log") as pid:
+                settings = {
+                    "intra_op_threads": threads,
+                    "spin_wait": args.baseline_spin_wait,
+                    "via": "bench/thread_server.py",
+                }
+                for suffix, work in works:
+                    if letter == "e" and suffix:
+                        continue  # JSON parsing costs the thread server the same either way
+                    check_response(port, work)
+                    for n in clients:
+                        what = "default threads" if letter == "c" else "1 thread"
+                        label = f"ThreadingHTTPServer ({what}), {n} client{'s' * (n > 1)}, "
+                        label += work.kind
+                        key = f"{letter}{suffix}{n}"
+                        phases.measure(key, label, port, pid, work, n, settings, event_loop=False)
 
     rows = phases.rows
     values = ratios(rows)
     extra = extra_ratios(rows)
-    checks = verdicts(values, rows)
+    checks = verdicts(values, rows, cores)
+    limit = raw_limit(rows)
     notes = [
-        f"a, b: raw runtime with edged's default thread settings here "
-        f"(intra_op_threads={edged_options.intra_op_threads} = usable cores - 1, "
-        f"spin_wait={edged_options.spin_wait}); "
+        f"a: raw runtime with edged's default thread settings here "
+        f"(intra_op_threads={edged_options.intra_op_threads}, "
+        f"spin_wait={edged_options.spin_wait}); the machine's limit (raw) is "
+        f"{limit.key if limit else '-'}; "
         f"c: intra_op_threads={args.baseline_intra_op_threads} (0: one per core), "
         f"spin_wait {args.baseline_spin_wait}",
         "HTTP rows include the loopback round trip, and wrk shares the cores with the server; "
         "raw rows are one in-process runtime call",
-        "CPU µs per request: server = all its threads, loop = edged's event-loop thread, "
-        "wrk = the load generator (bench/grpc_load.py for the g rows); other = cores used by "
-        "unrelated processes (* = noisy)",
+        "CPU µs per request: server = all its processes and threads, loop = edged's "
+        "event-loop thread (the control plane's), engine = edged's engine apart from the "
+        "runtime, wrk = the load generator; other = cores used by unrelated processes "
+        "(* = noisy)",
+        f"cores: {cores} for the servers"
+        + (
+            f" (pinned to {list(PINNING.server_cores)}, wrk on {list(PINNING.wrk_cores)})"
+            if PINNING.server_cores
+            else " (not pinned: wrk shares them)"
+        ),
     ]
     ordered = sorted(rows.values(), key=lambda r: (r.key[0], "j" in r.key, len(r.key), r.key))
     print_report(ordered, checks, extra, notes)
@@ -910,6 +1092,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in rows.values() if r.error_count and not r.key.startswith("c")]
     report = {
         "model": {"layers": list(BENCH_MLP_LAYERS), "dtype": "fp32", "max_batch_size": MAX_BATCH},
+        "raw_limit": limit.key if limit else None,
+        "pinning": asdict(PINNING),
         "machine": machine(),
         "rows": [asdict(r) for r in ordered],
         "ratios": values,

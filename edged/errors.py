@@ -13,6 +13,7 @@ where it helps, what to do.
     ├── ServeError                       model repository, slots, scheduler, API
     │   ├── ModelNotFoundError           unknown model or version
     │   ├── ModelNotReadyError           model exists but no version is serving
+    │   │   └── EngineUnavailableError   no engine process connected (starting, restarting)
     │   ├── InvalidRequestError          bad tensor name/shape/datatype/body (-> HTTP 400)
     │   ├── QueueFullError               back-pressure (-> HTTP 429)
     │   ├── DeadlineExceededError        request deadline passed before it ran (-> HTTP 504)
@@ -132,6 +133,10 @@ class ModelNotFoundError(ServeError):
 
 class ModelNotReadyError(ServeError):
     """The model exists but has no version serving right now."""
+
+
+class EngineUnavailableError(ModelNotReadyError):
+    """No engine process is connected right now (starting, or restarting after a crash)."""
 
 
 class InvalidRequestError(ServeError):

@@ -146,6 +146,7 @@ install -m 0644 "$SRC/systemd/edged.sysusers" "$ROOT/usr/lib/sysusers.d/edged.co
 install -m 0644 "$SRC/systemd/edged.tmpfiles" "$ROOT/usr/lib/tmpfiles.d/edged.conf"
 install -m 0644 "$SRC/packaging/edged.toml" "$ROOT/etc/edged/edged.toml"
 install -m 0644 "$SRC/systemd/jetson-gpu.conf" "$ROOT/usr/share/doc/edged/examples/jetson-gpu.conf"
+install -m 0644 "$SRC/systemd/rpi5-power.conf" "$ROOT/usr/share/doc/edged/examples/rpi5-power.conf"
 [ -f "$SRC/docs/device.md" ] && install -m 0644 "$SRC/docs/device.md" "$ROOT/usr/share/doc/edged/device.md"
 install -m 0644 "$SRC/packaging/debian/copyright" "$ROOT/usr/share/doc/edged/copyright"
 gzip -9n <"$SRC/packaging/debian/edged.1" >"$ROOT/usr/share/man/man1/edged.1.gz"

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +21,9 @@ from ai_edge_litert.interpreter import Interpreter
 
 from edged.demo import samples
 from edged.modelrepo.config import TEST_VECTORS_FILE, load_model_config, load_test_vectors
+from tests.support.daemon import running_daemon
 
-COMMITTED_REPOSITORY = Path(samples.__file__).resolve().parent / "models"
+COMMITTED_REPOSITORY = samples.CHECKOUT_MODELS
 COMMITTED_SOURCES = Path(samples.__file__).resolve().parent / "sources"
 Arrays = dict[str, npt.NDArray[Any]]
 
@@ -244,7 +252,7 @@ def test_committed_samples_are_what_the_generator_writes(tmp_path: Path) -> None
         for p in (COMMITTED_REPOSITORY / model).rglob("*")
         if p.is_file()
     )
-    assert generated == committed, "run `python -m edged.demo.samples` and commit edged/demo/"
+    assert generated == committed, "run `python -m edged.demo.samples` and commit models/"
     for relative in generated:
         assert (tmp_path / relative).read_bytes() == (
             COMMITTED_REPOSITORY / relative
@@ -270,3 +278,83 @@ def test_committed_demo_sources_are_what_the_generator_writes(tmp_path: Path) ->
     assert generated == [p for p in committed if (COMMITTED_SOURCES / p).is_file()]
     for relative in generated:
         assert (tmp_path / relative).read_bytes() == (COMMITTED_SOURCES / relative).read_bytes()
+
+
+# --- one sample repository: models/ at the top, linked into the package --------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_package_links_the_one_sample_repository_at_the_top_level() -> None:
+    link = REPO_ROOT / "edged" / "demo" / "models"
+    assert link.is_symlink(), "edged/demo/models must link to models/, not hold a second copy"
+    assert os.readlink(link) == "../../models"
+    assert link.resolve() == COMMITTED_REPOSITORY == REPO_ROOT / "models"
+    assert sorted(p.name for p in COMMITTED_REPOSITORY.iterdir()) == ["fc", "mlp"]
+
+
+def _copy_of_the_checkout(target: Path) -> Path:
+    """The checkout without build outputs, venvs or caches, symlinks kept as symlinks."""
+    ignore = shutil.ignore_patterns(
+        ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "out"
+    )
+    shutil.copytree(REPO_ROOT, target, symlinks=True, ignore=ignore)
+    return target
+
+
+@pytest.mark.slow
+def test_a_wheel_ships_the_top_level_models_as_files(tmp_path: Path) -> None:
+    source = _copy_of_the_checkout(tmp_path / "src")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--wheel-dir",
+            str(tmp_path / "wheels"),
+            str(source),
+        ],
+        check=True,
+        timeout=300,
+    )
+    [wheel] = (tmp_path / "wheels").glob("edged-*.whl")
+    committed = {
+        p.relative_to(COMMITTED_REPOSITORY).as_posix(): p.read_bytes()
+        for p in COMMITTED_REPOSITORY.rglob("*")
+        if p.is_file()
+    }
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = {
+            name.removeprefix("edged/demo/models/"): archive.read(name)
+            for name in archive.namelist()
+            if name.startswith("edged/demo/models/")
+        }
+    assert shipped == committed
+
+
+@pytest.mark.integration
+def test_edged_run_on_the_checkouts_models_serves_mlp_and_fc(tmp_path: Path) -> None:
+    with running_daemon(Path("models"), tmp_path, cwd=REPO_ROOT) as daemon:
+        for model, width in (("mlp", 64), ("fc", 16)):
+            body = {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [1, width],
+                        "datatype": "FP32",
+                        "data": [0.5] * width,
+                    }
+                ]
+            }
+            request = urllib.request.Request(
+                f"{daemon.url}/v2/models/{model}/infer", data=json.dumps(body).encode()
+            )
+            with urllib.request.urlopen(request, timeout=30) as response:
+                answer = json.loads(response.read())
+            assert answer["model_name"] == model
+            assert answer["outputs"][0]["name"] == "output"

@@ -8,7 +8,9 @@ from functools import partial
 
 from aiohttp import web
 
+from edged.api.backend import InferenceBackend, ManagerBackend
 from edged.api.context import (
+    BACKEND,
     GATE,
     INSTALLER,
     MANAGER,
@@ -18,6 +20,7 @@ from edged.api.context import (
     TELEMETRY,
     AdmissionGate,
     Handler,
+    ManagerSide,
     StatusSource,
     errors_middleware,
 )
@@ -63,24 +66,36 @@ class _GuardedRoutes:
 
 
 def build_app(
-    manager: ModelManager,
+    manager: ManagerSide,
     max_body_bytes: int,
     shared_memory: bool,
     telemetry: TelemetryHub | None = None,
     installer: Installer | None = None,
     status: StatusSource | None = None,
+    backend: InferenceBackend | None = None,
 ) -> web.Application:
-    """``status``: what ``/edged/v1/status`` answers (the daemon adds its services' health to
-    the manager's status); the manager's status alone when ``None``."""
+    """The whole API in one process. ``status``: what ``/edged/v1/status`` answers (the
+    daemon adds its services' health to the manager's status); the manager's status alone
+    when ``None``. ``backend``: what serves inference (``ManagerBackend(manager)`` if None)."""
+    if backend is None:
+        assert isinstance(manager, ModelManager), "a backend is needed beside an engine proxy"
+        backend = ManagerBackend(manager)
+    app = build_data_app(backend, max_body_bytes, shared_memory)
+    add_control_routes(app, manager, telemetry, installer, status)
+    return app
+
+
+def build_data_app(
+    backend: InferenceBackend, max_body_bytes: int, shared_memory: bool
+) -> web.Application:
+    """The Open Inference Protocol's inference, health and metadata routes: what a front end
+    answers itself."""
     # aiohttp's own limit sits above ours so that we answer with a clear 400 instead.
     app = web.Application(client_max_size=max_body_bytes + 1)
-    app[MANAGER] = manager
+    app[BACKEND] = backend
     app[SHM] = SharedMemoryRegistry() if shared_memory else None
     app[MAX_BODY] = max_body_bytes
     app[GATE] = AdmissionGate()
-    app[TELEMETRY] = telemetry
-    app[INSTALLER] = installer
-    app[STATUS] = status
     r = _GuardedRoutes(app.router, app[GATE])
     # aiohttp tries the routes under one static prefix in the order they were added: infer,
     # the hot route, first.
@@ -93,14 +108,34 @@ def build_app(
         r.add_get(prefix, model_metadata)
         r.add_get(prefix + "/config", model_config)
         r.add_get(prefix + "/ready", model_ready)
-    r.add_post("/v2/repository/index", repository_index)
-    r.add_post("/v2/repository/models/{name}/load", repository_load)
-    r.add_post("/v2/repository/models/{name}/unload", repository_unload)
     r.add_get("/v2/systemsharedmemory/status", shm_status)
     r.add_get("/v2/systemsharedmemory/region/{region}/status", shm_status)
     r.add_post("/v2/systemsharedmemory/region/{region}/register", shm_register)
     r.add_post("/v2/systemsharedmemory/region/{region}/unregister", shm_unregister)
     r.add_post("/v2/systemsharedmemory/unregister", shm_unregister)
+    return app
+
+
+def add_control_routes(
+    app: web.Application,
+    manager: ManagerSide,
+    telemetry: TelemetryHub | None = None,
+    installer: Installer | None = None,
+    status: StatusSource | None = None,
+) -> web.Application:
+    """edged's own routes and the repository extension: what the control plane answers."""
+    if GATE not in app:
+        app[GATE] = AdmissionGate()
+    if MAX_BODY not in app:
+        app[MAX_BODY] = 1 << 20
+    app[MANAGER] = manager
+    app[TELEMETRY] = telemetry
+    app[INSTALLER] = installer
+    app[STATUS] = status
+    r = _GuardedRoutes(app.router, app[GATE])
+    r.add_post("/v2/repository/index", repository_index)
+    r.add_post("/v2/repository/models/{name}/load", repository_load)
+    r.add_post("/v2/repository/models/{name}/unload", repository_unload)
     r.add_get("/edged/v1/status", edged_status)
     r.add_get("/edged/v1/telemetry", edged_telemetry)
     r.add_get("/metrics", prometheus_metrics)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from edged._compat import TIMEOUT_ERRORS
+from edged.api.backend import InferenceBackend
 from edged.api.shm import SharedMemoryRegistry
 from edged.bundle import Installer
 from edged.errors import (
@@ -30,14 +32,37 @@ from edged.errors import (
     SelfTestFailedError,
     ShuttingDownError,
 )
-from edged.serve.manager import ModelManager
 from edged.telemetry.hub import TelemetryHub
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-MANAGER: web.AppKey[ModelManager] = web.AppKey("manager", ModelManager)
+
+class ManagerSide(Protocol):
+    """What edged's own routes read and change of the serving side: an in-process
+    ``ModelManager``, or the control plane's ``EngineProxy``."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    def queue_depths(self) -> dict[str, tuple[str | None, int]]: ...
+
+    async def index_async(self) -> list[dict[str, Any]]: ...
+
+    async def load_model(self, name: str) -> str: ...
+
+    async def unload(self, name: str) -> None: ...
+
+
+MANAGER: web.AppKey[ManagerSide] = web.AppKey("manager")
+BACKEND: web.AppKey[InferenceBackend] = web.AppKey("backend")
+# Set on the control plane's private app: requests there were forwarded by a front end, which
+# says in ``VIA_HEADER`` whether its client came over the Unix socket.
+FORWARDED: web.AppKey[bool] = web.AppKey("forwarded", bool)
+VIA_HEADER = "Edged-Client-Via"
+# Before a scrape or a status answer: bring what another process holds up to date.
+Refresh = Callable[[], Awaitable[object]]
+REFRESH: web.AppKey[Refresh | None] = web.AppKey("refresh")
 SHM: web.AppKey[SharedMemoryRegistry | None] = web.AppKey("shm", SharedMemoryRegistry)
 MAX_BODY: web.AppKey[int] = web.AppKey("max_body", int)
 
@@ -139,3 +164,12 @@ async def read_body(request: web.Request, limit: int | None = None) -> bytes:
         raise InvalidRequestError(
             f"request body exceeds the limit of {limit} bytes (server.max_body_bytes)"
         ) from exc
+
+
+def came_over_unix_socket(request: web.Request) -> bool:
+    """Whether the client reached edged over the Unix socket (whose file permissions say who
+    may), also when a front end forwarded its request to the control plane."""
+    if request.app.get(FORWARDED, False):
+        return request.headers.get(VIA_HEADER) == "unix"
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    return isinstance(sockname, str)

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from edged import __version__
 from edged.api.context import (
-    MANAGER,
+    BACKEND,
     MAX_BODY,
     SHM,
     read_body,
@@ -29,8 +29,7 @@ from edged.errors import (
     InvalidRequestError,
     ModelNotReadyError,
 )
-from edged.runtime.base import backend_for
-from edged.serve.slot import ServedVersion
+from edged.serve.view import ModelView
 
 
 async def server_metadata(request: web.Request) -> web.Response:
@@ -45,77 +44,33 @@ async def health_live(request: web.Request) -> web.Response:
 
 
 async def health_ready(request: web.Request) -> web.Response:
-    return web.Response(status=200 if request.app[MANAGER].ready else 503)
+    return web.Response(status=200 if request.app[BACKEND].ready else 503)
 
 
 # --- models -----------------------------------------------------------------------------------
 
 
 _JSON_TEXT_HEADERS = {"Content-Type": "application/json; charset=utf-8"}  # as json_response
-# A version's metadata never changes: built (with its one file probe) once per served version.
-_METADATA: weakref.WeakKeyDictionary[ServedVersion, bytes] = weakref.WeakKeyDictionary()
-
-
-def _metadata_body(current: ServedVersion) -> bytes:
-    platform = backend_for(current.version_dir).platform
-    return json.dumps(
-        {
-            "name": current.model_name,
-            "versions": [current.version],
-            "platform": platform,
-            "inputs": [t.as_dict() for t in current.model.inputs],
-            "outputs": [t.as_dict() for t in current.model.outputs],
-        }
-    ).encode()
+# A version's metadata never changes: encoded once per served version.
+_METADATA: weakref.WeakKeyDictionary[ModelView, bytes] = weakref.WeakKeyDictionary()
 
 
 async def model_metadata(request: web.Request) -> web.Response:
-    manager = request.app[MANAGER]
-    name = request.match_info["name"]
-    current = manager.serving(name, request.match_info.get("version"))
-    body = _METADATA.get(current)
+    view = request.app[BACKEND].view(request.match_info["name"], request.match_info.get("version"))
+    body = _METADATA.get(view)
     if body is None:
-        body = _METADATA[current] = await asyncio.to_thread(_metadata_body, current)
+        body = _METADATA[view] = json.dumps(view.metadata()).encode()
     return web.Response(body=body, headers=_JSON_TEXT_HEADERS)
 
 
 async def model_config(request: web.Request) -> web.Response:
-    manager = request.app[MANAGER]
-    name = request.match_info["name"]
-    current = manager.serving(name, request.match_info.get("version"))
-    batching = current.config.batching
-    dynamic = current.model.dynamic_batch
-    return web.json_response(
-        {
-            "name": name,
-            "max_batch_size": batching.max_batch_size if dynamic else 0,
-            "dynamic_batching": {"max_queue_delay_microseconds": batching.max_queue_delay_us}
-            if dynamic
-            else None,
-            "input": [
-                {
-                    "name": t.name,
-                    "data_type": f"TYPE_{t.datatype}",
-                    "dims": list(t.shape[1:] if dynamic else t.shape),
-                }
-                for t in current.model.inputs
-            ],
-            "output": [
-                {
-                    "name": t.name,
-                    "data_type": f"TYPE_{t.datatype}",
-                    "dims": list(t.shape[1:] if dynamic else t.shape),
-                }
-                for t in current.model.outputs
-            ],
-        }
-    )
+    view = request.app[BACKEND].view(request.match_info["name"], request.match_info.get("version"))
+    return web.json_response(view.config())
 
 
 async def model_ready(request: web.Request) -> web.Response:
-    manager = request.app[MANAGER]
     try:
-        manager.serving(request.match_info["name"], request.match_info.get("version"))
+        request.app[BACKEND].view(request.match_info["name"], request.match_info.get("version"))
     except ModelNotReadyError:
         return web.Response(status=503)
     return web.Response(status=200)
@@ -126,7 +81,7 @@ _JSON_HEADERS = {"Content-Type": "application/json"}
 
 async def infer(request: web.Request) -> web.Response:
     app = request.app
-    manager = app[MANAGER]
+    backend = app[BACKEND]
     match_info = request.match_info
     name = match_info["name"]
     body = await read_body(request, app[MAX_BODY])
@@ -148,7 +103,7 @@ async def infer(request: web.Request) -> web.Response:
             timeout_s = float(deadline_header) / 1000.0
         except ValueError:
             raise InvalidRequestError("header Edged-Timeout-Ms must be a number") from None
-    result = await manager.infer(
+    result = await backend.infer(
         name,
         parsed.inputs,
         version=match_info.get("version"),

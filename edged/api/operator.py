@@ -11,8 +11,10 @@ from aiohttp import web
 from edged.api.context import (
     INSTALLER,
     MANAGER,
+    REFRESH,
     STATUS,
     TELEMETRY,
+    came_over_unix_socket,
     error_response,
 )
 from edged.bundle import Installer, InstallResult, receive_upload, upload_source
@@ -29,7 +31,14 @@ from edged.telemetry.hub import TelemetryHub
 log = logging.getLogger(__name__)
 
 
+async def _refresh(request: web.Request) -> None:
+    refresh = request.app.get(REFRESH)
+    if refresh is not None:
+        await refresh()
+
+
 async def edged_status(request: web.Request) -> web.Response:
+    await _refresh(request)
     status = request.app[STATUS]
     return web.json_response(status() if status else request.app[MANAGER].status())
 
@@ -43,6 +52,7 @@ def _hub(request: web.Request) -> TelemetryHub:
 
 async def edged_telemetry(request: web.Request) -> web.Response:
     # Off the event loop: the spool's lock may be held across an fsync.
+    await _refresh(request)
     return web.json_response(await asyncio.to_thread(_hub(request).snapshot))
 
 
@@ -52,6 +62,7 @@ async def prometheus_metrics(request: web.Request) -> web.Response:
     # A scrape snapshots every histogram (milliseconds of work): not on the event loop. The
     # manager's state is copied here, on the loop, where swaps change it.
     hub = _hub(request)
+    await _refresh(request)
     models = StatusSnapshot.of(request.app[MANAGER])
     body, content_type = await asyncio.to_thread(render_metrics, hub, models)
     return web.Response(body=body, headers={"Content-Type": content_type})
@@ -63,8 +74,7 @@ async def prometheus_metrics(request: web.Request) -> web.Response:
 def _installer(request: web.Request) -> Installer:
     """Installs and rollbacks change what the device serves: only over the Unix socket, whose
     file permissions say who may (the bundle itself is verified either way)."""
-    sockname = request.transport.get_extra_info("sockname") if request.transport else None
-    if not isinstance(sockname, str):
+    if not came_over_unix_socket(request):
         raise NotPermittedError("installs and rollbacks are accepted on the Unix socket only")
     installer = request.app[INSTALLER]
     if installer is None:

@@ -76,6 +76,21 @@ def handle_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def processes_table(rows: list[dict[str, Any]]) -> Table:
+    """The serving processes: the engine and each front end, with restarts and last exit."""
+    table = Table("process", "pid", "state", "up s", "restarts", "last exit", title="processes")
+    for p in rows:
+        table.add_row(
+            p["name"],
+            str(p["pid"] or "-"),
+            p["state"],
+            "-" if p.get("uptime_s") is None else f"{p['uptime_s']:.0f}",
+            str(p["restarts"]),
+            p.get("last_exit") or "",
+        )
+    return table
+
+
 def handle_status(args: argparse.Namespace) -> int:
     status = client_from(args).json("GET", "/edged/v1/status")
     if args.json:
@@ -106,6 +121,8 @@ def handle_status(args: argparse.Namespace) -> int:
                 e["reason"],
             )
         console.print(events)
+    if status.get("processes"):
+        console.print(processes_table(status["processes"]))
     watched = [m for m in status["models"] if m.get("probation") or m.get("last_probation")]
     if watched:
         probation = Table("model", "version", "state", "reason", title="probation")

@@ -230,6 +230,11 @@ def render_frame(
         "req/s: since the previous refresh",
         style="dim",
     )
+    processes = status.get("processes")
+    if processes:
+        from edged.cli.client import processes_table
+
+        return Group(_header(status, telemetry), table, processes_table(processes), footer)
     return Group(_header(status, telemetry), table, footer)
 
 

@@ -38,6 +38,10 @@ class ServerConfig:
     drain_grace_s: float = 0.5
     # A worker inside one run for longer than this counts as hung: watchdog pings stop.
     worker_stuck_after_s: float = 60.0
+    # Front-end processes (HTTP parsing, tensor coding) beside the one engine process.
+    # -1: chosen from the CPU budget (edged.runtime.budget.front_ends); 0: one process, the
+    # engine in the daemon's own process (no isolation, the smallest footprint).
+    workers: int = -1
 
     @property
     def grpc_socket_path(self) -> Path | None:
@@ -142,6 +146,7 @@ def _server(t: Table, base: Path) -> ServerConfig:
         drain_timeout_s=t.number("drain_timeout_s", d.drain_timeout_s, 0.0),
         drain_grace_s=t.number("drain_grace_s", d.drain_grace_s, 0.0),
         worker_stuck_after_s=t.number("worker_stuck_after_s", d.worker_stuck_after_s, 0.1),
+        workers=t.integer("workers", d.workers, -1, 256),
     )
     t.reject_unknown()
     if cfg.grpc_port and cfg.grpc_port == cfg.port:

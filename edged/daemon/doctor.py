@@ -262,14 +262,28 @@ def check_power(config: DaemonConfig) -> Check:
     except OSError as exc:
         return Check("power sensors", FAIL, f"read failed: {exc}", "check sysfs permissions")
     names = ", ".join(s.name for s in monitor.sources)
+    failures = monitor.failures
+    if failures and not reading.rails:
+        detail = "; ".join(f"{name}: {why}" for name, why in failures.items())
+        return Check(
+            "power sensors",
+            WARN,
+            f"read failed, so power and energy per inference are unavailable: {detail}",
+            "the message says what the sensor needs",
+        )
+    rails = f"{len(reading.rails)} rails"
     if reading.total_watts is None:
         return Check(
-            "power sensors", WARN, f"{names}: no board total rail", "set [telemetry] total_rails"
+            "power sensors",
+            WARN,
+            f"{names}: {rails}, no board total rail",
+            "set [telemetry] total_rails",
         )
     return Check(
         "power sensors",
         PASS,
-        f"{names}: board {reading.total_watts:.2f} W from {reading.total_source}",
+        f"{names}: {rails}; total {reading.total_watts:.2f} W ({reading.total_scope}) "
+        f"from {reading.total_source}",
     )
 
 

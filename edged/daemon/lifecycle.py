@@ -19,22 +19,26 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from edged._compat import TaskGroup
-from edged.api.app import build_app
+from edged.api.app import add_control_routes, build_app
 from edged.api.backend import ManagerBackend
-from edged.api.context import GATE, SHM
+from edged.api.context import FORWARDED, GATE, MAX_BODY, REFRESH, SHM
 from edged.bundle import Installer, detect_device_facts
 from edged.bundle.rollout_policy import policy_for_swap
 from edged.bundle.store import MODELS_DIR
 from edged.config import DaemonConfig
+from edged.daemon.loops import EVENT_LOOP_ENV, event_loop_kind
 from edged.daemon.sdnotify import Notifier, Watchdog, watchdog_interval_s
+from edged.daemon.serving import ServingProcesses
 from edged.daemon.supervisor import Supervisor
-from edged.errors import ConfigError, EdgedError, NotifyError
+from edged.engine.proxy import EngineProxy
+from edged.errors import EdgedError, NotifyError
+from edged.runtime.budget import front_ends, usable_cores
 from edged.serve.manager import ModelManager
 from edged.serve.watch import ProbationOutcome
 from edged.telemetry.hub import TelemetryHub
@@ -77,14 +81,23 @@ class Daemon:
         self.config = config
         self._reload_config = reload_config
         self.telemetry = TelemetryHub(config.telemetry, config.state.directory)
-        # Installed bundles live in the store under the state directory, layered over the
-        # configured (seed) repository: an installed version wins, also after a restart.
-        self.manager = ModelManager(
-            config.models,
-            self.telemetry.observer,
-            store=config.state.directory / MODELS_DIR,
-            worker_stuck_after_s=config.server.worker_stuck_after_s,
-        )
+        # Front-end processes; 0: the engine serves inside this process (docs/serving.md).
+        self.front_ends = front_ends(usable_cores(), config.server.workers)
+        self.manager: ModelManager | EngineProxy
+        if self.front_ends == 0:
+            # Installed bundles live in the store under the state directory, layered over the
+            # configured (seed) repository: an installed version wins, also after a restart.
+            self.manager = ModelManager(
+                config.models,
+                self.telemetry.observer,
+                store=config.state.directory / MODELS_DIR,
+                worker_stuck_after_s=config.server.worker_stuck_after_s,
+            )
+            # Probation after a swap: the signed policy of each installed release decides.
+            self.manager.probation_policy = policy_for_swap
+        else:
+            self.manager = EngineProxy(config.models, self.telemetry.observer)
+        self.processes: ServingProcesses | None = None
         self.telemetry.queue_depths = self.manager.queue_depths
         self.installer = Installer(
             config.state.directory,
@@ -92,12 +105,15 @@ class Daemon:
             detect_device_facts,
             keep_previous=max(1, config.state.keep_versions - 1),
         )
-        # Probation after a swap: the signed policy of each installed release decides.
-        self.manager.probation_policy = policy_for_swap
         self.manager.probation_listeners.append(self._record_probation)
+        # Swaps, probation verdicts and service restarts are counted for /metrics.
+        self.manager.swap_listeners.append(
+            lambda e: self.telemetry.count_swap(e.model, e.to_version, e.ok)
+        )
         self.notifier = Notifier.from_environment()
         self.watchdog = Watchdog(self.notifier, watchdog_interval_s())
         self.supervisor = Supervisor(on_failure=self._report_failure)
+        self.telemetry.service_restarts = self._restarts
         self.supervisor.add("watchdog", self.watchdog.run)
         self.supervisor.add("reload", self._reload_loop)
         if config.telemetry.enabled:
@@ -120,7 +136,15 @@ class Daemon:
         self._background: set[asyncio.Task[None]] = set()
         self.exit_code = 0
 
+    def _restarts(self) -> dict[str, int]:
+        """Restarts of the side services and of the serving processes (engine, front ends)."""
+        restarts = {s.name: s.restarts for s in self.supervisor.status()}
+        if self.processes is not None:
+            restarts.update({p["name"]: p["restarts"] for p in self.processes.status()})
+        return restarts
+
     async def _record_probation(self, outcome: ProbationOutcome) -> None:
+        self.telemetry.count_probation_verdict(outcome.model, outcome.version, outcome.decision)
         try:
             await self.installer.record_probation(outcome)
         except EdgedError as exc:
@@ -188,6 +212,9 @@ class Daemon:
         """``/edged/v1/status``: the models, recent swaps, and the side services' health."""
         status = self.manager.status()
         status["services"] = [s.to_json() for s in self.supervisor.status()]
+        if self.processes is not None:
+            status["processes"] = self.processes.status()
+            status["engine"] = self.processes.proxy.engine_status
         return status
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -229,12 +256,23 @@ class Daemon:
                 os.umask(old_umask)
             os.chmod(path, server.socket_mode)
             endpoints.append(f"unix:{path}")
-        if server.grpc_port:
+        if server.grpc_port and isinstance(self.manager, ModelManager):  # one process
             from edged.api.grpc import GrpcServer
 
             self._grpc = GrpcServer(ManagerBackend(self.manager), app[SHM], server)
             endpoints.extend(await self._grpc.start())
         return endpoints
+
+    def _control_app(self) -> web.Application:
+        """The control plane's own routes, which front ends forward to."""
+        app = web.Application(client_max_size=self.config.server.max_body_bytes + 1)
+        app[FORWARDED] = True
+        if isinstance(self.manager, EngineProxy):
+            app[REFRESH] = self.manager.refresh
+        app[MAX_BODY] = self.config.server.max_body_bytes
+        return add_control_routes(
+            app, self.manager, self.telemetry, self.installer, status=self.status
+        )
 
     async def _reload_loop(self) -> None:
         while True:
@@ -265,6 +303,8 @@ class Daemon:
         return f"serving {', '.join(serving) or 'no models'}"
 
     def _workers_healthy(self) -> bool:
+        if self.processes is not None and not self.processes.engine_healthy():
+            return False
         stuck = self.manager.stuck_workers()
         for name, seconds in stuck.items():
             log.error("inference worker of %s stuck in one run for %.0fs", name, seconds)
@@ -277,11 +317,15 @@ class Daemon:
         self.watchdog.add_probe("inference-workers", self._workers_healthy)
         try:
             await asyncio.to_thread(self._recover_store)
-            await self.manager.start()
-            endpoints = await self._start_api()
-            log.info("edged serving %s on %s", self.manager.model_names(), ", ".join(endpoints))
-            self._notify(self.notifier.ready, self._status_line())
             async with TaskGroup() as tg:
+                if isinstance(self.manager, ModelManager):
+                    await self.manager.start()
+                    endpoints = await self._start_api()
+                else:
+                    self.processes = ServingProcesses(self.config, self.manager, self.front_ends)
+                    endpoints = await self.processes.start(tg, self._control_app())
+                log.info("edged serving %s on %s", self.manager.model_names(), ", ".join(endpoints))
+                self._notify(self.notifier.ready, self._status_line())
                 tasks = {
                     name: tg.create_task(self.supervisor.run_service(name), name=name)
                     for name in self.supervisor.names
@@ -314,6 +358,8 @@ class Daemon:
         if self._shutdown_task.cancelled():
             for task in tasks.values():
                 task.cancel()
+            if self.processes is not None:
+                await self.processes.kill()
             if self._runner is not None:
                 await self._runner.cleanup()
             if self._grpc is not None:
@@ -336,9 +382,15 @@ class Daemon:
             gate.start_draining()
         if self._grpc is not None:
             self._grpc.start_draining()
+        if self.processes is not None:  # the front ends drain on their own (SIGTERM)
+            self.processes.start_draining()
         # 2. nothing starts new work: an install cut off here resumes at the next start
         await _cancel_and_wait([tasks[n] for n in self.PRODUCERS if n in tasks], remaining())
-        if gate is not None and self._runner is not None:
+        if self.processes is not None:
+            # 3. the front ends finish what they admitted, then 4. the engine drains its
+            # queues and releases the models.
+            await self.processes.stop(remaining)
+        elif gate is not None and self._runner is not None:
             # 3. admitted requests finish; only then do the listeners close, so no admitted
             # request is cut off. The grace keeps answering 503 to clients that retry.
             await asyncio.sleep(min(server.drain_grace_s, remaining()))
@@ -353,7 +405,8 @@ class Daemon:
             await self._runner.cleanup()
             if grpc is not None:
                 await grpc.stop(min(1.0, remaining()))
-        await self.manager.close(remaining())  # 4. release the models
+        if self.processes is None:
+            await self.manager.close(remaining())  # 4. release the models
         self._remove_socket()
         # 5. the last telemetry record goes to the spool; then the rest of the services stop
         if "telemetry" in tasks and not tasks["telemetry"].done():
@@ -375,28 +428,6 @@ async def _cancel_and_wait(tasks: list[asyncio.Task[None]], timeout_s: float) ->
         _, pending = await asyncio.wait(tasks, timeout=max(timeout_s, 0.001))
         for task in pending:
             log.warning("service %s did not stop in time", task.get_name())
-
-
-EVENT_LOOP_ENV = "EDGED_EVENT_LOOP"
-
-
-def event_loop_kind(environ: Mapping[str, str]) -> str:
-    """``uvloop`` when it is installed, unless ``EDGED_EVENT_LOOP=asyncio`` asks for the
-    standard loop; ``EDGED_EVENT_LOOP=uvloop`` insists on it."""
-    wanted = environ.get(EVENT_LOOP_ENV, "").strip().lower() or "auto"
-    if wanted not in ("auto", "asyncio", "uvloop"):
-        raise ConfigError(EVENT_LOOP_ENV, f"must be auto, asyncio or uvloop; got {wanted!r}")
-    if wanted == "asyncio":
-        return "asyncio"
-    try:
-        import uvloop  # noqa: F401
-    except ImportError as exc:
-        if wanted == "uvloop":
-            raise ConfigError(
-                EVENT_LOOP_ENV, "uvloop is not installed (pip install 'edged[uvloop]')"
-            ) from exc
-        return "asyncio"
-    return "uvloop"
 
 
 def run_daemon(load: ConfigLoader) -> int:

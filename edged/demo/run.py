@@ -31,6 +31,7 @@ from edged._net import free_port, free_ports
 from edged.errors import DemoStepFailedError, EdgedError
 
 # Sample models shipped with the package: the demo needs no model generator (onnx) at run time.
+# In a checkout ``models`` is a symlink to the top-level ``models/``; a wheel holds the files.
 SHIPPED_MODELS = Path(__file__).resolve().parent / "models"
 SHIPPED_SOURCES = Path(__file__).resolve().parent / "sources"  # the version the demo pushes
 DEVICE = "demo-device"

@@ -52,7 +52,8 @@ SAMPLE_FC_SHAPE = (16, 8)  # (n_in, n_out)
 BENCH_MLP_LAYERS = (1024, 2048, 2048, 1000)
 
 _MLP_CONFIG = """\
-# ONNX MLP 64 -> 128 -> 128 -> 10, fp32, dynamic batch. Written by models/generate.py.
+# ONNX MLP 64 -> 128 -> 128 -> 10, fp32, dynamic batch.
+# Written by `python -m edged.demo.samples`.
 
 [batching]
 max_batch_size = 32           # the batch dimension is dynamic, so requests are batched
@@ -68,7 +69,7 @@ file = "test_vectors.npz"     # in each version directory
 
 _FC_CONFIG = """\
 # TFLite FULLY_CONNECTED 16 -> 8 with fused ReLU, fp32, fixed batch of 1.
-# Written by models/generate.py.
+# Written by `python -m edged.demo.samples`.
 
 [runtime]
 intra_op_threads = 1          # far too small to gain from more threads
@@ -552,15 +553,27 @@ def write_counting_loop(version_dir: Path) -> None:
         )
 
 
+# The sample repository lives at the top of a checkout (``models/``: ``edged run --models
+# models``); the package's ``edged/demo/models`` is a symlink to it, which a wheel build
+# resolves into files, so an installed ``edged demo`` ships the same bytes.
+CHECKOUT_MODELS = Path(__file__).resolve().parents[2] / "models"
+DEMO_SOURCES = Path(__file__).resolve().parent / "sources"
+
+
 def main() -> None:
-    """``python -m edged.demo.samples``: regenerate the sample models shipped in the package.
+    """``python -m edged.demo.samples``: regenerate the sample repository (``models/`` at the
+    top of the checkout) and the version the demo pushes (``edged/demo/sources``).
 
     The models are deterministic, so regenerating leaves git clean unless the generator changed.
     """
-    here = Path(__file__).resolve().parent
-    make_sample_repository(here / "models")
-    make_demo_sources(here / "sources")
-    print(f"sample models written to {here / 'models'} and {here / 'sources'}")
+    if not (CHECKOUT_MODELS.parent / "pyproject.toml").is_file():
+        raise SystemExit(
+            f"{CHECKOUT_MODELS.parent} is not an edged checkout: the samples are regenerated "
+            "in a clone (git clone, then python -m edged.demo.samples)"
+        )
+    make_sample_repository(CHECKOUT_MODELS)
+    make_demo_sources(DEMO_SOURCES)
+    print(f"sample models written to {CHECKOUT_MODELS} and {DEMO_SOURCES}")
 
 
 if __name__ == "__main__":

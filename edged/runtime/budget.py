@@ -23,15 +23,26 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def front_ends(cores: int, configured: int = -1) -> int:
+    """Front-end processes for ``cores`` usable cores (``configured`` >= 0 wins; 0 means the
+    engine serves in the daemon's own process). One per four cores, at least one: a front end
+    spends about 4 cores' worth of inference per core of its own at batch-1 traffic."""
+    if configured >= 0:
+        return configured
+    return max(1, cores // 4)
+
+
 @dataclass(frozen=True)
 class CpuBudget:
     cores: int
-    # Threads for inference across all models; 0: cores - 1, at least 1.
+    # Threads for inference across all models; 0: cores - front ends, at least 1.
     inference_threads: int = 0
+    # Cores kept for the processes that parse requests (front ends; one event loop at least).
+    front_ends: int = 1
 
     @property
     def total_threads(self) -> int:
-        return self.inference_threads or max(1, self.cores - 1)
+        return self.inference_threads or max(1, self.cores - max(1, self.front_ends))
 
     def threads_per_model(self, models: int) -> int:
         return max(1, self.total_threads // max(1, models))

@@ -87,6 +87,7 @@ ObserverFactory = Callable[[str], BatchObserver]
 # (new version dir, replaced version dir) -> the policy to judge the new one by, or None.
 ProbationPolicyFor = Callable[[Path, Path], "ProbationPolicy | None"]
 ProbationListener = Callable[[ProbationOutcome], Awaitable[None]]
+SwapListener = Callable[[SwapEvent], None]
 
 
 def _no_probation(new: Path, old: Path) -> ProbationPolicy | None:
@@ -164,6 +165,8 @@ class ModelManager:
         self.repository = config.repository
         self.store = store
         self.worker_stuck_after_s = worker_stuck_after_s
+        # Cores the processes that parse requests keep (the rest run inference).
+        self.front_ends = 1
         self._observer_factory = observer_factory or (lambda name: NullObserver())
         self._entries: dict[str, ModelEntry] = {}
         # Models the repository holds: the CPU budget is split between them.
@@ -171,11 +174,28 @@ class ModelManager:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self.events: deque[SwapEvent] = deque(maxlen=100)
+        # Told of every swap, failed ones too (the daemon counts them for /metrics); called on
+        # the event loop, so a listener must not block.
+        self.swap_listeners: list[SwapListener] = []
         # Probation after a swap (edged.serve.watch): the daemon says which swaps get one.
         self.stats = VersionStats()
         self.probation_policy: ProbationPolicyFor = _no_probation
         self.probation_listeners: list[ProbationListener] = []
         self._background: set[asyncio.Task[None]] = set()
+        # Called after a serving version changed (a swap, an unload), from the swapping thread.
+        self.change_listeners: list[Callable[[], None]] = []
+
+    def _changed(self) -> None:
+        for listener in self.change_listeners:
+            listener()
+
+    def _record_swap(self, event: SwapEvent) -> None:
+        self.events.append(event)
+        for listener in self.swap_listeners:
+            try:
+                listener(event)
+            except Exception:  # a listener's bug must not fail the swap it hears about
+                log.exception("swap listener failed for %s %s", event.model, event.to_version)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -186,7 +206,7 @@ class ModelManager:
 
     @property
     def cpu_budget(self) -> CpuBudget:
-        return CpuBudget(usable_cores(), self.config.inference_threads)
+        return CpuBudget(usable_cores(), self.config.inference_threads, self.front_ends)
 
     @property
     def repositories(self) -> list[Path]:
@@ -233,6 +253,7 @@ class ModelManager:
         if entry is None:
             assert self._loop is not None, "ModelManager.start() was not awaited"
             slot = ModelSlot(name)
+            slot.on_swap = self._changed
             scheduler = Scheduler(
                 slot,
                 ModelConfig().batching,
@@ -270,7 +291,7 @@ class ModelManager:
             except EdgedError as exc:
                 entry.last_error = str(exc)
                 entry.state = "READY" if entry.slot.current is not None else "UNAVAILABLE"
-                self.events.append(
+                self._record_swap(
                     SwapEvent(
                         time.time(), model, old.version if old else None, version, False, str(exc)
                     )
@@ -321,7 +342,7 @@ class ModelManager:
         entry.state = "READY"
         entry.last_error = None
         reason = f"{summary}; loaded in {time.monotonic() - started:.2f}s; {loaded.description}"
-        self.events.append(
+        self._record_swap(
             SwapEvent(
                 time.time(), name, previous.version if previous else None, version, True, reason
             )
@@ -444,7 +465,7 @@ class ModelManager:
                     reason = f"{reason}; reloading version {watch.previous_version} failed: {exc}"
                     log.error("model %s: %s", entry.name, reason)
             entry.state = "READY" if entry.slot.current is not None else "UNAVAILABLE"
-            self.events.append(
+            self._record_swap(
                 SwapEvent(
                     time.time(),
                     entry.name,
@@ -589,6 +610,15 @@ class ModelManager:
 
     def model_names(self) -> list[str]:
         return sorted(self._entries)
+
+    @property
+    def entries(self) -> dict[str, ModelEntry]:
+        """Every model by name (read-only use; any thread may look one up)."""
+        return self._entries
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     def entry(self, name: str) -> ModelEntry:
         entry = self._entries.get(name)

@@ -77,6 +77,32 @@ class NullObserver:
         pass
 
 
+class ReplySink(Protocol):
+    """Where the answers of requests from another process go: called from the worker thread
+    with every answer of one batch that belongs to this sink (one write for all of them)."""
+
+    def deliver(
+        self, completions: list[tuple[RemoteWaiter, InferenceResult | BaseException]]
+    ) -> None: ...
+
+
+class RemoteWaiter:
+    """Waits for one request of another process: its answer goes straight from the worker
+    thread to ``sink``, without a hop through the event loop. ``answered`` is set by whoever
+    answers first (the worker, or the sink's deadline timer): a request is answered once."""
+
+    __slots__ = ("answered", "expired", "sink", "token")
+
+    def __init__(self, sink: ReplySink, token: object) -> None:
+        self.sink = sink
+        self.token = token
+        self.answered = False
+        self.expired = False  # its deadline passed before an answer: the worker may skip it
+
+    def cancelled(self) -> bool:
+        return self.expired
+
+
 class PendingRequest:
     __slots__ = ("deadline", "enqueued_at", "future", "inputs", "rows", "signature")
 
@@ -86,7 +112,7 @@ class PendingRequest:
         rows: int,
         signature: BatchSignature,
         deadline: float | None,
-        future: asyncio.Future[InferenceResult],
+        future: asyncio.Future[InferenceResult] | RemoteWaiter,
     ) -> None:
         self.inputs = inputs
         self.rows = rows
@@ -96,7 +122,9 @@ class PendingRequest:
         self.enqueued_at = time.monotonic()
 
 
-Completion = tuple[asyncio.Future[InferenceResult], "InferenceResult | BaseException"]
+Completion = tuple[
+    "asyncio.Future[InferenceResult] | RemoteWaiter", "InferenceResult | BaseException"
+]
 
 
 class Scheduler:
@@ -121,6 +149,9 @@ class Scheduler:
         self._worker_waiting = False  # guarded by _cond: only then does submit notify
         # Brackets each run: a worker inside one run for too long counts as hung.
         self.stall = StallDetector(stuck_after_s)
+        # CPU this worker spent inside the runtime: the rest of its thread's CPU is the
+        # scheduler's own per-request cost (bench/serving.py reports it).
+        self.run_cpu_s = 0.0
         self._thread = threading.Thread(
             target=self._work, name=f"edged-worker-{slot.name}", daemon=True
         )
@@ -143,7 +174,22 @@ class Scheduler:
         deadline: float | None,
     ) -> asyncio.Future[InferenceResult]:
         future: asyncio.Future[InferenceResult] = self._loop.create_future()
-        item = PendingRequest(inputs, rows, signature, deadline, future)
+        self._enqueue(PendingRequest(inputs, rows, signature, deadline, future), priority)
+        return future
+
+    def submit_remote(
+        self,
+        inputs: dict[str, Array],
+        rows: int,
+        signature: BatchSignature,
+        priority: int,
+        deadline: float | None,
+        waiter: RemoteWaiter,
+    ) -> None:
+        """``submit`` from any thread, for a request whose answer goes to ``waiter.sink``."""
+        self._enqueue(PendingRequest(inputs, rows, signature, deadline, waiter), priority)
+
+    def _enqueue(self, item: PendingRequest, priority: int) -> None:
         with self._cond:
             if self._stopping:
                 raise ShuttingDownError(f"model {self.slot.name!r} is shutting down")
@@ -157,7 +203,6 @@ class Scheduler:
             self._count += 1
             if self._worker_waiting:  # a busy worker looks at the queue before it waits
                 self._cond.notify()
-        return future
 
     def stop(self) -> None:
         """Stop taking new work; the worker drains what is queued, then exits."""
@@ -173,7 +218,15 @@ class Scheduler:
     def worker_alive(self) -> bool:
         return self._thread.is_alive()
 
-    def _complete(self, completions: list[Completion]) -> None:
+    @property
+    def thread_cpu_s(self) -> float:
+        """CPU seconds the worker thread used so far (0 before it started or after it ended)."""
+        return thread_cpu_s(self._thread)
+
+    def _complete(
+        self,
+        completions: list[tuple[asyncio.Future[InferenceResult], InferenceResult | BaseException]],
+    ) -> None:
         for future, outcome in completions:
             if future.done():
                 continue
@@ -200,7 +253,23 @@ class Scheduler:
                 log.exception("worker of %s failed", self.slot.name)
                 completions = [(item.future, exc) for item in batch]
             if completions:
-                self._loop.call_soon_threadsafe(self._complete, completions)
+                self._deliver(completions)
+
+    def _deliver(self, completions: list[Completion]) -> None:
+        local: list[tuple[asyncio.Future[InferenceResult], InferenceResult | BaseException]] = []
+        remote: dict[ReplySink, list[tuple[RemoteWaiter, InferenceResult | BaseException]]] = {}
+        for waiter, outcome in completions:
+            if isinstance(waiter, RemoteWaiter):
+                remote.setdefault(waiter.sink, []).append((waiter, outcome))
+            else:
+                local.append((waiter, outcome))
+        if local:
+            self._loop.call_soon_threadsafe(self._complete, local)
+        for sink, answers in remote.items():
+            try:
+                sink.deliver(answers)
+            except Exception:  # a front end that went away must not stop the worker
+                log.exception("answers of %s not delivered", self.slot.name)
 
     def _take_batch_locked(self) -> list[PendingRequest]:
         current = self.slot.current
@@ -248,8 +317,10 @@ class Scheduler:
         try:
             feeds = _concat([item.inputs for item in live])
             start = time.monotonic()
+            cpu = time.thread_time()
             with self.stall.working():
                 outputs = version.model.run(feeds)
+            self.run_cpu_s += time.thread_time() - cpu
             end = time.monotonic()
         except EdgedError as exc:
             self.observer.on_outcome("error", len(live))
@@ -283,6 +354,18 @@ class Scheduler:
                 else {k: v[offset : offset + item.rows] for k, v in outputs.items()}
             )
             offset += item.rows
+            if (
+                type(item.future) is RemoteWaiter
+                and item.deadline is not None
+                and end > item.deadline
+            ):
+                # The caller in another process has answered 504 already; count it here, where
+                # an in-process caller's wait counts its own.
+                self.observer.on_outcome("timeout")
+                completions.append(
+                    (item.future, DeadlineExceededError("deadline passed while the request ran"))
+                )
+                continue
             completions.append((item.future, InferenceResult(part, version.version, total_rows)))
         return completions
 
@@ -291,3 +374,14 @@ def _concat(feeds: list[dict[str, Array]]) -> dict[str, Array]:
     if len(feeds) == 1:
         return feeds[0]
     return {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
+
+
+def thread_cpu_s(thread: threading.Thread) -> float:
+    """CPU seconds ``thread`` (of this process) used so far; 0 when it is not running."""
+    ident = thread.ident
+    if ident is None or not thread.is_alive():
+        return 0.0
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(ident))
+    except OSError:  # it ended a moment ago
+        return 0.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,8 @@ class ModelSlot:
         self.name = name
         self._lock = threading.Lock()
         self._current: ServedVersion | None = None
+        # Called after every swap, from the thread that swapped (the engine tells front ends).
+        self.on_swap: Callable[[], None] | None = None
 
     @property
     def current(self) -> ServedVersion | None:
@@ -88,4 +91,6 @@ class ModelSlot:
                 close = old._refs == 0
         if old is not None and close:
             old._close()
+        if self.on_swap is not None:
+            self.on_swap()
         return old

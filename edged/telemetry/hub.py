@@ -91,6 +91,7 @@ class ModelObserver:
 
 
 QueueDepths = Callable[[], dict[str, tuple[str | None, int]]]  # model -> (serving version, depth)
+ServiceRestarts = Callable[[], dict[str, int]]  # side service -> restarts since start
 
 
 class TelemetryHub:
@@ -120,6 +121,10 @@ class TelemetryHub:
         self.spool: Spool | None = None
         self.sink: TelemetrySink | None = None
         self.queue_depths: QueueDepths = dict
+        self.service_restarts: ServiceRestarts = dict
+        # Counted on the event loop, copied by /metrics (dict() runs no Python code).
+        self.swaps: dict[tuple[str, str, str], int] = {}  # (model, version, ok|failed)
+        self.probation_verdicts: dict[tuple[str, str, str], int] = {}  # (model, version, decision)
         self.latest_record: dict[str, Any] | None = None
         self.latest_power: PowerReading | None = None
         self.latest_system: SystemSnapshot | None = None
@@ -140,6 +145,16 @@ class TelemetryHub:
 
     def observer(self, model: str) -> ModelObserver:
         return ModelObserver(self, model)
+
+    def count_swap(self, model: str, version: str, ok: bool) -> None:
+        """A switch to ``version`` (a first load included) that worked, or failed."""
+        key = (model, version, "ok" if ok else "failed")
+        self.swaps[key] = self.swaps.get(key, 0) + 1
+
+    def count_probation_verdict(self, model: str, version: str, decision: str) -> None:
+        """How the probation of ``version`` ended: promoted, reverted, superseded or stopped."""
+        key = (model, version, decision)
+        self.probation_verdicts[key] = self.probation_verdicts.get(key, 0) + 1
 
     # --- loops ----------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from edged.errors import PowerSourceError
 from edged.telemetry._sysfs import is_readable, read_text
+from edged.telemetry.pmic import PMIC_COMPATIBLE, PmicSource
 from edged.telemetry.powersources import (
     HwmonPowerSource,
     Ina238Source,
@@ -47,7 +49,7 @@ class PowerReading:
     total_source: str | None = None
     """The rail(s) and source the total came from, e.g. ``"VDD_IN (ina3221:1-0040)"``."""
     total_scope: str | None = None
-    """board, module, system, platform, cpu-package or configured."""
+    """board, module, system, platform, pmic, cpu-package or configured."""
     total_interval_average: bool = False
     """True when the total is a mean since the previous read (energy counters)."""
 
@@ -96,11 +98,16 @@ class PowerMonitor:
         self.sources = list(sources)
         self._total_rails = tuple(total_rails)
         self._clock = clock
-        self._failing: set[str] = set()
+        self._failing: dict[str, str] = {}
 
     @property
     def available(self) -> bool:
         return bool(self.sources)
+
+    @property
+    def failures(self) -> dict[str, str]:
+        """Source name → why its last read failed, for the sources failing now."""
+        return dict(self._failing)
 
     def read(self) -> PowerReading:
         """Read every source (blocking sysfs I/O: call from a thread)."""
@@ -111,10 +118,10 @@ class PowerMonitor:
             try:
                 rails = source.read()
                 claim = source.claim_total(rails)
-            except OSError as exc:
+            except (OSError, PowerSourceError) as exc:
                 self._report_failure(source.name, exc)
                 continue
-            self._failing.discard(source.name)
+            self._failing.pop(source.name, None)
             for rail, watts in rails.items():
                 merged[rail if rail not in merged else f"{rail}@{source.name}"] = watts
             if claim is not None and (best is None or claim.rank < best.rank):
@@ -131,10 +138,10 @@ class PowerMonitor:
         method = f"{'+'.join(self._total_rails)} (configured)"
         return PowerReading(t, rails, watts, method, "configured")
 
-    def _report_failure(self, source: str, exc: OSError) -> None:
+    def _report_failure(self, source: str, exc: OSError | PowerSourceError) -> None:
         if source not in self._failing:
             logger.warning("power source %s failed to read and is skipped: %s", source, exc)
-            self._failing.add(source)
+        self._failing[source] = str(exc)
 
 
 def _numeric_key(path: Path) -> tuple[object, ...]:
@@ -159,9 +166,32 @@ def _hwmon_dirs(root: Path) -> list[tuple[Path, str]]:
     return found
 
 
+def _compatible(root: Path) -> list[str]:
+    return (read_text(root / "firmware/devicetree/base/compatible") or "").split("\x00")
+
+
 def _is_tegra264(root: Path) -> bool:
-    compatible = read_text(root / "firmware/devicetree/base/compatible") or ""
-    return _TEGRA264 in compatible.split("\x00")
+    return _TEGRA264 in _compatible(root)
+
+
+def _pmic_source(root: Path) -> PmicSource | None:
+    """A Raspberry Pi 5 (BCM2712) with ``vcgencmd`` on the PATH: its PMIC, read once now so
+    that its rails are known (a failing read is logged; the source stays, and says why)."""
+    if PMIC_COMPATIBLE not in _compatible(root):
+        return None
+    vcgencmd = shutil.which("vcgencmd")
+    if vcgencmd is None:
+        logger.warning(
+            "this Raspberry Pi 5 reports power only through 'vcgencmd pmic_read_adc', and "
+            "vcgencmd is not on the PATH: install it (Debian package raspi-utils) to measure power"
+        )
+        return None
+    source = PmicSource(vcgencmd)
+    try:
+        source.read()
+    except PowerSourceError as exc:
+        logger.warning("power source %s failed its first read: %s", source.name, exc)
+    return source
 
 
 def _rapl_source(root: Path, clock: Callable[[], float]) -> RaplSource | None:
@@ -200,7 +230,8 @@ def discover_power_sources(
     total_rails: Sequence[str] = (),
     clock: Callable[[], float] = time.monotonic,
 ) -> PowerMonitor:
-    """Find every power source below ``root`` (normally ``/sys``).
+    """Find every power source below ``root`` (normally ``/sys``), and the PMIC of a
+    Raspberry Pi 5 whose device tree is below ``root`` (through ``vcgencmd`` on the PATH).
 
     ``total_rails`` names rails whose sum is the board total, overriding the automatic choice
     (for boards such as AGX Orin whose INA3221 has no input channel); an unknown name raises
@@ -244,6 +275,10 @@ def discover_power_sources(
     supplies = PowerSupplySource(root / "class/power_supply")
     if supplies.has_supplies():
         sources.append(supplies)
+
+    pmic = _pmic_source(root)
+    if pmic is not None:
+        sources.append(pmic)
 
     if total_rails:
         known = {rail for source in sources for rail in source.rails}

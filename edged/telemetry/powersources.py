@@ -1,4 +1,5 @@
-"""Power sources: one class per kind of sysfs power sensor, each turning it into rail watts.
+"""Power sources: one class per kind of sysfs power sensor, each turning it into rail watts
+(the Raspberry Pi 5's PMIC, read through a command, is in :mod:`edged.telemetry.pmic`).
 
 Every source reads below a sysfs root given to it at construction, so a fixture tree copied
 from a device stands in for the device. ``read()`` does blocking file I/O (an INA3221 read
@@ -29,6 +30,7 @@ __all__ = [
     "RANK_BATTERY",
     "RANK_BOARD_INPUT",
     "RANK_MODULE_INPUT",
+    "RANK_PMIC_RAILS",
     "RANK_RAPL_PACKAGES",
     "RANK_RAPL_PSYS",
     "RANK_SUPPLY_INPUT",
@@ -51,9 +53,10 @@ RANK_BOARD_INPUT = 0  # Jetson Thor INA238 on VIN: module plus carrier board
 RANK_MODULE_INPUT = 1  # Jetson INA3221 VDD_IN / POM_5V_IN: the module's input
 RANK_SYSTEM_METER = 2  # ACPI power meter (hwmon "power_meter")
 RANK_SUPPLY_INPUT = 3  # power_supply inputs (USB, Mains) that measure voltage and current
-RANK_BATTERY = 4  # a discharging battery with nothing else plugged in
-RANK_RAPL_PSYS = 5  # Intel RAPL platform domain
-RANK_RAPL_PACKAGES = 6  # Intel RAPL package domains only (CPU scope)
+RANK_PMIC_RAILS = 4  # Raspberry Pi 5: the sum of the PMIC's output rails (edged.telemetry.pmic)
+RANK_BATTERY = 5  # a discharging battery with nothing else plugged in
+RANK_RAPL_PSYS = 6  # Intel RAPL platform domain
+RANK_RAPL_PACKAGES = 7  # Intel RAPL package domains only (CPU scope)
 
 _SKIPPED_LABELS = ("nc",)
 _SKIPPED_LABEL_PREFIXES = ("sum of shunt",)
@@ -66,7 +69,7 @@ class TotalClaim:
     watts: float | None
     rank: int
     scope: str
-    """What the total covers: board, module, system, platform or cpu-package."""
+    """What the total covers: board, module, system, platform, pmic or cpu-package."""
     method: str
     """Which rail(s) and source gave it, for the record's ``power.source``."""
     interval_average: bool = False

@@ -34,6 +34,8 @@ __all__ = [
     "BATCH_BOUNDS",
     "CONTENT_TYPE",
     "LATENCY_BOUNDS_S",
+    "PROBATION_DECISIONS",
+    "SWAP_RESULTS",
     "MetricsInputs",
     "ModelStatusSource",
     "cumulative_buckets",
@@ -58,6 +60,9 @@ BATCH_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """``le`` bounds of the batch-size histogram, in rows (+Inf is added)."""
 
 _MODEL_LABELS = ("model", "version")
+SWAP_RESULTS = ("ok", "failed")
+PROBATION_DECISIONS = ("promoted", "reverted", "superseded", "stopped")
+"""How a probation ends (``edged.serve.watch.ProbationOutcome.decision``)."""
 
 
 class ModelStatusSource(Protocol):
@@ -104,6 +109,12 @@ class MetricsInputs:
     spool_pending: int | None = None
     spool_bytes: int | None = None
     published: int = 0
+    swaps: Mapping[tuple[str, str, str], int] = field(default_factory=dict)
+    """``(model, version, ok|failed)`` → swaps to that version since start."""
+    probation_verdicts: Mapping[tuple[str, str, str], int] = field(default_factory=dict)
+    """``(model, version, decision)`` → probations of that version that ended so."""
+    service_restarts: Mapping[str, int] = field(default_factory=dict)
+    """Side service → restarts since start."""
 
 
 @functools.lru_cache(maxsize=16)
@@ -234,6 +245,50 @@ def _serving_families(inputs: MetricsInputs) -> Iterator[Metric]:
     yield depth
 
 
+def _zeroed(
+    counts: Mapping[tuple[str, str, str], int],
+    serving: Iterable[tuple[str, str, str | None]],
+    outcomes: Sequence[str],
+) -> list[tuple[tuple[str, str, str], int]]:
+    """``counts`` plus a 0 for each outcome of every serving version not counted yet, so a
+    dashboard's ``increase()`` has a series from the first scrape on."""
+    out = dict(counts)
+    for model, version, _ in serving:
+        for outcome in outcomes:
+            out.setdefault((model, version, outcome), 0)
+    return sorted(out.items())
+
+
+def _event_families(inputs: MetricsInputs) -> Iterator[Metric]:
+    swaps = CounterMetricFamily(
+        "edged_model_swaps",
+        "Switches to a model version (first loads included), by result: ok, or failed (the "
+        "version in service stayed).",
+        labels=(*_MODEL_LABELS, "result"),
+    )
+    for labels, count in _zeroed(inputs.swaps, inputs.serving, SWAP_RESULTS):
+        swaps.add_metric(list(labels), count)
+    yield swaps
+    verdicts = CounterMetricFamily(
+        "edged_probation_verdicts",
+        "Probations that ended, by the version judged and the decision: promoted, reverted, "
+        "superseded (a newer version came) or stopped (shutdown).",
+        labels=(*_MODEL_LABELS, "decision"),
+    )
+    for labels, count in _zeroed(inputs.probation_verdicts, inputs.serving, PROBATION_DECISIONS):
+        verdicts.add_metric(list(labels), count)
+    yield verdicts
+    restarts = CounterMetricFamily(
+        "edged_service_restarts",
+        "Restarts of each supervised side service (telemetry, fleet, reload, watchdog) after a "
+        "failure; inference keeps serving through them.",
+        labels=("service",),
+    )
+    for service, count in sorted(inputs.service_restarts.items()):
+        restarts.add_metric([service], count)
+    yield restarts
+
+
 def _energy_families(energy: Mapping[ModelKey, EnergyStats]) -> Iterator[Metric]:
     measured = [(key, stats) for key, stats in energy.items() if stats.requests > 0]
     joules = CounterMetricFamily(
@@ -355,6 +410,7 @@ def metric_families(inputs: MetricsInputs) -> list[Metric]:
     return [
         *_model_families(models),
         *_serving_families(inputs),
+        *_event_families(inputs),
         *_energy_families(inputs.energy),
         *_power_families(inputs.power_available, inputs.power),
         *_system_families(inputs.system),
@@ -393,6 +449,9 @@ def gather(hub: TelemetryHub, manager: ModelStatusSource) -> MetricsInputs:
         spool_pending=spool.pending if spool is not None else None,
         spool_bytes=spool.size_bytes if spool is not None else None,
         published=hub.published,
+        swaps=dict(hub.swaps),
+        probation_verdicts=dict(hub.probation_verdicts),
+        service_restarts=hub.service_restarts(),
     )
 
 

@@ -531,8 +531,11 @@ def summarise_records(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             from_seq = seq if from_seq is None else min(from_seq, seq)
             to_seq = seq if to_seq is None else max(to_seq, seq)
         if record.get("type") == "gap":
-            from_seq = min(x for x in (from_seq, record.get("from_seq")) if x is not None)
-            to_seq = max(x for x in (to_seq, record.get("to_seq")) if x is not None)
+            # A gap folded before any record had a seq has no range yet.
+            from_seq = min(
+                (x for x in (from_seq, record.get("from_seq")) if x is not None), default=None
+            )
+            to_seq = max((x for x in (to_seq, record.get("to_seq")) if x is not None), default=None)
             dropped += int(record.get("dropped", 0))
             summary = _merge_summaries(summary, dict(record.get("summary") or {}))
             continue

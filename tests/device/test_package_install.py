@@ -447,7 +447,7 @@ def test_unit_serves_models_under_systemd_in_a_container(package: Package, tmp_p
         uid = _uid_in(root, "edged")
         for model in ("mlp", "fc"):
             target = root / "var/lib/edged/seed" / model
-            shutil.copytree(REPO / "edged" / "demo" / "models" / model, target)
+            shutil.copytree(REPO / "models" / model, target)
             for path in [target, *target.rglob("*")]:
                 os.chown(path, uid, uid)
         (root / "etc/systemd/system/edged-check.service").write_text(_CHECK_UNIT)

@@ -74,7 +74,7 @@ print("grpc", asyncio.run(grpc_round_trip()))
 
 def test_runtimes_infer_without_writable_executable_memory() -> None:
     result = subprocess.run(
-        [sys.executable, "-c", _UNDER_MDWE, str(REPO / "edged" / "demo" / "models")],
+        [sys.executable, "-c", _UNDER_MDWE, str(REPO / "models")],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 SYSTEMD_DIR = REPO / "systemd"
 UNIT = SYSTEMD_DIR / "edged.service"
 JETSON_DROPIN = SYSTEMD_DIR / "jetson-gpu.conf"
+DROPINS = [JETSON_DROPIN, SYSTEMD_DIR / "rpi5-power.conf"]
 MAX_EXPOSURE = 2.0
 
 ANALYZE = shutil.which("systemd-analyze")
@@ -114,8 +115,11 @@ def test_unit_verifies_clean(system_root: Path) -> None:
     assert _verify_findings(system_root) == []
 
 
-def test_unit_with_the_jetson_dropin_verifies_clean(system_root: Path, dropin_dir: Path) -> None:
-    shutil.copy(JETSON_DROPIN, dropin_dir / "jetson-gpu.conf")
+@pytest.mark.parametrize("dropin", DROPINS, ids=lambda p: p.name)
+def test_unit_with_each_shipped_dropin_verifies_clean(
+    system_root: Path, dropin_dir: Path, dropin: Path
+) -> None:
+    shutil.copy(dropin, dropin_dir / dropin.name)
     assert _verify_findings(system_root) == []
 
 
@@ -141,10 +145,11 @@ def test_security_exposure_is_at_most_two() -> None:
     assert _exposure(str(UNIT)) <= MAX_EXPOSURE
 
 
-def test_security_exposure_with_the_jetson_dropin_is_at_most_two(
-    system_root: Path, dropin_dir: Path
+@pytest.mark.parametrize("dropin", DROPINS, ids=lambda p: p.name)
+def test_security_exposure_with_each_shipped_dropin_is_at_most_two(
+    system_root: Path, dropin_dir: Path, dropin: Path
 ) -> None:
-    shutil.copy(JETSON_DROPIN, dropin_dir / "jetson-gpu.conf")
+    shutil.copy(dropin, dropin_dir / dropin.name)
     assert _exposure(f"--root={system_root}", "edged.service") <= MAX_EXPOSURE
 
 

@@ -152,7 +152,12 @@ def test_repository_load_and_unload_are_accepted_on_the_grpc_unix_socket_only(
         local.unload_model("fc")
         assert not tcp.is_model_ready("fc")
         x = np.zeros((1, 16), np.float32)
-        assert status_of(lambda: tcp.infer("fc", [grpc_input(x)])) == "StatusCode.UNAVAILABLE"
+        # In one process the model has no version serving; a front end's engine client no
+        # longer lists an unloaded model.
+        assert status_of(lambda: tcp.infer("fc", [grpc_input(x)])) in (
+            "StatusCode.UNAVAILABLE",
+            "StatusCode.NOT_FOUND",
+        )
         local.load_model("fc")
         assert tcp.is_model_ready("fc")
         tcp.close()

@@ -14,11 +14,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from edged.api import inference
 from edged.api.app import build_app
 from edged.api.context import GATE
 from edged.config import ModelsConfig
 from edged.runtime import base
+from edged.serve import view
 from edged.serve.manager import ModelManager
 
 
@@ -52,7 +52,7 @@ def test_metadata_probes_the_version_directory_once(
         probes.append(version_dir)
         return base.backend_for(version_dir)
 
-    monkeypatch.setattr(inference, "backend_for", counting_backend_for)
+    monkeypatch.setattr(view, "backend_for", counting_backend_for)
 
     async def main() -> None:
         async with serving(model_repo) as (url, _app), aiohttp.ClientSession() as session:

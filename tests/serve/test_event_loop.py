@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edged.daemon.lifecycle import event_loop_kind
+from edged.daemon.loops import event_loop_kind
 from edged.errors import ConfigError
 from tests.support.daemon import running_daemon
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,7 @@ from edged._net import free_ports
 from edged.config import ServerConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SAMPLE_MODELS = REPO_ROOT / "edged" / "demo" / "models"
+SAMPLE_MODELS = REPO_ROOT / "models"
 SHARED_MODELS = REPO_ROOT.parent / "shared" / "models"
 
 
@@ -89,6 +90,23 @@ def wait_ready(
     raise RuntimeError(f"daemon not ready after {timeout_s}s:\n{log_path.read_text()}")
 
 
+def wait_listening(
+    port: int, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 60.0
+) -> None:
+    """Bounded poll until ``port`` accepts connections (gRPC, which a front end serves; its
+    HTTP readiness does not say that the gRPC listener is up yet)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"daemon exited with {process.returncode}:\n{log_path.read_text()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(
+        f"nothing listens on port {port} after {timeout_s}s:\n{log_path.read_text()}"
+    )
+
+
 @contextlib.contextmanager
 def running_daemon(
     repo: Path,
@@ -97,8 +115,10 @@ def running_daemon(
     extra_args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
     wait: bool = True,
+    cwd: Path | None = None,
 ) -> Iterator[DaemonProcess]:
-    """``edged run --models repo`` on free HTTP and gRPC ports and a socket in ``workdir``."""
+    """``edged run --models repo`` on free HTTP and gRPC ports and a socket in ``workdir``; a
+    relative ``repo`` is relative to ``cwd`` (default: the test's working directory)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port, grpc_port = free_ports(2)
     # AF_UNIX paths are limited to 107 bytes; pytest's tmp_path can be longer.
@@ -127,12 +147,17 @@ def running_daemon(
     ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
         )
     daemon = DaemonProcess(process, port, socket_path, log_path, grpc_port)
     try:
         if wait:
             wait_ready(daemon.url, process, log_path)
+            wait_listening(grpc_port, process, log_path)
         yield daemon
     finally:
         daemon.stop()

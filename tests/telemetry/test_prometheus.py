@@ -314,3 +314,35 @@ def test_every_sample_name_is_prefixed_and_in_base_units(registry: MetricsRegist
         assert sample.name.startswith("edged_")
         assert "_ms" not in sample.name
         assert "_us" not in sample.name
+
+
+def test_swaps_verdicts_and_restarts_are_counters_zeroed_for_serving_versions(
+    tmp_path: Path,
+) -> None:
+    hub = TelemetryHub(TelemetryConfig(sysfs_root=tmp_path / "none"), tmp_path / "state")
+    hub.count_swap("fc", "1", ok=True)
+    hub.count_swap("fc", "2", ok=False)
+    hub.count_probation_verdict("fc", "1", "promoted")
+    hub.service_restarts = lambda: {"telemetry": 0, "fleet": 3}
+
+    class Serving:
+        def status(self) -> dict[str, Any]:
+            return {"models": [{"name": "fc", "version": "1", "runtime": "litert"}]}
+
+        def queue_depths(self) -> dict[str, tuple[str | None, int]]:
+            return {"fc": ("1", 0)}
+
+    body, _ = render_metrics(hub, Serving())
+    assert types(body)["edged_model_swaps"] == "counter"
+    assert value(body, "edged_model_swaps_total", model="fc", version="1", result="ok") == 1
+    assert value(body, "edged_model_swaps_total", model="fc", version="1", result="failed") == 0
+    assert value(body, "edged_model_swaps_total", model="fc", version="2", result="failed") == 1
+    for decision, count in (("promoted", 1), ("reverted", 0), ("superseded", 0), ("stopped", 0)):
+        assert (
+            value(
+                body, "edged_probation_verdicts_total", model="fc", version="1", decision=decision
+            )
+            == count
+        )
+    assert value(body, "edged_service_restarts_total", service="fleet") == 3
+    assert value(body, "edged_service_restarts_total", service="telemetry") == 0

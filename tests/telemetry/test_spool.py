@@ -273,3 +273,13 @@ def test_segments_are_valid_json_frames_on_disk(tmp_path: Path) -> None:
     raw = _segments(directory)[0].read_bytes()
     assert raw[:2] == b"eT"
     assert json.loads(raw[10:]) == {"seq": 1, "hello": "world"}
+
+
+def test_a_gap_of_records_without_seq_folds_again_without_a_range() -> None:
+    # A paused spool folds records that never got a seq; folding that gap once more (the disk
+    # still refuses writes) must not fail on the missing range.
+    first = summarise_records([{"type": "telemetry", "ts": 1.0}])
+    assert first["from_seq"] is None
+    again = summarise_records([{"type": "gap", **first}, {"type": "telemetry", "ts": 2.0}])
+    assert again["from_seq"] is None and again["to_seq"] is None
+    assert again["dropped"] == 2

@@ -5,9 +5,13 @@ install resumes after the restart."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,6 +29,7 @@ from edged.fleet.channel import (
 from edged.modelrepo.config import TEST_VECTORS_FILE
 from edged.transport.protocol import Progress
 from tests.support.broker import Broker
+from tests.support.daemon import DaemonProcess
 from tests.support.load import InferenceLoad
 from tests.support.pki import FleetPki, SigningKeys
 from tests.transport.conftest import CHUNK_BYTES, Devices
@@ -129,3 +134,37 @@ def test_a_failing_side_service_is_reported_over_mqtt_while_serving_goes_on(
     assert report["type"] == "service-failure"
     assert "cannot open telemetry spool" in report["error"]
     assert report["restarts"] >= 1
+
+
+def test_an_engine_killed_under_load_leaves_the_fleet_channel_connected(
+    devices: Devices, manager: ManagerSettings, broker: Broker, pki: FleetPki
+) -> None:
+    statuses = Collector(broker, pki, "edged/devices/device-1/status")
+    statuses.start()
+    try:
+        daemon = devices.start("device-1")
+        asyncio.run(wait_online(manager, ["device-1"], timeout_s=20))
+        engine = next(p for p in daemon_status(daemon)["processes"] if p["role"] == "engine")
+        with InferenceLoad(daemon.port, clients=2) as load:
+            load.wait_for_ok(50)
+            os.kill(engine["pid"], signal.SIGKILL)
+            daemon.wait_for_log("killed by SIGKILL, while serving")
+            deadline = time.monotonic() + 60
+            while daemon_status(daemon)["engine"].get("pid") in (None, engine["pid"]):
+                assert time.monotonic() < deadline, daemon.log()
+                time.sleep(0.05)
+            load.wait_for_ok(50)
+        asyncio.run(wait_online(manager, ["device-1"], timeout_s=20))
+    finally:
+        statuses.stop()
+    # The control plane's MQTT session never dropped: no will ("offline") was published and
+    # the link never reconnected; only requests inside the dead engine failed (503, retry).
+    assert statuses.records and all(r["online"] for r in statuses.records), statuses.records
+    assert "reconnecting in" not in daemon.log()
+    assert set(load.failures) <= {"status 503"}, load.failures
+
+
+def daemon_status(daemon: DaemonProcess) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{daemon.url}/edged/v1/status", timeout=10) as response:
+        doc: dict[str, Any] = json.load(response)
+    return doc

@@ -91,6 +91,9 @@ class GrpcServer:
         if server is not None:
             await server.stop(grace_s)
         self._remove_socket()
+        close = getattr(self.service.backend, "close", None)  # a backend with a session
+        if close is not None:
+            await close()
 
     def _remove_socket(self) -> None:
         socket_path = self.config.grpc_socket_path

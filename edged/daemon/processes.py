@@ -1,0 +1,151 @@
+"""The control plane's children: one engine and N front ends, each restarted when it dies.
+
+Children are forked by a fork server (``multiprocessing``'s forkserver start method) that has
+the heavy modules imported: forking the control plane itself, which runs threads, could
+deadlock a child, and a fresh interpreter per child would cost start-up time and memory. The
+fork server reports each child's exit status, so a crash is logged with its signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.context import ForkServerContext
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from edged.daemon.children import PRELOAD
+
+log = logging.getLogger(__name__)
+
+_context: ForkServerContext | None = None
+
+
+def fork_context() -> ForkServerContext:
+    global _context
+    if _context is None:
+        context = multiprocessing.get_context("forkserver")
+        assert isinstance(context, ForkServerContext)
+        context.set_forkserver_preload(PRELOAD)
+        _context = context
+    return _context
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+@dataclass
+class ChildState:
+    """One child role's life so far, for ``edged status`` and ``edged top``."""
+
+    name: str
+    role: str  # engine | front-end
+    pid: int | None = None
+    state: str = "starting"  # starting | running | restarting | stopped
+    started_at: float = 0.0
+    restarts: int = 0
+    last_exit: str | None = None
+    last_exit_at: float | None = None
+    last_pid: int | None = None  # the process that ended last
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "role": self.role,
+            "pid": self.pid,
+            "state": self.state,
+            "uptime_s": round(time.monotonic() - self.started_at, 1) if self.pid else None,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+        }
+
+
+Spawn = Callable[[], BaseProcess]
+OnExit = Callable[[ChildState, int | None], None]
+
+
+@dataclass
+class Child:
+    """Runs one child role forever: start, wait for its exit, report, restart."""
+
+    state: ChildState
+    spawn: Spawn
+    on_exit: OnExit | None = None
+    after_start: Callable[[BaseProcess], None] | None = None
+    process: BaseProcess | None = None
+    stopping: bool = False
+    _started: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        quick_failures = 0
+        while not self.stopping:
+            process = self.spawn()
+            await asyncio.to_thread(process.start)
+            if self.after_start is not None:
+                self.after_start(process)
+            self.process = process
+            self.state.pid = process.pid
+            self.state.state = "running"
+            self.state.started_at = time.monotonic()
+            self._started.set()
+            ended: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(process.sentinel, _settle, ended)
+            try:
+                await ended
+            finally:
+                loop.remove_reader(process.sentinel)
+            await asyncio.to_thread(process.join, 1.0)
+            code = process.exitcode
+            self.state.last_pid = process.pid
+            self.state.last_exit = describe_exit(code)
+            self.state.last_exit_at = time.time()
+            self.state.pid = None
+            if self._stopped():
+                self.state.state = "stopped"
+                return
+            self.state.state = "restarting"
+            self.state.restarts += 1
+            if self.on_exit is not None:
+                self.on_exit(self.state, code)
+            lived = time.monotonic() - self.state.started_at
+            quick_failures = quick_failures + 1 if lived < 10.0 else 0
+            if quick_failures > 1:  # a crash loop: back off, up to 30 s
+                await asyncio.sleep(min(30.0, 0.25 * 2 ** (quick_failures - 2)))
+
+    def _stopped(self) -> bool:
+        """``terminate()`` may have run while ``run`` waited (mypy cannot see that)."""
+        return self.stopping
+
+    async def wait_started(self) -> None:
+        await self._started.wait()
+
+    def terminate(self) -> None:
+        self.stopping = True
+        process = self.process
+        if process is not None and process.exitcode is None:
+            process.terminate()
+
+    def kill(self) -> None:
+        self.stopping = True
+        process = self.process
+        if process is not None and process.exitcode is None:
+            process.kill()
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -1,0 +1,252 @@
+"""The serving processes as the control plane runs them: the listening sockets (bound here once
+and inherited by every front end, so a front end that dies loses no queued connection), the
+engine and its private socket, the front ends, and the private socket of the control plane's
+own routes, to which front ends forward what they do not answer themselves."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from edged._compat import TaskGroup
+from edged.config import DaemonConfig
+from edged.daemon.children import engine_main, frontend_main
+from edged.daemon.processes import Child, ChildState, describe_exit, fork_context
+from edged.engine.proxy import EngineProxy
+
+log = logging.getLogger(__name__)
+
+LISTEN_BACKLOG = 2048  # a thousand clients connecting at once must not see a refused SYN
+
+
+class ServingProcesses:
+    def __init__(self, config: DaemonConfig, proxy: EngineProxy, front_ends: int) -> None:
+        self.config = config
+        self.proxy = proxy
+        self.front_end_count = front_ends
+        self.runtime_dir = Path(
+            tempfile.mkdtemp(prefix="edged-", dir=os.environ.get("RUNTIME_DIRECTORY"))
+        )
+        self.engine_path = str(self.runtime_dir / "engine.sock")
+        self.control_path = str(self.runtime_dir / "control.sock")
+        self.listeners: list[socket.socket] = []
+        self._engine_listener: socket.socket | None = None
+        self._engine_link: socket.socket | None = None  # the engine's end, until it started
+        self.engine: Child | None = None
+        self.front_ends: list[Child] = []
+        self._lifelines: list[socket.socket] = []
+        self._control_runner: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- start ------------------------------------------------------------------------------
+
+    async def start(self, tg: TaskGroup, control_app: web.Application) -> list[str]:
+        endpoints = self._bind_listeners()
+        self._control_runner = web.AppRunner(control_app, access_log=None)
+        await self._control_runner.setup()
+        await web.UnixSite(self._control_runner, self.control_path).start()
+        engine_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        engine_listener.bind(self.engine_path)
+        engine_listener.listen(64)
+        self._engine_listener = engine_listener
+        fork_context()  # the fork server starts (and imports) while nothing else runs
+        self.engine = Child(
+            ChildState("engine", "engine"),
+            self._spawn_engine,
+            on_exit=self._engine_exited,
+            after_start=self._engine_started,
+        )
+        tg.create_task(self.engine.run(), name="engine")
+        await self.proxy.wait_started()
+        for number in range(1, self.front_end_count + 1):
+            child = self._front_end(number)
+            self.front_ends.append(child)
+            tg.create_task(child.run(), name=f"front-end-{number}")
+        return endpoints
+
+    def _bind_listeners(self) -> list[str]:
+        server = self.config.server
+        endpoints = []
+        if server.port >= 0:
+            family, _, _, _, address = socket.getaddrinfo(
+                server.host, server.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            tcp = socket.socket(family, socket.SOCK_STREAM)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            tcp.bind(address)
+            tcp.listen(LISTEN_BACKLOG)
+            self.listeners.append(tcp)
+            endpoints.append(f"http://{server.host}:{tcp.getsockname()[1]}")
+        if server.socket_path is not None:
+            path = server.socket_path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            # Bind under a tight umask so the socket never exists with looser permissions.
+            old_umask = os.umask(0o777 & ~server.socket_mode)
+            try:
+                unix.bind(str(path))
+            finally:
+                os.umask(old_umask)
+            os.chmod(path, server.socket_mode)
+            unix.listen(LISTEN_BACKLOG)
+            self.listeners.append(unix)
+            endpoints.append(f"unix:{path}")
+        return endpoints
+
+    # --- the engine -----------------------------------------------------------------------------
+
+    def _spawn_engine(self) -> BaseProcess:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._engine_link = theirs
+        task = asyncio.get_running_loop().create_task(self._talk_to_engine(ours))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return fork_context().Process(
+            target=engine_main,
+            args=(
+                self.config,
+                theirs,
+                self._engine_listener,
+                logging.getLogger().level,
+                os.getpid(),
+            ),
+            name="edged-engine",
+            daemon=True,
+        )
+
+    def _engine_started(self, process: BaseProcess) -> None:
+        if self._engine_link is not None:
+            self._engine_link.close()  # the engine holds its end now
+            self._engine_link = None
+
+    async def _talk_to_engine(self, sock: socket.socket) -> None:
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        await self.proxy.serve(reader, writer)
+
+    def _engine_exited(self, state: ChildState, code: int | None) -> None:
+        serving = ", ".join(
+            f"{m['name']}@{m['version']}" for m in self.proxy.status()["models"] if m["version"]
+        )
+        log.error(
+            "the engine (pid %s) ended: %s, while serving %s; restarting it",
+            state.last_pid or "?",
+            describe_exit(code),
+            serving or "no models",
+        )
+
+    def engine_healthy(self) -> bool:
+        return self.proxy.connected and self.proxy.status_age_s < 10.0
+
+    # --- front ends ---------------------------------------------------------------------------
+
+    def _front_end(self, number: int) -> Child:
+        link: list[socket.socket] = []
+
+        def spawn() -> BaseProcess:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._lifelines.append(ours)  # closing ours (or dying) ends the front end
+            link.append(theirs)
+            return fork_context().Process(
+                target=frontend_main,
+                args=(
+                    self.config,
+                    number,
+                    self.listeners,
+                    self.engine_path,
+                    self.control_path,
+                    theirs,
+                    logging.getLogger().level,
+                    os.getpid(),
+                ),
+                name=f"edged-front-end-{number}",
+                daemon=True,
+            )
+
+        def started(process: BaseProcess) -> None:
+            while link:
+                link.pop().close()  # the front end holds its end now
+
+        return Child(
+            ChildState(f"front-end-{number}", "front-end"),
+            spawn,
+            on_exit=self._front_end_exited,
+            after_start=started,
+        )
+
+    def _front_end_exited(self, state: ChildState, code: int | None) -> None:
+        log.error(
+            "%s (pid %s) ended: %s; restarting it", state.name, state.last_pid, describe_exit(code)
+        )
+
+    # --- status and stop ----------------------------------------------------------------------
+
+    def status(self) -> list[dict[str, Any]]:
+        children = [c for c in [self.engine, *self.front_ends] if c is not None]
+        rows = [c.state.to_json() for c in children]
+        engine = self.proxy.engine_status
+        if rows and engine:
+            rows[0]["front_ends_connected"] = engine.get("front_ends")
+            rows[0]["requests"] = engine.get("requests")
+        return rows
+
+    def start_draining(self) -> None:
+        for child in self.front_ends:
+            child.terminate()
+
+    async def stop(self, remaining: Callable[[], float]) -> None:
+        for child in self.front_ends:
+            child.terminate()
+        # A front end keeps the same deadline and logs what it could not finish: give it a
+        # moment past the deadline to say so before it is killed.
+        await _wait_ended(self.front_ends, remaining() + 0.5)
+        await self.proxy.close(remaining())
+        if self.engine is not None:
+            self.engine.terminate()
+            await _wait_ended([self.engine], max(remaining(), 1.0))
+        await self._cleanup()
+
+    async def kill(self) -> None:
+        for child in [*self.front_ends, *([self.engine] if self.engine else [])]:
+            child.kill()
+        await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._control_runner is not None:
+            await self._control_runner.cleanup()
+        for sock in [*self.listeners, *self._lifelines]:
+            sock.close()
+        if self._engine_listener is not None:
+            self._engine_listener.close()
+        socket_path = self.config.server.socket_path
+        if socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                socket_path.unlink()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+
+async def _wait_ended(children: list[Child], timeout_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    for child in children:
+        process = child.process
+        while process is not None and process.exitcode is None:
+            if loop.time() > deadline:
+                log.warning("%s did not stop in time: killing it", child.state.name)
+                child.kill()
+                break
+            await asyncio.sleep(0.02)
