@@ -46,10 +46,15 @@ def status_of(call: Any) -> str:
     return str(info.value.status())
 
 
+# The process design (the default: front ends and an engine), and everything in one process.
+DESIGNS = {"front-ends": "", "one-process": "[server]\nworkers = 0\n"}
+
+
+@pytest.mark.parametrize("design", list(DESIGNS))
 def test_tritonclient_grpc_health_metadata_config_infer_and_stream(
-    model_repo: Path, tmp_path: Path
+    model_repo: Path, tmp_path: Path, design: str
 ) -> None:
-    with running_daemon(model_repo, tmp_path / "d") as daemon:
+    with running_daemon(model_repo, tmp_path / "d", DESIGNS[design]) as daemon:
         client = triton.InferenceServerClient(daemon.grpc_url)
         assert client.is_server_live() and client.is_server_ready()
         assert client.is_model_ready("mlp") and not client.is_model_ready("nope")
@@ -131,10 +136,11 @@ def test_typed_contents_in_and_out_over_the_wire(model_repo: Path, tmp_path: Pat
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("design", list(DESIGNS))
 def test_repository_load_and_unload_are_accepted_on_the_grpc_unix_socket_only(
-    model_repo: Path, tmp_path: Path
+    model_repo: Path, tmp_path: Path, design: str
 ) -> None:
-    with running_daemon(model_repo, tmp_path / "d") as daemon:
+    with running_daemon(model_repo, tmp_path / "d", DESIGNS[design]) as daemon:
         socket_path = daemon.grpc_socket_url.removeprefix("unix:")
         assert stat.S_IMODE(os.stat(socket_path).st_mode) == 0o660
         tcp = triton.InferenceServerClient(daemon.grpc_url)
