@@ -820,6 +820,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-one-process", action="store_true", help="skip the p rows (workers = 0)"
     )
+    parser.add_argument("--no-thread-server", action="store_true", help="skip the c and e rows")
     parser.add_argument(
         "--workers-sweep",
         type=int,
@@ -980,6 +981,19 @@ def main(argv: list[str] | None = None) -> int:
                 label = f"edged, 64 clients, binary, {workers} front ends"
                 phases.measure(f"d64w{workers}", label, port, pid, binary, 64, {"workers": workers})
 
+        # d64sK: the engine's GIL switch interval, for the hand-off between its threads.
+        for interval in args.switch_interval:
+            port = free_port()
+            key = f"d64s{interval * 1e6:.0f}"
+            cmd = [
+                "env", f"EDGED_ENGINE_SWITCH_INTERVAL_S={interval}",
+                *edged_command(repo, port, tmp, f"state-{key}"),
+            ]  # fmt: skip
+            with server_process(cmd, port, tmp / f"{key}.log") as pid:
+                check_response(port, binary)
+                label = f"edged, 64 clients, binary, engine switch interval {interval * 1e3:g} ms"
+                phases.measure(key, label, port, pid, binary, 64, {"switch_interval_s": interval})
+
         # p: edged in one process (the engine in the daemon's process), the design before.
         if not args.no_one_process:
             write_model_config(model_dir)
@@ -1037,7 +1051,8 @@ def main(argv: list[str] | None = None) -> int:
 
         # c: thread-per-request with the runtime's default threads; e: with 1 intra-op thread
         # per request (the best such a server can do: requests in parallel, one core each).
-        for letter, threads in (("c", args.baseline_intra_op_threads), ("e", 1)):
+        thread_servers = (("c", args.baseline_intra_op_threads), ("e", 1))
+        for letter, threads in () if args.no_thread_server else thread_servers:
             port = free_port()
             cmd = [
                 sys.executable, str(THREAD_SERVER), "--version-dir", str(version_dir),

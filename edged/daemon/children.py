@@ -1,9 +1,9 @@
 """The entry points of the daemon's child processes: the engine and the front ends.
 
-They are forked from a fork server that imported the heavy modules once (numpy, the runtimes,
-aiohttp, edged), so children start in milliseconds and share those pages. Both ignore SIGINT
-(Ctrl-C reaches the whole process group; the control plane decides) and end when the control
-plane goes away.
+They are forked by the zygote (``edged.daemon.zygote``) after the heavy modules are imported
+(numpy, the runtimes, aiohttp, edged), so children start in milliseconds and share those
+pages. Both ignore SIGINT (Ctrl-C reaches the whole process group; the control plane decides)
+and end when the control plane goes away.
 """
 
 from __future__ import annotations
@@ -32,12 +32,22 @@ from edged.engine.service import EngineService
 from edged.errors import EdgedError
 
 if TYPE_CHECKING:  # grpcio is imported only where gRPC is served
-    from edged.api.grpc import GrpcServer
+    from edged.api.grpc.server import GrpcServer
 
 log = logging.getLogger(__name__)
 
-# What the fork server imports before it forks anyone (shared, copy-on-write, by every child).
-PRELOAD = ["edged.daemon.children", "edged.runtime.onnx", "edged.runtime.litert"]
+# The GIL switch interval of the engine (seconds; Python's default 0.005), for measuring the
+# hand-off between its threads (bench/serving.py --switch-interval).
+SWITCH_INTERVAL_ENV = "EDGED_ENGINE_SWITCH_INTERVAL_S"
+
+# What the zygote imports before it forks anyone (shared, copy-on-write, by every child).
+PRELOAD = (
+    "edged.daemon.children",
+    "edged.runtime.onnx",
+    "edged.runtime.litert",
+    "onnxruntime",
+    "ai_edge_litert.interpreter",
+)
 
 
 def configure_logging(role: str, level: int) -> None:
@@ -77,14 +87,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def engine_main(
-    config: DaemonConfig,
-    control: socket.socket,
-    listener: socket.socket,
-    log_level: int,
-    control_plane: int,
-) -> None:
+def engine_main(config: DaemonConfig, log_level: int, control_plane: int, fds: list[int]) -> None:
+    """``fds``: the control connection, then the engine's listening socket."""
+    control, listener = (socket.socket(fileno=fd) for fd in fds)
     configure_logging("engine", log_level)
+    switch = os.environ.get(SWITCH_INTERVAL_ENV)
+    if switch:  # a diagnostic: the engine's threads take turns on the GIL this often
+        sys.setswitchinterval(float(switch))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     end_with(control_plane)
     service = EngineService(config, control, listener)
@@ -114,8 +123,8 @@ async def _start_grpc(
     serve an inherited one), and spreading one port over processes would need SO_REUSEPORT."""
     if not config.server.grpc_port or number != FIRST_FRONT_END:
         return None
-    from edged.api.grpc import GrpcServer
     from edged.api.grpc.control import ControlPlaneRepository
+    from edged.api.grpc.server import GrpcServer
 
     grpc = GrpcServer(ControlPlaneRepository(client, control_path), app[SHM], config.server)
     log.info("front end %d serving gRPC on %s", number, ", ".join(await grpc.start()))
@@ -125,13 +134,14 @@ async def _start_grpc(
 def frontend_main(
     config: DaemonConfig,
     number: int,
-    listeners: list[socket.socket],
     engine_path: str,
     control_path: str,
-    lifeline: socket.socket,
     log_level: int,
     control_plane: int,
+    fds: list[int],
 ) -> None:
+    """``fds``: the lifeline to the control plane, then the listening sockets."""
+    lifeline, *listeners = (socket.socket(fileno=fd) for fd in fds)
     configure_logging(f"front-end-{number}", log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     end_with(control_plane)

@@ -32,10 +32,12 @@ from edged.bundle import Installer, detect_device_facts
 from edged.bundle.rollout_policy import policy_for_swap
 from edged.bundle.store import MODELS_DIR
 from edged.config import DaemonConfig
+from edged.daemon.children import PRELOAD
 from edged.daemon.loops import EVENT_LOOP_ENV, event_loop_kind
 from edged.daemon.sdnotify import Notifier, Watchdog, watchdog_interval_s
 from edged.daemon.serving import ServingProcesses
 from edged.daemon.supervisor import Supervisor
+from edged.daemon.zygote import Zygote, can_fork
 from edged.engine.proxy import EngineProxy
 from edged.errors import EdgedError, NotifyError
 from edged.runtime.budget import front_ends, usable_cores
@@ -44,7 +46,7 @@ from edged.serve.watch import ProbationOutcome
 from edged.telemetry.hub import TelemetryHub
 
 if TYPE_CHECKING:  # the MQTT and gRPC stacks are imported only when enabled
-    from edged.api.grpc import GrpcServer
+    from edged.api.grpc.server import GrpcServer
     from edged.transport.agent import FleetAgent
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,7 @@ class Daemon:
         else:
             self.manager = EngineProxy(config.models, self.telemetry.observer)
         self.processes: ServingProcesses | None = None
+        self.zygote: Zygote | None = None
         self.telemetry.queue_depths = self.manager.queue_depths
         self.installer = Installer(
             config.state.directory,
@@ -257,7 +260,7 @@ class Daemon:
             os.chmod(path, server.socket_mode)
             endpoints.append(f"unix:{path}")
         if server.grpc_port and isinstance(self.manager, ModelManager):  # one process
-            from edged.api.grpc import GrpcServer
+            from edged.api.grpc.server import GrpcServer
 
             self._grpc = GrpcServer(ManagerBackend(self.manager), app[SHM], server)
             endpoints.extend(await self._grpc.start())
@@ -322,7 +325,11 @@ class Daemon:
                     await self.manager.start()
                     endpoints = await self._start_api()
                 else:
-                    self.processes = ServingProcesses(self.config, self.manager, self.front_ends)
+                    if self.zygote is None:  # run_daemon forks one before threads start
+                        self.zygote = Zygote.launch(PRELOAD)
+                    self.processes = ServingProcesses(
+                        self.config, self.manager, self.front_ends, self.zygote
+                    )
                     endpoints = await self.processes.start(tg, self._control_app())
                 log.info("edged serving %s on %s", self.manager.model_names(), ", ".join(endpoints))
                 self._notify(self.notifier.ready, self._status_line())
@@ -434,6 +441,9 @@ def run_daemon(load: ConfigLoader) -> int:
     """Load the config (an invalid one fails here, before anything starts) and run."""
     kind = event_loop_kind(os.environ)
     daemon = Daemon(load(), load)
+    if daemon.front_ends and can_fork():
+        # Before the event loop and any thread: the engine and front ends are forked from it.
+        daemon.zygote = Zygote.fork(PRELOAD)
     log.info("event loop: %s (%s=asyncio for the standard one)", kind, EVENT_LOOP_ENV)
     if kind == "uvloop":
         import uvloop

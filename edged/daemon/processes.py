@@ -1,39 +1,22 @@
 """The control plane's children: one engine and N front ends, each restarted when it dies.
 
-Children are forked by a fork server (``multiprocessing``'s forkserver start method) that has
-the heavy modules imported: forking the control plane itself, which runs threads, could
-deadlock a child, and a fresh interpreter per child would cost start-up time and memory. The
-fork server reports each child's exit status, so a crash is logged with its signal.
+Children are forked by the zygote (``edged.daemon.zygote``), which reports each one's exit
+status, so a crash is logged with its signal.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing.context import ForkServerContext
-from multiprocessing.process import BaseProcess
 from typing import Any
 
-from edged.daemon.children import PRELOAD
+from edged.daemon.zygote import ZygoteProcess
 
 log = logging.getLogger(__name__)
-
-_context: ForkServerContext | None = None
-
-
-def fork_context() -> ForkServerContext:
-    global _context
-    if _context is None:
-        context = multiprocessing.get_context("forkserver")
-        assert isinstance(context, ForkServerContext)
-        context.set_forkserver_preload(PRELOAD)
-        _context = context
-    return _context
 
 
 def describe_exit(code: int | None) -> str:
@@ -73,7 +56,7 @@ class ChildState:
         }
 
 
-Spawn = Callable[[], BaseProcess]
+Spawn = Callable[[], ZygoteProcess]
 OnExit = Callable[[ChildState, int | None], None]
 
 
@@ -84,32 +67,26 @@ class Child:
     state: ChildState
     spawn: Spawn
     on_exit: OnExit | None = None
-    after_start: Callable[[BaseProcess], None] | None = None
-    process: BaseProcess | None = None
+    after_start: Callable[[ZygoteProcess], None] | None = None
+    process: ZygoteProcess | None = None
     stopping: bool = False
     _started: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
         quick_failures = 0
         while not self.stopping:
             process = self.spawn()
-            await asyncio.to_thread(process.start)
-            if self.after_start is not None:
-                self.after_start(process)
+            try:
+                await process.start()
+            finally:
+                if self.after_start is not None:
+                    self.after_start(process)
             self.process = process
             self.state.pid = process.pid
             self.state.state = "running"
             self.state.started_at = time.monotonic()
             self._started.set()
-            ended: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(process.sentinel, _settle, ended)
-            try:
-                await ended
-            finally:
-                loop.remove_reader(process.sentinel)
-            await asyncio.to_thread(process.join, 1.0)
-            code = process.exitcode
+            code = await process.wait()
             self.state.last_pid = process.pid
             self.state.last_exit = describe_exit(code)
             self.state.last_exit_at = time.time()
@@ -144,8 +121,3 @@ class Child:
         process = self.process
         if process is not None and process.exitcode is None:
             process.kill()
-
-
-def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

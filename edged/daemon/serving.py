@@ -13,7 +13,6 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Callable
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,10 @@ from aiohttp import web
 
 from edged._compat import TaskGroup
 from edged.config import DaemonConfig
-from edged.daemon.children import engine_main, frontend_main
-from edged.daemon.processes import Child, ChildState, describe_exit, fork_context
+from edged.daemon.processes import Child, ChildState, describe_exit
+from edged.daemon.zygote import Zygote, ZygoteProcess
 from edged.engine.proxy import EngineProxy
+from edged.engine.service import HEARTBEAT_S
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,11 @@ LISTEN_BACKLOG = 2048  # a thousand clients connecting at once must not see a re
 
 
 class ServingProcesses:
-    def __init__(self, config: DaemonConfig, proxy: EngineProxy, front_ends: int) -> None:
+    def __init__(
+        self, config: DaemonConfig, proxy: EngineProxy, front_ends: int, zygote: Zygote
+    ) -> None:
         self.config = config
+        self.zygote = zygote
         self.proxy = proxy
         self.front_end_count = front_ends
         self.runtime_dir = Path(
@@ -60,7 +63,6 @@ class ServingProcesses:
         engine_listener.bind(self.engine_path)
         engine_listener.listen(64)
         self._engine_listener = engine_listener
-        fork_context()  # the fork server starts (and imports) while nothing else runs
         self.engine = Child(
             ChildState("engine", "engine"),
             self._spawn_engine,
@@ -68,11 +70,13 @@ class ServingProcesses:
             after_start=self._engine_started,
         )
         tg.create_task(self.engine.run(), name="engine")
-        await self.proxy.wait_started()
+        # The front ends start while the engine loads the models: they connect to its socket
+        # (bound above) and wait in its backlog until it accepts.
         for number in range(1, self.front_end_count + 1):
             child = self._front_end(number)
             self.front_ends.append(child)
             tg.create_task(child.run(), name=f"front-end-{number}")
+        await self.proxy.wait_started()
         return endpoints
 
     def _bind_listeners(self) -> list[str]:
@@ -107,7 +111,7 @@ class ServingProcesses:
         if server.grpc_port:
             # The first front end binds gRPC itself: a port in use fails the start here, not
             # as a front end that dies at every restart.
-            from edged.api.grpc.server import ensure_port_free
+            from edged.api.grpc.listen import ensure_port_free
 
             ensure_port_free(server.host, server.grpc_port)
             endpoints.append(f"grpc://{server.host}:{server.grpc_port} (front end 1)")
@@ -115,26 +119,21 @@ class ServingProcesses:
 
     # --- the engine -----------------------------------------------------------------------------
 
-    def _spawn_engine(self) -> BaseProcess:
+    def _spawn_engine(self) -> ZygoteProcess:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._engine_link = theirs
         task = asyncio.get_running_loop().create_task(self._talk_to_engine(ours))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return fork_context().Process(
-            target=engine_main,
-            args=(
-                self.config,
-                theirs,
-                self._engine_listener,
-                logging.getLogger().level,
-                os.getpid(),
-            ),
-            name="edged-engine",
-            daemon=True,
+        assert self._engine_listener is not None
+        return ZygoteProcess(
+            self.zygote,
+            "edged.daemon.children:engine_main",
+            (self.config, logging.getLogger().level, os.getpid()),
+            [theirs.fileno(), self._engine_listener.fileno()],
         )
 
-    def _engine_started(self, process: BaseProcess) -> None:
+    def _engine_started(self, process: ZygoteProcess) -> None:
         if self._engine_link is not None:
             self._engine_link.close()  # the engine holds its end now
             self._engine_link = None
@@ -155,34 +154,33 @@ class ServingProcesses:
         )
 
     def engine_healthy(self) -> bool:
-        return self.proxy.connected and self.proxy.status_age_s < 10.0
+        """Connected, and its heartbeat is recent: a frozen engine stops the watchdog pings."""
+        return self.proxy.connected and self.proxy.status_age_s < 3 * HEARTBEAT_S
 
     # --- front ends ---------------------------------------------------------------------------
 
     def _front_end(self, number: int) -> Child:
         link: list[socket.socket] = []
 
-        def spawn() -> BaseProcess:
+        def spawn() -> ZygoteProcess:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             self._lifelines.append(ours)  # closing ours (or dying) ends the front end
             link.append(theirs)
-            return fork_context().Process(
-                target=frontend_main,
-                args=(
+            return ZygoteProcess(
+                self.zygote,
+                "edged.daemon.children:frontend_main",
+                (
                     self.config,
                     number,
-                    self.listeners,
                     self.engine_path,
                     self.control_path,
-                    theirs,
                     logging.getLogger().level,
                     os.getpid(),
                 ),
-                name=f"edged-front-end-{number}",
-                daemon=True,
+                [theirs.fileno(), *(s.fileno() for s in self.listeners)],
             )
 
-        def started(process: BaseProcess) -> None:
+        def started(process: ZygoteProcess) -> None:
             while link:
                 link.pop().close()  # the front end holds its end now
 
@@ -244,6 +242,7 @@ class ServingProcesses:
             with contextlib.suppress(FileNotFoundError):
                 socket_path.unlink()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        self.zygote.close()
 
 
 async def _wait_ended(children: list[Child], timeout_s: float) -> None:

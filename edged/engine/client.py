@@ -74,7 +74,11 @@ class EngineConnection(asyncio.Protocol):
         self.pending: dict[int, _Pending] = {}
         self.buffer = bytearray()
         self.freed: list[int] = []  # response slots read, for the engine to reuse
-        self.lost = asyncio.get_running_loop().create_future()
+        self.loop = asyncio.get_running_loop()
+        self.lost = self.loop.create_future()
+        # Frames written in one turn of the event loop go out in one write: under load the
+        # engine's reader wakes once for many requests, and the front end makes one syscall.
+        self._outbox: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -85,15 +89,30 @@ class EngineConnection(asyncio.Protocol):
         client = self.client
         for header, inline in wire.frames(self.buffer):
             kind = header["k"]
-            if kind == wire.RESULT:
+            if kind == wire.BATCH:
+                self._batch(header, inline, freed)
+            elif kind == wire.RESULT:
                 self._result(header, inline, freed)
             elif kind == wire.VIEWS:
                 client.update_views(header)
         # Freed response slots ride on the next request's frame; only a pile of them (no
         # requests going out) gets a frame of its own.
-        if len(freed) >= FREE_BATCH and self.transport is not None:
-            self.transport.write(wire.frame({"k": wire.FREE, "o": freed}))
+        if len(freed) >= FREE_BATCH:
+            self.send(wire.frame({"k": wire.FREE, "o": freed}))
             self.freed = []
+
+    def send(self, frame: bytes) -> None:
+        if not self._outbox:
+            if len(self.pending) <= 1 and self.transport is not None:
+                self.transport.write(frame)  # a lone request: no turn of the loop to wait
+                return
+            self.loop.call_soon(self._flush)
+        self._outbox.append(frame)
+
+    def _flush(self) -> None:
+        frames, self._outbox = self._outbox, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     def take_freed(self) -> list[int] | None:
         freed = self.freed
@@ -101,6 +120,33 @@ class EngineConnection(asyncio.Protocol):
             return None
         self.freed = []
         return freed
+
+    def _batch(self, header: dict[str, Any], inline: bytes, freed: list[int]) -> None:
+        view = self.responses.view
+        # One copy of each output (the engine reuses the slot once it is freed), then a view
+        # of its rows per request.
+        outputs: dict[str, Array] = {}
+        for ref in header["t"]:
+            outputs[ref[0]] = np.array(wire.tensor_at(ref, view, inline))
+            if ref[3] >= 0:
+                freed.append(ref[3])
+        ids, counts = header["i"], header["n"]
+        version, batch_rows = header["v"], header["b"]
+        free = self.allocator.free
+        pending_of = self.pending.pop
+        single = len(ids) == 1
+        first = 0
+        for request_id, count in zip(ids, counts, strict=True):
+            pending = pending_of(request_id, None)
+            if pending is not None:
+                for offset in pending.offsets:
+                    free(offset)
+                part = (
+                    outputs if single else {k: v[first : first + count] for k, v in outputs.items()}
+                )
+                if not pending.future.done():
+                    pending.future.set_result(InferenceResult(part, version, batch_rows))
+            first += count
 
     def _result(self, header: dict[str, Any], inline: bytes, freed: list[int]) -> None:
         pending = self.pending.pop(header["i"], None)
@@ -276,11 +322,7 @@ class EngineClient:
             },
             inline,
         )
-        try:
-            connection.transport.write(frame)
-        except (RuntimeError, OSError) as exc:  # the engine went away a moment ago
-            connection.pending.pop(request_id, None)
-            raise EngineUnavailableError("the engine is restarting; retry shortly") from exc
+        connection.send(frame)
         if timeout_s is None:
             return await future
         try:

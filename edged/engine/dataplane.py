@@ -30,12 +30,21 @@ from edged.errors import (
 )
 from edged.runtime.base import Array
 from edged.serve.manager import ModelManager
-from edged.serve.scheduler import BatchObserver, InferenceResult, RemoteWaiter, thread_cpu_s
+from edged.serve.scheduler import (
+    BatchObserver,
+    InferenceResult,
+    PendingRequest,
+    RemoteWaiter,
+    Scheduler,
+    thread_cpu_s,
+)
 from edged.serve.view import ModelView
 
 log = logging.getLogger(__name__)
 
 RESPONSE_ARENA_BYTES = 16 * 1024 * 1024
+# The requests of one read from a front end, per model: (request, priority).
+Queued = dict[Scheduler, list[tuple[PendingRequest, int]]]
 RECV_BYTES = 256 * 1024
 
 
@@ -85,6 +94,9 @@ class FrontEndConnection:
 
     def claim(self, waiter: RemoteWaiter) -> bool:
         """True for the first caller only: it answers ``waiter``."""
+        if not waiter.timed:  # nothing else can answer it
+            waiter.answered = True
+            return True
         with self._claim_lock:
             if waiter.answered:
                 return False
@@ -106,20 +118,60 @@ class FrontEndConnection:
                 out += self._result_frame(waiter.token, outcome)
         self.send(bytes(out))
 
-    def _result_frame(self, token: object, result: InferenceResult) -> bytes:
+    def deliver_batch(
+        self,
+        version: str,
+        total_rows: int,
+        outputs: dict[str, Array],
+        rows: list[tuple[RemoteWaiter, int, int]],
+    ) -> None:
+        """One frame for every answer of a batch that belongs to this front end: each output
+        is copied into the response arena once, and the front end splits it by rows."""
+        live = [(w, first, n) for w, first, n in rows if self.claim(w)]
+        if not live:
+            return
+        first, last = live[0][1], live[-1][1] + live[-1][2]
+        if len(live) == 1 and first == 0 and last == total_rows:
+            mine = outputs  # the whole batch (also a model without a batch dimension)
+        elif sum(n for _, _, n in live) == last - first:  # contiguous rows: a view
+            mine = {name: value[first:last] for name, value in outputs.items()}
+        else:
+            index = np.concatenate([np.arange(f, f + n) for _, f, n in live])
+            mine = {name: value[index] for name, value in outputs.items()}
+        refs, inline = self._place(mine)
+        self.send(
+            wire.frame(
+                {
+                    "k": wire.BATCH,
+                    "v": version,
+                    "b": total_rows,
+                    "i": [w.token for w, _, _ in live],
+                    "n": [n for _, _, n in live],
+                    "t": refs,
+                },
+                inline,
+            )
+        )
+
+    def _place(self, outputs: dict[str, Array]) -> tuple[list[wire.TensorRef], bytearray]:
+        """Outputs into the response arena (or, when it is full, inline in the frame)."""
         refs = []
         inline = bytearray()
         view = self.responses.view
-        for name, value in result.outputs.items():
+        for name, value in outputs.items():
             flat = np.ascontiguousarray(value)
             nbytes = flat.nbytes
             offset = self.allocator.alloc(nbytes)
-            if offset is None:  # the arena is full: this answer travels in the frame
+            if offset is None:
                 refs.append(wire.describe(name, flat, -1, len(inline)))
                 inline += flat.tobytes()
             else:
                 view[offset : offset + nbytes] = flat.reshape(-1).view(np.uint8).data
                 refs.append(wire.describe(name, flat, offset, 0))
+        return refs, inline
+
+    def _result_frame(self, token: object, result: InferenceResult) -> bytes:
+        refs, inline = self._place(result.outputs)
         return wire.frame(
             {
                 "k": wire.RESULT,
@@ -142,6 +194,7 @@ class FrontEndConnection:
                 if not chunk:
                     break
                 buffer += chunk
+                queued: Queued = {}
                 for header, data in wire.frames(buffer):
                     kind = header["k"]
                     if kind == wire.INFER:
@@ -149,11 +202,13 @@ class FrontEndConnection:
                         if freed:  # response slots the front end is done with, piggybacked
                             for offset in freed:
                                 self.allocator.free(offset)
-                        self.engine.infer(self, header, data)
+                        self.engine.infer(self, header, data, queued)
                     elif kind == wire.FREE:
                         free = self.allocator.free
                         for offset in header["o"]:
                             free(offset)
+                if queued:  # every request of this read, one lock per model
+                    self.engine.submit(self, queued)
         except (OSError, ValueError) as exc:
             if not self.closed:
                 log.warning("front end %d: connection failed: %s", self.number, exc)
@@ -290,10 +345,18 @@ class DataPlane:
 
     # --- requests -----------------------------------------------------------------------------
 
-    def infer(self, connection: FrontEndConnection, header: dict[str, Any], data: bytes) -> None:
+    def infer(
+        self,
+        connection: FrontEndConnection,
+        header: dict[str, Any],
+        data: bytes,
+        queued: Queued,
+    ) -> None:
+        """Turn one request frame into a queued request (in ``queued``, for ``submit``), an
+        error answer, or a task on the loop (cache, probation)."""
         request_id = header["i"]
         try:
-            self._infer(connection, header, data, request_id)
+            self._infer(connection, header, data, request_id, queued)
         except EdgedError as exc:
             connection.send(
                 wire.frame({"k": wire.RESULT, "i": request_id, **wire.error_fields(exc)})
@@ -305,6 +368,7 @@ class DataPlane:
         header: dict[str, Any],
         data: bytes,
         request_id: int,
+        queued: Queued,
     ) -> None:
         if self.closing:
             raise ShuttingDownError("the daemon is shutting down; retry on restart")
@@ -330,20 +394,47 @@ class DataPlane:
             signature = tuple(
                 (ref[0], tuple(ref[2][1:]) if dynamic else tuple(ref[2]), ref[1]) for ref in refs
             )
-            waiter = RemoteWaiter(connection, request_id)
             deadline = header["d"]
-            entry.scheduler.submit_remote(
-                inputs, header["r"], signature, header["p"], deadline, waiter
-            )
-            if deadline is not None:
-                self.loop.call_soon_threadsafe(
-                    self._arm_deadline, connection, waiter, entry.scheduler.observer, deadline
-                )
+            waiter = RemoteWaiter(connection, request_id, deadline is not None)
+            request = PendingRequest(inputs, header["r"], signature, deadline, waiter)
+            queued.setdefault(entry.scheduler, []).append((request, header["p"]))
             return
         # The result cache, probation's watch and shadow runs live on the event loop, and may
         # keep the inputs: they get a copy, not the arena.
         owned = {key: np.array(value) for key, value in inputs.items()}
         self.loop.call_soon_threadsafe(self._start_on_loop, connection, header, owned)
+
+    def submit(self, connection: FrontEndConnection, queued: Queued) -> None:
+        for scheduler, requests in queued.items():
+            refused = scheduler.submit_remote_many(requests)
+            if refused:
+                out = bytearray()
+                for request, error in refused:
+                    waiter = request.future
+                    assert isinstance(waiter, RemoteWaiter)
+                    waiter.answered = True
+                    fields = wire.error_fields(error)
+                    out += wire.frame({"k": wire.RESULT, "i": waiter.token, **fields})
+                connection.send(bytes(out))
+            timed = [
+                (r.future, r.deadline)
+                for r, _ in requests
+                if r.deadline is not None and not r.future.cancelled()
+            ]
+            if timed:
+                self.loop.call_soon_threadsafe(
+                    self._arm_deadlines, connection, timed, scheduler.observer
+                )
+
+    def _arm_deadlines(
+        self,
+        connection: FrontEndConnection,
+        timed: list[tuple[Any, float]],
+        observer: BatchObserver,
+    ) -> None:
+        for waiter, deadline in timed:
+            if not waiter.answered:
+                self._arm_deadline(connection, waiter, observer, deadline)
 
     def _arm_deadline(
         self,

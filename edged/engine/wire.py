@@ -27,6 +27,7 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 # Message kinds (header key "k").
 INFER = "i"  # front end → engine: one request
 RESULT = "r"  # engine → front end: one answer (outputs or error)
+BATCH = "b"  # engine → front end: the answers of several requests of one batch, by rows
 FREE = "f"  # front end → engine: response slots the front end is done with
 VIEWS = "v"  # engine → front end: what serves now (model views, readiness)
 HELLO = "h"  # both ways, first: arena sizes and who is talking

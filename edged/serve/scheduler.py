@@ -78,12 +78,24 @@ class NullObserver:
 
 
 class ReplySink(Protocol):
-    """Where the answers of requests from another process go: called from the worker thread
-    with every answer of one batch that belongs to this sink (one write for all of them)."""
+    """Where the answers of requests from another process go (one write per call)."""
 
     def deliver(
         self, completions: list[tuple[RemoteWaiter, InferenceResult | BaseException]]
-    ) -> None: ...
+    ) -> None:
+        """Errors of some requests, from the worker thread."""
+        ...
+
+    def deliver_batch(
+        self,
+        version: str,
+        total_rows: int,
+        outputs: dict[str, Array],
+        rows: list[tuple[RemoteWaiter, int, int]],
+    ) -> None:
+        """The answers of a batch's requests that belong to this sink, from the sender
+        thread: ``rows`` holds (waiter, first row in ``outputs``, rows)."""
+        ...
 
 
 class RemoteWaiter:
@@ -91,11 +103,12 @@ class RemoteWaiter:
     thread to ``sink``, without a hop through the event loop. ``answered`` is set by whoever
     answers first (the worker, or the sink's deadline timer): a request is answered once."""
 
-    __slots__ = ("answered", "expired", "sink", "token")
+    __slots__ = ("answered", "expired", "sink", "timed", "token")
 
-    def __init__(self, sink: ReplySink, token: object) -> None:
+    def __init__(self, sink: ReplySink, token: object, timed: bool = False) -> None:
         self.sink = sink
         self.token = token
+        self.timed = timed  # a deadline timer may answer it too
         self.answered = False
         self.expired = False  # its deadline passed before an answer: the worker may skip it
 
@@ -152,6 +165,13 @@ class Scheduler:
         # CPU this worker spent inside the runtime: the rest of its thread's CPU is the
         # scheduler's own per-request cost (bench/serving.py reports it).
         self.run_cpu_s = 0.0
+        # Batches whose answers go to other processes, for the sender thread.
+        self._send_cond = threading.Condition(threading.Lock())
+        self._to_send: list[
+            tuple[str, int, dict[str, Array], dict[ReplySink, list[tuple[RemoteWaiter, int, int]]]]
+        ] = []
+        self._sender: threading.Thread | None = None
+        self._sending = False  # the sender is inside a send (answers must stay in order)
         self._thread = threading.Thread(
             target=self._work, name=f"edged-worker-{slot.name}", daemon=True
         )
@@ -189,16 +209,41 @@ class Scheduler:
         """``submit`` from any thread, for a request whose answer goes to ``waiter.sink``."""
         self._enqueue(PendingRequest(inputs, rows, signature, deadline, waiter), priority)
 
+    def submit_remote_many(
+        self, items: list[tuple[PendingRequest, int]]
+    ) -> list[tuple[PendingRequest, EdgedError]]:
+        """Queue several requests of other processes (``(request, priority)``, their futures
+        ``RemoteWaiter``s) under one lock; what was refused, with why."""
+        refused: list[tuple[PendingRequest, EdgedError]] = []
+        with self._cond:
+            for item, priority in items:
+                if self._stopping:
+                    refused.append(
+                        (item, ShuttingDownError(f"model {self.slot.name!r} is shutting down"))
+                    )
+                elif self._count >= self.batching.max_queue_size:
+                    self.observer.on_outcome("rejected")
+                    refused.append((item, self._queue_full()))
+                else:
+                    self._queues[priority - 1].append(item)
+                    self._count += 1
+            if self._worker_waiting:
+                self._cond.notify()
+        return refused
+
+    def _queue_full(self) -> QueueFullError:
+        return QueueFullError(
+            f"queue of model {self.slot.name!r} is full "
+            f"({self.batching.max_queue_size} requests waiting); retry later"
+        )
+
     def _enqueue(self, item: PendingRequest, priority: int) -> None:
         with self._cond:
             if self._stopping:
                 raise ShuttingDownError(f"model {self.slot.name!r} is shutting down")
             if self._count >= self.batching.max_queue_size:
                 self.observer.on_outcome("rejected")
-                raise QueueFullError(
-                    f"queue of model {self.slot.name!r} is full "
-                    f"({self.batching.max_queue_size} requests waiting); retry later"
-                )
+                raise self._queue_full()
             self._queues[priority - 1].append(item)
             self._count += 1
             if self._worker_waiting:  # a busy worker looks at the queue before it waits
@@ -220,8 +265,9 @@ class Scheduler:
 
     @property
     def thread_cpu_s(self) -> float:
-        """CPU seconds the worker thread used so far (0 before it started or after it ended)."""
-        return thread_cpu_s(self._thread)
+        """CPU seconds the worker and sender threads used so far."""
+        sender = self._sender
+        return thread_cpu_s(self._thread) + (thread_cpu_s(sender) if sender else 0.0)
 
     def _complete(
         self,
@@ -254,6 +300,60 @@ class Scheduler:
                 completions = [(item.future, exc) for item in batch]
             if completions:
                 self._deliver(completions)
+
+    def _send_batches(
+        self,
+        version: str,
+        total_rows: int,
+        outputs: dict[str, Array],
+        remote: dict[ReplySink, list[tuple[RemoteWaiter, int, int]]],
+    ) -> None:
+        """Hand a batch's answers for other processes to the sender thread: it copies and
+        sends them while this worker already runs the next batch (the runtime releases the
+        GIL, so the two overlap)."""
+        if not self._count:
+            # Nothing waits for this worker: sending from here is quicker than waking the
+            # sender (a lone caller's latency).
+            with self._send_cond:
+                idle = not self._to_send and not self._sending
+            if idle:
+                self._send(version, total_rows, outputs, remote)
+                return
+        with self._send_cond:
+            self._to_send.append((version, total_rows, outputs, remote))
+            if self._sender is None:
+                self._sender = threading.Thread(
+                    target=self._send_loop, name=f"edged-sender-{self.slot.name}", daemon=True
+                )
+                self._sender.start()
+            self._send_cond.notify()
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._send_cond:
+                while not self._to_send:
+                    self._send_cond.wait()
+                work, self._to_send = self._to_send, []
+                self._sending = True
+            try:
+                for version, total_rows, outputs, remote in work:
+                    self._send(version, total_rows, outputs, remote)
+            finally:
+                with self._send_cond:
+                    self._sending = False
+
+    def _send(
+        self,
+        version: str,
+        total_rows: int,
+        outputs: dict[str, Array],
+        remote: dict[ReplySink, list[tuple[RemoteWaiter, int, int]]],
+    ) -> None:
+        for sink, rows in remote.items():
+            try:
+                sink.deliver_batch(version, total_rows, outputs, rows)
+            except Exception:  # a front end that went away must not stop the sending thread
+                log.exception("answers of %s not delivered", self.slot.name)
 
     def _deliver(self, completions: list[Completion]) -> None:
         local: list[tuple[asyncio.Future[InferenceResult], InferenceResult | BaseException]] = []
@@ -347,26 +447,22 @@ class Scheduler:
             version.version, total_rows, [start - item.enqueued_at for item in live], start, end
         )
         offset = 0
+        remote: dict[ReplySink, list[tuple[RemoteWaiter, int, int]]] = {}
         for item in live:
-            part = (
-                outputs
-                if len(live) == 1
-                else {k: v[offset : offset + item.rows] for k, v in outputs.items()}
-            )
-            offset += item.rows
-            if (
-                type(item.future) is RemoteWaiter
-                and item.deadline is not None
-                and end > item.deadline
-            ):
-                # The caller in another process has answered 504 already; count it here, where
-                # an in-process caller's wait counts its own.
-                self.observer.on_outcome("timeout")
-                completions.append(
-                    (item.future, DeadlineExceededError("deadline passed while the request ran"))
+            waiter = item.future
+            if type(waiter) is RemoteWaiter:
+                # Another process's request: its rows go out with the rest of the batch.
+                remote.setdefault(waiter.sink, []).append((waiter, offset, item.rows))
+            else:
+                part = (
+                    outputs
+                    if len(live) == 1
+                    else {k: v[offset : offset + item.rows] for k, v in outputs.items()}
                 )
-                continue
-            completions.append((item.future, InferenceResult(part, version.version, total_rows)))
+                completions.append((waiter, InferenceResult(part, version.version, total_rows)))
+            offset += item.rows
+        if remote:
+            self._send_batches(version.version, total_rows, outputs, remote)
         return completions
 
 

@@ -9,6 +9,8 @@ environment systemd gives a ``Type=notify`` unit (``NOTIFY_SOCKET``, ``WATCHDOG_
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
 import socket
 import tempfile
@@ -191,3 +193,25 @@ def test_hung_worker_stops_watchdog_pings_and_the_service_is_restarted(
         )
         with urllib.request.urlopen(request, timeout=10) as response:
             assert b'"data":[3.0]' in response.read()
+
+
+def test_a_frozen_engine_stops_watchdog_pings_and_they_resume_with_it(
+    model_repo: Path, tmp_path: Path, service_manager: ServiceManager
+) -> None:
+    watchdog_s = 2.0
+    env = {"NOTIFY_SOCKET": service_manager.address, "WATCHDOG_USEC": str(int(watchdog_s * 1e6))}
+    with running_daemon(model_repo, tmp_path / "d", env=env) as daemon:
+        assert service_manager.wait_for("READY", 10)
+        assert service_manager.wait_for("WATCHDOG", watchdog_s)
+        with urllib.request.urlopen(f"{daemon.url}/edged/v1/status", timeout=10) as response:
+            engine = json.load(response)["engine"]["pid"]
+        os.kill(engine, signal.SIGSTOP)  # alive, but it answers nothing: as hung as it gets
+        try:
+            # Its heartbeat stops; within three heartbeats (6 s) the pings stop too, and
+            # WatchdogSec= passes without one: systemd would restart the unit.
+            deadline = time.monotonic() + 30
+            while service_manager.wait_for("WATCHDOG", watchdog_s):
+                assert time.monotonic() < deadline, "watchdog pings went on"
+        finally:
+            os.kill(engine, signal.SIGCONT)
+        assert service_manager.wait_for("WATCHDOG", 10)  # the engine answers again

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from edged.api.backend import ManagerBackend
-from edged.api.grpc import GrpcServer
 from edged.api.grpc._proto import grpc_service_pb2 as pb
+from edged.api.grpc.server import GrpcServer
 from edged.config import ModelsConfig, ServerConfig
 from edged.serve.manager import ModelManager
 

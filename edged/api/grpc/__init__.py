@@ -3,9 +3,6 @@
 
 It speaks only to an ``InferenceBackend`` (``edged.api.backend``); the protos it was built from
 are vendored in ``proto/`` and the stubs in ``_proto/`` are generated from them by
-``scripts/grpc_stubs.py``.
+``scripts/grpc_stubs.py``. ``server.GrpcServer`` serves it; importing this package alone does not
+import grpcio (``listen.ensure_port_free`` is what the control plane needs of it).
 """
-
-from edged.api.grpc.server import GrpcServer
-
-__all__ = ["GrpcServer"]
