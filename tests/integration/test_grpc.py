@@ -262,15 +262,16 @@ def probe(infer: Any) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+@pytest.mark.parametrize("design", list(DESIGNS))
 def test_full_queue_is_resource_exhausted_and_a_drain_answers_unavailable_and_waits_for_grpc(
-    loop_repo: Path, tmp_path: Path
+    loop_repo: Path, tmp_path: Path, design: str
 ) -> None:
     """The loop model's queue holds one request. A hung run keeps its worker busy (a probe with
     a 50 ms timeout parameter then waits it out: DEADLINE_EXCEEDED); of two more calls at
     least one is refused with the retry hint. After SIGTERM new calls get UNAVAILABLE and the
     server turns unready while the drain waits for the admitted gRPC calls."""
     (loop_repo / "loop" / "config.toml").write_text(LOOP_CONFIG)
-    config = "[server]\ndrain_timeout_s = 3\n"
+    config = "[server]\ndrain_timeout_s = 3\n" + DESIGNS[design].removeprefix("[server]\n")
     with running_daemon(loop_repo, tmp_path / "d", config) as daemon:
         channel = grpc.insecure_channel(daemon.grpc_url)
         infer = channel.unary_unary(
