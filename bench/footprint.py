@@ -26,6 +26,8 @@ from pathlib import Path
 
 import psutil
 
+from edged._net import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MIB = 1024 * 1024
@@ -63,8 +65,8 @@ def start(work: Path, workers: int | None) -> tuple[subprocess.Popen[bytes], flo
     config.write_text("" if workers is None else f"[server]\nworkers = {workers}\n")
     args = [
         sys.executable, "-m", "edged.cli.main", "run", "--models", str(REPO / "models"),
-        "--port", "0", "--socket", str(work / "edged.sock"), "--state-dir", str(work / "state"),
-        "--config", str(config),
+        "--port", "0", "--grpc-port", str(free_port()), "--socket", str(work / "edged.sock"),
+        "--state-dir", str(work / "state"), "--config", str(config),
     ]  # fmt: skip
     started = time.monotonic()
     process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

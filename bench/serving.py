@@ -7,6 +7,8 @@ One model (ONNX MLP 1024 -> 2048 -> 2048 -> 1000, fp32, dynamic batch, max batch
   cN     ``ThreadingHTTPServer``, one runtime call per request, N clients    the usual server
   eN     the same with 1 intra-op thread per request                         the best it can do
   dN     ``edged run`` with default settings (its processes), N clients
+  gN     the same edged over KServe v2 gRPC (raw contents), N ModelInfer calls in flight
+  gsN    the same, N ModelStreamInfer messages in flight over min(N, 64) streams
   pN     edged in one process (``[server] workers = 0``)                     the old design
   s64    edged with ``spin_wait = true``, 64 clients (``--legacy-rows``)    battery vs spinning
   wN     edged with ``intra_op_threads`` = all cores (``--legacy-rows``)     the CPU budget's price
@@ -22,7 +24,9 @@ request from /proc accounting: the server's (all its processes and threads), edg
 thread alone ("loop": the control plane's in the process design), edged's engine apart from the
 runtime's compute ("engine": its reader threads, its workers outside ``run`` and its loop, from
 thread CPU clocks; every request passes through it), and wrk's. CPU accounting is far less
-noisy than wall clock on a shared machine.
+noisy than wall clock on a shared machine. The g rows' load generator is ``bench/grpc_load.py``
+(Python, grpc.aio: wrk speaks no gRPC), N calls in flight over min(N, 64) connections; its CPU
+shows in the wrk column.
 
 Prints one table and the ratios against the serving issue's targets, and writes everything to
 bench/out/serving.json. Exit status 1 when any edged request failed.
@@ -54,7 +58,7 @@ import numpy as np
 import psutil
 from cpuload import NOISY_CORES, OtherLoad, ServerCpu, children_cpu_s, wait_for_quiet
 
-from edged._net import free_port
+from edged._net import free_port, free_ports
 from edged.demo.samples import BENCH_MLP_LAYERS, make_bench_mlp
 from edged.runtime import LoadedModel, load_model
 from edged.runtime.budget import CpuBudget, front_ends, usable_cores
@@ -63,6 +67,8 @@ from edged.runtime.options import RuntimeOptions
 BENCH_DIR = Path(__file__).resolve().parent
 LUA_SCRIPT = BENCH_DIR / "infer.lua"
 THREAD_SERVER = BENCH_DIR / "thread_server.py"
+GRPC_LOAD = BENCH_DIR / "grpc_load.py"
+GRPC_MAX_CONNECTIONS = 64
 DEFAULT_OUT = BENCH_DIR / "out" / "serving.json"
 
 MODEL_NAME = "mlp"
@@ -303,16 +309,23 @@ def server_process(
 
 
 def edged_command(
-    repo: Path, port: int, tmp: Path, state: str = "state", workers: int | None = None
+    repo: Path,
+    port: int,
+    tmp: Path,
+    state: str = "state",
+    workers: int | None = None,
+    grpc_port: int | None = 0,
 ) -> list[str]:
+    """``grpc_port``: 0 turns gRPC off; None leaves the flag out (an edged from before it)."""
     config = tmp / f"edged-{state}.toml"
     config.write_text(
         "# bench: defaults only, so /etc/edged/edged.toml cannot leak in\n"
         + (f"[server]\nworkers = {workers}\n" if workers is not None else "")
     )
+    grpc = [] if grpc_port is None else ["--grpc-port", str(grpc_port)]
     return [
         sys.executable, "-m", "edged.cli.main", "run",
-        "--models", str(repo), "--port", str(port), "--no-socket",
+        "--models", str(repo), "--port", str(port), *grpc, "--no-socket",
         "--config", str(config), "--state-dir", str(tmp / state),
     ]  # fmt: skip
 
@@ -475,6 +488,61 @@ def http_row(
     )
 
 
+def grpc_row(
+    key: str,
+    label: str,
+    ports: tuple[int, int],
+    server_pid: int,
+    clients: int,
+    duration_s: float,
+    settings: dict[str, Any],
+    stream: bool = False,
+) -> Row:
+    """One bench/grpc_load.py run against edged's gRPC port (``ports``: HTTP, gRPC):
+    ``clients`` ModelInfer calls (``stream``: ModelStreamInfer messages) in flight, raw."""
+    port, grpc_port = ports
+    connections = min(clients, GRPC_MAX_CONNECTIONS)
+    cmd = [
+        *PINNING.wrk, sys.executable, str(GRPC_LOAD), "--target", f"127.0.0.1:{grpc_port}",
+        "--model", MODEL_NAME, "--shape", "1", str(BENCH_MLP_LAYERS[0]),
+        "--concurrency", str(clients), "--connections", str(connections),
+        "--duration-s", f"{duration_s:g}", "--timeout-s", WRK_TIMEOUT.removesuffix("s"),
+        *(["--stream"] if stream else []),
+    ]  # fmt: skip
+    tree = process_tree(server_pid)
+    other = OtherLoad(tree)
+    engine0 = engine_cpu_s(port)
+    server0, client0 = ServerCpu.read(server_pid, tree), children_cpu_s()
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    server1, client1 = ServerCpu.read(server_pid, tree), children_cpu_s()
+    engine1 = engine_cpu_s(port)
+    other_cores = other.cores()
+    lines = [x for x in done.stdout.splitlines() if x.startswith("GRPC_RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"grpc_load failed ({done.returncode}): {done.stderr or done.stdout}")
+    result = json.loads(lines[0].removeprefix("GRPC_RESULT "))
+    requests = int(result["requests"])
+    per_request = 1e6 / max(requests, 1)
+    return Row(
+        key,
+        label,
+        "req/s",
+        int(result["ok"]) / result["duration_s"],
+        result["p50_ms"],
+        result["p99_ms"],
+        other_cores,
+        {**settings, "connections": connections, "command": " ".join(cmd)},
+        requests,
+        {k.lower(): int(v) for k, v in result["errors"].items()},
+        server_cpu_us_per_request=(server1.total_s - server0.total_s) * per_request,
+        loop_cpu_us_per_request=(server1.main_thread_s - server0.main_thread_s) * per_request,
+        client_cpu_us_per_request=(client1 - client0) * per_request,
+        engine_cpu_us_per_request=(engine1 - engine0) * per_request
+        if engine0 is not None and engine1 is not None
+        else None,
+    )
+
+
 def process_tree(pid: int) -> list[int]:
     """The server and every process it started (edged's fork server, engine, front ends)."""
     with contextlib.suppress(psutil.Error):
@@ -566,11 +634,17 @@ def extra_ratios(rows: dict[str, Row]) -> dict[str, float]:
         "dj64_over_pj64": ("dj64", "pj64"), "dj64_over_cj64": ("dj64", "cj64"),
         "d64_over_o64": ("d64", "o64"), "dj64_over_d64": ("dj64", "d64"),
         "e64_over_c64": ("e64", "c64"),
+        "g64_over_d64": ("g64", "d64"), "g1000_over_d1000": ("g1000", "d1000"),
+        "gs64_over_d64": ("gs64", "d64"),
     }  # fmt: skip
     out = {k: rows[x].throughput / rows[y].throughput for k, (x, y) in pairs.items()
            if x in rows and y in rows}  # fmt: skip
     if "p1" in rows and "d1" in rows:
         out["d1_minus_p1_p50_ms"] = rows["d1"].p50_ms - rows["p1"].p50_ms
+    if "g64" in rows and "d64" in rows:
+        out["g64_over_d64_server_cpu"] = (rows["g64"].server_cpu_us_per_request or 0.0) / (
+            rows["d64"].server_cpu_us_per_request or float("nan")
+        )
     return out
 
 
@@ -717,6 +791,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-json", action="store_true", help="binary bodies only (skip the j rows)"
     )
+    parser.add_argument("--no-grpc", action="store_true", help="skip the gRPC rows (g, gs)")
     parser.add_argument(
         "--quiet-wait-s",
         type=float,
@@ -794,6 +869,22 @@ class Phases:
         )
         self.rows[key] = best_of(measure, self.patience, [pid])
 
+    def measure_grpc(
+        self,
+        key: str,
+        label: str,
+        ports: tuple[int, int],
+        pid: int,
+        clients: int,
+        settings: dict[str, Any],
+        stream: bool = False,
+    ) -> None:
+        print(f"bench: {key}: {label} for {self.duration_s:g}s", flush=True)
+        measure = partial(
+            grpc_row, key, label, ports, pid, clients, self.duration_s, settings, stream
+        )
+        self.rows[key] = best_of(measure, self.patience, [pid])
+
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
@@ -860,16 +951,26 @@ def main(argv: list[str] | None = None) -> int:
             phases.rows[key] = row
             wide.close()
 
-        # d: edged as installed, no [runtime] settings.
+        # d: edged as installed, no [runtime] settings; g: the same process over gRPC.
         write_model_config(model_dir)
-        port = free_port()
-        with server_process(edged_command(repo, port, tmp), port, tmp / "edged.log") as pid:
+        port, grpc_port = free_ports(2)
+        command = edged_command(repo, port, tmp, grpc_port=0 if args.no_grpc else grpc_port)
+        with server_process(command, port, tmp / "edged.log") as pid:
             for suffix, work in works:
                 check_response(port, work)
                 for n in clients:
                     label = f"edged, {n} client{'s' * (n > 1)}, {work.kind}"
                     settings: dict[str, Any] = {"defaults": True, "max_batch_size": MAX_BATCH}
                     phases.measure(f"d{suffix}{n}", label, port, pid, work, n, settings)
+            for n in [] if args.no_grpc else clients:
+                label = f"edged over gRPC, {n} call{'s' * (n > 1)} in flight, raw"
+                settings = {"defaults": True, "max_batch_size": MAX_BATCH, "protocol": "grpc"}
+                phases.measure_grpc(f"g{n}", label, (port, grpc_port), pid, n, settings)
+                label = f"edged over gRPC, {n} stream message{'s' * (n > 1)} in flight"
+                settings = {**settings, "stream": True}
+                phases.measure_grpc(
+                    f"gs{n}", label, (port, grpc_port), pid, n, settings, stream=True
+                )
 
         # d64wK: the number of front ends, for choosing the default.
         for workers in args.workers_sweep:
@@ -934,7 +1035,8 @@ def main(argv: list[str] | None = None) -> int:
             write_model_config(model_dir)
             port = free_port()
             with checkout(args.compare_ref, tmp) as path:
-                cmd = with_pythonpath(edged_command(repo, port, tmp, "state-ref"), path)
+                ref_cmd = edged_command(repo, port, tmp, "state-ref", grpc_port=None)
+                cmd = with_pythonpath(ref_cmd, path)
                 # From the checkout: `python -m` puts the working directory first on the path.
                 with server_process(cmd, port, tmp / "edged-ref.log", cwd=path) as pid:
                     old = [(s, w, n) for s, w in works for n in (1, 64)

@@ -110,7 +110,7 @@ def daemon_command(config: str, repo: Path, port: int, workdir: Path) -> list[st
     entry = ["-c", _BARE_LAUNCHER] if config == "bare" else ["-m", "edged.cli.main"]
     return [
         sys.executable, *entry, "run",
-        "--models", str(repo), "--port", str(port), "--no-socket",
+        "--models", str(repo), "--port", str(port), "--grpc-port", "0", "--no-socket",
         "--config", str(config_path), "--state-dir", str(workdir / f"state-{config}"),
     ]  # fmt: skip
 

@@ -56,7 +56,7 @@ def test_not_toml_is_a_config_error(tmp_path: Path) -> None:
 
 def test_config_check_command(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
-    good.write_text("[server]\nport = 8001\n")
+    good.write_text("[server]\nport = 8002\n")
     bad = tmp_path / "bad.toml"
     bad.write_text("[server]\nport = -5\n")
     edged = [sys.executable, "-m", "edged.cli.main", "config", "check"]
@@ -66,3 +66,22 @@ def test_config_check_command(tmp_path: Path) -> None:
     fail = subprocess.run([*edged, str(bad)], capture_output=True, text=True)
     assert fail.returncode == 1
     assert fail.stderr.strip() == "edged: error: server.port: must be >= 0; got -5"
+
+
+def test_grpc_port_defaults_to_8001_turns_off_with_0_and_must_differ_from_the_http_port(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "edged.toml"
+    path.write_text("")
+    assert load_config(path).server.grpc_port == 8001
+    path.write_text('[server]\ngrpc_port = 0\nsocket = "/run/edged/edged.sock"\n')
+    off = load_config(path).server
+    assert off.grpc_port == 0 and off.grpc_socket_path is None
+    path.write_text('[server]\nsocket = "/run/edged/edged.sock"\n')
+    assert load_config(path).server.grpc_socket_path == Path("/run/edged/edged-grpc.sock")
+    path.write_text("[server]\nport = 8001\n")
+    with pytest.raises(ConfigError, match=r"server\.grpc_port: must differ from server\.port"):
+        load_config(path)
+    path.write_text("[server]\ngrpc_port = 70000\n")
+    with pytest.raises(ConfigError, match=r"server\.grpc_port: must be <= 65535"):
+        load_config(path)

@@ -24,6 +24,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--host", help="TCP address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (default 8000; -1 disables TCP)")
     p.add_argument(
+        "--grpc-port", type=int, help="KServe v2 gRPC port (server.grpc_port; 0 disables gRPC)"
+    )
+    p.add_argument(
         "--socket", type=Path, help=f"Unix socket path (default {default_socket_path()})"
     )
     p.add_argument("--no-socket", action="store_true", help="do not listen on a Unix socket")
@@ -70,6 +73,8 @@ def load_with_overrides(args: argparse.Namespace) -> DaemonConfig:
         server = replace(server, host=args.host)
     if args.port is not None:
         server = replace(server, port=args.port)
+    if args.grpc_port is not None:
+        server = replace(server, grpc_port=args.grpc_port)
     models = config.models
     if args.models is not None:
         models = replace(models, repository=args.models)

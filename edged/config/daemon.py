@@ -26,6 +26,8 @@ def default_socket_path() -> Path:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
+    # KServe v2 gRPC (inference.GRPCInferenceService) on the same host; 0 turns gRPC off.
+    grpc_port: int = 8001
     socket_path: Path | None = None
     socket_mode: int = 0o660
     max_body_bytes: int = 64 * 1024 * 1024
@@ -40,6 +42,15 @@ class ServerConfig:
     # -1: chosen from the CPU budget (edged.runtime.budget.front_ends); 0: one process, the
     # engine in the daemon's own process (no isolation, the smallest footprint).
     workers: int = -1
+
+    @property
+    def grpc_socket_path(self) -> Path | None:
+        """gRPC's Unix socket, beside the HTTP one (``edged.sock`` -> ``edged-grpc.sock``):
+        where the repository extension's load and unload are accepted."""
+        if self.socket_path is None or not self.grpc_port:
+            return None
+        path = self.socket_path
+        return path.with_name(f"{path.stem}-grpc{path.suffix}")
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,7 @@ def _server(t: Table, base: Path) -> ServerConfig:
     cfg = ServerConfig(
         host=t.string("host", d.host),
         port=t.integer("port", d.port, 0, 65535),
+        grpc_port=t.integer("grpc_port", d.grpc_port, 0, 65535),
         socket_path=(base / socket if socket and not Path(socket).is_absolute() else Path(socket))
         if socket
         else None,
@@ -137,6 +149,14 @@ def _server(t: Table, base: Path) -> ServerConfig:
         workers=t.integer("workers", d.workers, -1, 256),
     )
     t.reject_unknown()
+    if cfg.grpc_port and cfg.grpc_port == cfg.port:
+        from edged.errors import ConfigError
+
+        raise ConfigError(
+            t.key_path("grpc_port"),
+            f"must differ from server.port (both are {cfg.port}); set another port, or 0 to "
+            "turn gRPC off",
+        )
     return cfg
 
 

@@ -17,18 +17,22 @@ import signal
 import socket
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from edged._compat import TIMEOUT_ERRORS
 from edged.api.app import build_data_app
-from edged.api.context import GATE
+from edged.api.context import GATE, SHM
 from edged.api.forward import add_forwarding
 from edged.config import DaemonConfig
 from edged.daemon.loops import run_loop
 from edged.engine.client import EngineClient
 from edged.engine.service import EngineService
 from edged.errors import EdgedError
+
+if TYPE_CHECKING:  # grpcio is imported only where gRPC is served
+    from edged.api.grpc.server import GrpcServer
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +109,28 @@ def engine_main(config: DaemonConfig, log_level: int, control_plane: int, fds: l
         os._exit(0)
 
 
+FIRST_FRONT_END = 1  # ServingProcesses numbers its front ends from 1
+
+
+async def _start_grpc(
+    config: DaemonConfig,
+    number: int,
+    client: EngineClient,
+    app: web.Application,
+    control_path: str,
+) -> GrpcServer | None:
+    """KServe v2 gRPC in the first front end only: grpcio binds its own sockets (it cannot
+    serve an inherited one), and spreading one port over processes would need SO_REUSEPORT."""
+    if not config.server.grpc_port or number != FIRST_FRONT_END:
+        return None
+    from edged.api.grpc.control import ControlPlaneRepository
+    from edged.api.grpc.server import GrpcServer
+
+    grpc = GrpcServer(ControlPlaneRepository(client, control_path), app[SHM], config.server)
+    log.info("front end %d serving gRPC on %s", number, ", ".join(await grpc.start()))
+    return grpc
+
+
 def frontend_main(
     config: DaemonConfig,
     number: int,
@@ -143,6 +169,7 @@ async def _serve_front_end(
         shutdown_timeout=min(1.0, server.drain_timeout_s),
     )
     await runner.setup()
+    grpc = await _start_grpc(config, number, client, app, control_path)
     for listener in listeners:
         await web.SockSite(runner, listener).start()
     stop = asyncio.Event()
@@ -158,12 +185,17 @@ async def _serve_front_end(
     deadline = loop.time() + server.drain_timeout_s
     gate = app[GATE]
     gate.start_draining()
+    if grpc is not None:  # new gRPC calls get UNAVAILABLE
+        grpc.start_draining()
     await asyncio.sleep(min(server.drain_grace_s, server.drain_timeout_s))
     with contextlib.suppress(*TIMEOUT_ERRORS):
-        if not await gate.drained(max(0.0, deadline - loop.time())):
-            log.warning(
-                "%d request(s) still running after %.1fs", gate.inflight, server.drain_timeout_s
-            )
+        if not await gate.drained(max(0.0, deadline - loop.time())) or (
+            grpc is not None and not await grpc.drained(max(0.0, deadline - loop.time()))
+        ):
+            inflight = gate.inflight + (grpc.inflight if grpc is not None else 0)
+            log.warning("%d request(s) still running after %.1fs", inflight, server.drain_timeout_s)
     await runner.cleanup()
+    if grpc is not None:
+        await grpc.stop(min(1.0, max(0.0, deadline - loop.time())))
     keep_connected.cancel()
     gone.cancel()

@@ -26,7 +26,8 @@ from aiohttp import web
 
 from edged._compat import TaskGroup
 from edged.api.app import add_control_routes, build_app
-from edged.api.context import FORWARDED, GATE, MAX_BODY, REFRESH
+from edged.api.backend import ManagerBackend
+from edged.api.context import FORWARDED, GATE, MAX_BODY, REFRESH, SHM
 from edged.bundle import Installer, detect_device_facts
 from edged.bundle.rollout_policy import policy_for_swap
 from edged.bundle.store import MODELS_DIR
@@ -44,7 +45,8 @@ from edged.serve.manager import ModelManager
 from edged.serve.watch import ProbationOutcome
 from edged.telemetry.hub import TelemetryHub
 
-if TYPE_CHECKING:  # the MQTT stack is imported only when the fleet channel is enabled
+if TYPE_CHECKING:  # the MQTT and gRPC stacks are imported only when enabled
+    from edged.api.grpc.server import GrpcServer
     from edged.transport.agent import FleetAgent
 
 log = logging.getLogger(__name__)
@@ -132,6 +134,7 @@ class Daemon:
         self._reload = asyncio.Event()
         self._sigint_count = 0
         self._runner: web.AppRunner | None = None
+        self._grpc: GrpcServer | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.exit_code = 0
@@ -256,6 +259,11 @@ class Daemon:
                 os.umask(old_umask)
             os.chmod(path, server.socket_mode)
             endpoints.append(f"unix:{path}")
+        if server.grpc_port and isinstance(self.manager, ModelManager):  # one process
+            from edged.api.grpc.server import GrpcServer
+
+            self._grpc = GrpcServer(ManagerBackend(self.manager), app[SHM], server)
+            endpoints.extend(await self._grpc.start())
         return endpoints
 
     def _control_app(self) -> web.Application:
@@ -361,6 +369,8 @@ class Daemon:
                 await self.processes.kill()
             if self._runner is not None:
                 await self._runner.cleanup()
+            if self._grpc is not None:
+                await self._grpc.stop(0.0)
             await self.manager.close(0.0)
             self._remove_socket()
         else:
@@ -375,8 +385,10 @@ class Daemon:
             return max(0.0, deadline - loop.time())
 
         gate = self._runner.app[GATE] if self._runner is not None else None
-        if gate is not None:  # 1. new requests now get 503 + Retry-After
+        if gate is not None:  # 1. new requests now get 503 + Retry-After (gRPC: UNAVAILABLE)
             gate.start_draining()
+        if self._grpc is not None:
+            self._grpc.start_draining()
         if self.processes is not None:  # the front ends drain on their own (SIGTERM)
             self.processes.start_draining()
         # 2. nothing starts new work: an install cut off here resumes at the next start
@@ -389,11 +401,17 @@ class Daemon:
             # 3. admitted requests finish; only then do the listeners close, so no admitted
             # request is cut off. The grace keeps answering 503 to clients that retry.
             await asyncio.sleep(min(server.drain_grace_s, remaining()))
-            if not await gate.drained(remaining()):
+            grpc = self._grpc
+            if not await gate.drained(remaining()) or (
+                grpc is not None and not await grpc.drained(remaining())
+            ):
+                inflight = gate.inflight + (grpc.inflight if grpc is not None else 0)
                 log.warning(
-                    "%d request(s) still running after %.1fs", gate.inflight, server.drain_timeout_s
+                    "%d request(s) still running after %.1fs", inflight, server.drain_timeout_s
                 )
             await self._runner.cleanup()
+            if grpc is not None:
+                await grpc.stop(min(1.0, remaining()))
         if self.processes is None:
             await self.manager.close(remaining())  # 4. release the models
         self._remove_socket()

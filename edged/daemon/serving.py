@@ -108,6 +108,13 @@ class ServingProcesses:
             unix.listen(LISTEN_BACKLOG)
             self.listeners.append(unix)
             endpoints.append(f"unix:{path}")
+        if server.grpc_port:
+            # The first front end binds gRPC itself: a port in use fails the start here, not
+            # as a front end that dies at every restart.
+            from edged.api.grpc.listen import ensure_port_free
+
+            ensure_port_free(server.host, server.grpc_port)
+            endpoints.append(f"grpc://{server.host}:{server.grpc_port} (front end 1)")
         return endpoints
 
     # --- the engine -----------------------------------------------------------------------------

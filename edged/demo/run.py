@@ -135,7 +135,7 @@ use_identity_as_username true
 
 @contextlib.contextmanager
 def running_daemon(
-    work: Path, models: Path, pki: Pki, broker_port: int, http_port: int
+    work: Path, models: Path, pki: Pki, broker_port: int, http_port: int, grpc_port: int
 ) -> Iterator[Path]:
     socket_path = work / "edged.sock"
     config = work / "edged.toml"
@@ -144,6 +144,7 @@ def running_daemon(
         f"""[server]
 host = "127.0.0.1"
 port = {http_port}
+grpc_port = {grpc_port}
 socket = "{socket_path}"
 
 [state]
@@ -254,7 +255,8 @@ class Demo:
         self.step("throw-away CA, device and fleet certificates, signing keys", make_credentials)
         # Triton's port for the API when it is free, so the README's curl lines work.
         http_port = free_port(8000 if not self.smoke else 0)
-        broker_port = next(p for p in free_ports(2) if p != http_port)
+        broker_port, spare = [p for p in free_ports(3) if p != http_port][:2]
+        grpc_port = free_port(8001) if not self.smoke and http_port != 8001 else spare
         pki: Pki = holder["pki"]
         with contextlib.ExitStack() as stack:
 
@@ -271,7 +273,12 @@ class Demo:
                 shutil.copytree(SHIPPED_MODELS, self.work / "models")
                 holder["socket"] = stack.enter_context(
                     running_daemon(
-                        self.work / "device", self.work / "models", pki, broker_port, http_port
+                        self.work / "device",
+                        self.work / "models",
+                        pki,
+                        broker_port,
+                        http_port,
+                        grpc_port,
                     )
                 )
                 from edged.fleet.channel import ManagerSettings, wait_online
@@ -283,8 +290,8 @@ class Demo:
                 )
                 asyncio.run(wait_online(settings, [DEVICE], timeout_s=30.0))
                 return (
-                    f"edged serving the sample models on http://127.0.0.1:{http_port} and "
-                    f"{holder['socket']}; {DEVICE} online on the broker"
+                    f"edged serving the sample models on http://127.0.0.1:{http_port}, gRPC "
+                    f"127.0.0.1:{grpc_port} and {holder['socket']}; {DEVICE} online on the broker"
                 )
 
             self.step("the daemon on the sample models", start_daemon)

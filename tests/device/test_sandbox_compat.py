@@ -50,12 +50,32 @@ print("litert", interpreter.get_tensor(interpreter.get_output_details()[0]["inde
 key = Ed25519PrivateKey.generate()
 key.public_key().verify(key.sign(b"bundle"), b"bundle")
 print("ed25519 ok")
+
+import asyncio, grpc
+from edged.api.grpc._proto import grpc_service_pb2
+
+async def echo(request, context):
+    return request
+
+async def grpc_round_trip():
+    server = grpc.aio.server()
+    handler = grpc.unary_unary_rpc_method_handler(echo)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.S", {"M": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        answer = await channel.unary_unary("/t.S/M")(b"ping", timeout=30)
+    await server.stop(0)
+    return grpc_service_pb2.ServerLiveResponse(live=answer == b"ping").live
+
+print("grpc", asyncio.run(grpc_round_trip()))
 """
 
 
 def test_runtimes_infer_without_writable_executable_memory() -> None:
     result = subprocess.run(
         [sys.executable, "-c", _UNDER_MDWE, str(REPO / "models")],
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
@@ -67,6 +87,7 @@ def test_runtimes_infer_without_writable_executable_memory() -> None:
     assert "onnx (2, 10)" in result.stdout
     assert "litert (1, 8)" in result.stdout
     assert "ed25519 ok" in result.stdout
+    assert "grpc True" in result.stdout
 
 
 def _wants_executable_stack(path: Path) -> bool:
@@ -85,7 +106,9 @@ def _wants_executable_stack(path: Path) -> bool:
     return False  # no PT_GNU_STACK: the loader's default, non-executable on arm64 and x86-64
 
 
-@pytest.mark.parametrize("package", ["onnxruntime", "ai_edge_litert", "numpy", "cryptography"])
+@pytest.mark.parametrize(
+    "package", ["onnxruntime", "ai_edge_litert", "numpy", "cryptography", "grpc", "google._upb"]
+)
 def test_no_shared_library_asks_for_an_executable_stack(package: str) -> None:
     spec = importlib.util.find_spec(package)
     assert spec is not None and spec.submodule_search_locations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,7 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from edged._net import free_port
+from edged._net import free_ports
+from edged.config import ServerConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_MODELS = REPO_ROOT / "models"
@@ -28,10 +30,21 @@ class DaemonProcess:
     port: int
     socket_path: Path
     log_path: Path
+    grpc_port: int = 0
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def grpc_socket_url(self) -> str:
+        """gRPC's Unix socket, where the repository extension's load and unload are accepted."""
+        config = ServerConfig(socket_path=self.socket_path, grpc_port=self.grpc_port)
+        return f"unix:{config.grpc_socket_path}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -77,6 +90,23 @@ def wait_ready(
     raise RuntimeError(f"daemon not ready after {timeout_s}s:\n{log_path.read_text()}")
 
 
+def wait_listening(
+    port: int, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 60.0
+) -> None:
+    """Bounded poll until ``port`` accepts connections (gRPC, which a front end serves; its
+    HTTP readiness does not say that the gRPC listener is up yet)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"daemon exited with {process.returncode}:\n{log_path.read_text()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(
+        f"nothing listens on port {port} after {timeout_s}s:\n{log_path.read_text()}"
+    )
+
+
 @contextlib.contextmanager
 def running_daemon(
     repo: Path,
@@ -87,10 +117,10 @@ def running_daemon(
     wait: bool = True,
     cwd: Path | None = None,
 ) -> Iterator[DaemonProcess]:
-    """``edged run --models repo`` on a free port and a socket in ``workdir``; a relative
-    ``repo`` is relative to ``cwd`` (default: the test's working directory)."""
+    """``edged run --models repo`` on free HTTP and gRPC ports and a socket in ``workdir``; a
+    relative ``repo`` is relative to ``cwd`` (default: the test's working directory)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port, grpc_port = free_ports(2)
     # AF_UNIX paths are limited to 107 bytes; pytest's tmp_path can be longer.
     socket_path = Path(tempfile.mkdtemp(prefix="edged-")) / "edged.sock"
     config = workdir / "edged.toml"
@@ -105,6 +135,8 @@ def running_daemon(
         str(repo),
         "--port",
         str(port),
+        "--grpc-port",
+        str(grpc_port),
         "--socket",
         str(socket_path),
         "--config",
@@ -121,10 +153,11 @@ def running_daemon(
             env={**os.environ, **(env or {})},
             cwd=cwd,
         )
-    daemon = DaemonProcess(process, port, socket_path, log_path)
+    daemon = DaemonProcess(process, port, socket_path, log_path, grpc_port)
     try:
         if wait:
             wait_ready(daemon.url, process, log_path)
+            wait_listening(grpc_port, process, log_path)
         yield daemon
     finally:
         daemon.stop()

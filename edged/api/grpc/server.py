@@ -1,0 +1,102 @@
+"""The gRPC front end's server: grpc.aio on the HTTP API's host and ``server.grpc_port``, and on
+a Unix socket beside the HTTP one; started, drained and stopped by the daemon's lifecycle."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import grpc
+
+from edged.api.backend import InferenceBackend
+from edged.api.grpc.service import SERVICE, InferenceService
+from edged.api.shm import SharedMemoryRegistry
+from edged.config import ServerConfig
+from edged.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class GrpcServer:
+    def __init__(
+        self,
+        backend: InferenceBackend,
+        shm: SharedMemoryRegistry | None,
+        config: ServerConfig,
+    ) -> None:
+        """``shm``: the registry the HTTP API uses too, so that a region registered over one
+        protocol serves requests over the other (as Triton's)."""
+        self.config = config
+        self.service = InferenceService(backend, shm)
+        self._server: grpc.aio.Server | None = None
+        self.port = 0  # the TCP port bound (config.grpc_port, or any free one when that is 0)
+
+    @property
+    def inflight(self) -> int:
+        return self.service.gate.inflight
+
+    async def start(self) -> list[str]:
+        """Listen and serve; the endpoints, for the log."""
+        config = self.config
+        server = grpc.aio.server(
+            options=[
+                # Another process on the same port would share its connections silently.
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", config.max_body_bytes),
+                ("grpc.max_send_message_length", -1),
+            ]
+        )
+        handlers = self.service.handlers()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        add_registered = getattr(server, "add_registered_method_handlers", None)
+        if add_registered is not None:  # grpcio >= 1.63: no per-call lookup by method name
+            add_registered(SERVICE, handlers)
+        host = f"[{config.host}]" if ":" in config.host else config.host  # IPv6
+        self.port = self._bind(server, f"{host}:{config.grpc_port}", "server.grpc_port")
+        endpoints = [f"{host}:{self.port}"]
+        socket_path = config.grpc_socket_path
+        if socket_path is not None:
+            socket_path.parent.mkdir(parents=True, exist_ok=True)
+            self._remove_socket()
+            # Bound under a tight umask so the socket never exists with looser permissions.
+            old_umask = os.umask(0o777 & ~config.socket_mode)
+            try:
+                self._bind(server, f"unix:{socket_path}", "server.socket")
+            finally:
+                os.umask(old_umask)
+            os.chmod(socket_path, config.socket_mode)
+            endpoints.append(f"unix:{socket_path}")
+        await server.start()
+        self._server = server
+        return [f"grpc://{e}" if not e.startswith("unix:") else f"grpc+{e}" for e in endpoints]
+
+    @staticmethod
+    def _bind(server: grpc.aio.Server, address: str, key: str) -> int:
+        try:
+            return server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigError(key, f"cannot listen for gRPC on {address}: {exc}") from exc
+
+    def start_draining(self) -> None:
+        """New calls get UNAVAILABLE from now on; admitted ones go on."""
+        self.service.gate.start_draining()
+
+    async def drained(self, timeout_s: float) -> bool:
+        return await self.service.gate.drained(timeout_s)
+
+    async def stop(self, grace_s: float) -> None:
+        """Close the listeners; calls still running get ``grace_s`` before they are cancelled."""
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop(grace_s)
+        self._remove_socket()
+        close = getattr(self.service.backend, "close", None)  # a backend with a session
+        if close is not None:
+            await close()
+
+    def _remove_socket(self) -> None:
+        socket_path = self.config.grpc_socket_path
+        if socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                socket_path.unlink()
