@@ -109,34 +109,3 @@ def load_rollout_file(path: Path) -> ProbationPolicy:
     except (OSError, ValueError) as exc:
         raise ManifestSchemaError(f"cannot read the rollout policy {path}: {exc}") from exc
     return parse_rollout(value)
-
-
-def policy_of_version(version_dir: Path) -> ProbationPolicy | None:
-    """The policy of an installed version, from the manifest it was verified against
-    (``.verified``); None for a version that did not come from a bundle (a seed repository)."""
-    from edged.bundle.manifest import parse_manifest  # manifest imports this module
-    from edged.bundle.store import VERIFIED_MARKER
-
-    try:
-        data = (version_dir / VERIFIED_MARKER).read_bytes()
-    except OSError:
-        return None
-    manifest = parse_manifest(data)
-    return manifest.rollout if manifest.rollout is not None else DEFAULT_POLICY
-
-
-def policy_for_swap(new_dir: Path, old_dir: Path) -> ProbationPolicy | None:
-    """The policy a swap from ``old_dir`` to ``new_dir`` is judged by: the new version's, when
-    it came from a bundle and is a newer release than the old one (not a rollback)."""
-    from edged.bundle.manifest import parse_manifest
-    from edged.bundle.store import VERIFIED_MARKER
-
-    policy = policy_of_version(new_dir)
-    if policy is None:
-        return None
-    try:
-        old = parse_manifest((old_dir / VERIFIED_MARKER).read_bytes())
-    except OSError:
-        return policy  # the old version came from the seed repository
-    new = parse_manifest((new_dir / VERIFIED_MARKER).read_bytes())
-    return policy if new.counter > old.counter else None

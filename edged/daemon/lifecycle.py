@@ -28,8 +28,8 @@ from edged._compat import TaskGroup
 from edged.api.app import add_control_routes, build_app
 from edged.api.context import FORWARDED, GATE, MAX_BODY, REFRESH
 from edged.bundle import Installer, detect_device_facts
-from edged.bundle.rollout_policy import policy_for_swap
 from edged.bundle.store import MODELS_DIR
+from edged.bundle.swap_policy import policy_for_swap
 from edged.config import DaemonConfig
 from edged.daemon.children import PRELOAD
 from edged.daemon.loops import EVENT_LOOP_ENV, event_loop_kind

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edged.bundle.rollout_policy import policy_for_swap
+from edged.bundle.swap_policy import policy_for_swap
 from edged.bundle.store import MODELS_DIR
 from edged.config import DaemonConfig, ModelsConfig
 from edged.engine import wire

@@ -376,7 +376,15 @@ class ModelManager:
     ) -> None:
         baseline = self.stats.window(entry.name, old.version)
         watch = ProbationWatch(
-            entry, new, old.version, old.version_dir, held, policy, baseline, self.stats
+            entry.name,
+            entry.slot,
+            new,
+            old.version,
+            old.version_dir,
+            held,
+            policy,
+            baseline,
+            self.stats,
         )
         entry.probation = watch
         log.info(
@@ -398,7 +406,8 @@ class ModelManager:
     async def _watch(self, entry: ModelEntry, watch: ProbationWatch) -> None:
         try:
             await watch.run(
-                self._revert, lambda outcome: self._finish_probation(entry, watch, outcome)
+                lambda w: self._revert(entry, w),
+                lambda outcome: self._finish_probation(entry, watch, outcome),
             )
         except Exception as exc:  # a bug in the watch must not pin the old version forever
             log.exception(

@@ -16,15 +16,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edged.serve.probation import ProbationPolicy, Verdict, VersionWindow, judge
 from edged.serve.shadow import ShadowRunner
-from edged.serve.slot import ServedVersion
+from edged.serve.slot import ModelSlot, ServedVersion
 from edged.serve.versionstats import VersionStats
-
-if TYPE_CHECKING:
-    from edged.serve.manager import ModelEntry
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +46,15 @@ class ProbationOutcome:
         return asdict(self)
 
 
-Reverter = Callable[["ModelEntry", "ProbationWatch"], Awaitable[None]]
+Reverter = Callable[["ProbationWatch"], Awaitable[None]]
 Listener = Callable[[ProbationOutcome], Awaitable[None]]
 
 
 class ProbationWatch:
     def __init__(
         self,
-        entry: ModelEntry,
+        model: str,
+        slot: ModelSlot,
         candidate: ServedVersion,
         previous_version: str,
         previous_dir: Path,
@@ -65,7 +63,8 @@ class ProbationWatch:
         baseline: VersionWindow | None,
         stats: VersionStats,
     ) -> None:
-        self.entry = entry
+        self.model = model
+        self.slot = slot
         self.candidate = candidate
         self.previous_version = previous_version
         self.previous_dir = previous_dir
@@ -78,26 +77,26 @@ class ProbationWatch:
         self.task: asyncio.Task[None] | None = None
         self.shadow: ShadowRunner | None = None
         if policy.shadow is not None and held is not None:
-            self.shadow = ShadowRunner(policy.shadow, entry.slot, held, candidate.version, stats)
+            self.shadow = ShadowRunner(policy.shadow, slot, held, candidate.version, stats)
 
     @property
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started
 
     def verdict(self) -> Verdict:
-        window = self.stats.window(self.entry.name, self.candidate.version)
+        window = self.stats.window(self.model, self.candidate.version)
         self.last = judge(self.policy, self.baseline, window, self.elapsed_s)
         return self.last
 
     def release_held(self) -> None:
         held, self.held = self.held, None
         if held is not None:
-            self.entry.slot.release(held)
+            self.slot.release(held)
 
     def outcome(self, decision: str, verdict: Verdict | None, reason: str = "") -> ProbationOutcome:
         trip = verdict.trip if verdict is not None else None
         return ProbationOutcome(
-            model=self.entry.name,
+            model=self.model,
             version=self.candidate.version,
             previous_version=self.previous_version,
             decision=decision,
@@ -131,7 +130,7 @@ class ProbationWatch:
                 self.release_held()
                 log.info(
                     "model %s: version %s promoted: %s",
-                    self.entry.name,
+                    self.model,
                     self.candidate.version,
                     verdict.reason,
                 )
@@ -139,11 +138,11 @@ class ProbationWatch:
                 return
             log.warning(
                 "model %s: version %s failed probation, reverting to %s: %s",
-                self.entry.name,
+                self.model,
                 self.candidate.version,
                 self.previous_version,
                 verdict.reason,
             )
-            await revert(self.entry, self)
+            await revert(self)
             finish(self.outcome("reverted", verdict))
             return

@@ -11,12 +11,8 @@ import pytest
 
 from edged.bundle.canonical import encode_canonical
 from edged.bundle.manifest import parse_manifest
-from edged.bundle.rollout_policy import (
-    DEFAULT_POLICY,
-    parse_rollout,
-    policy_of_version,
-    rollout_json,
-)
+from edged.bundle.rollout_policy import DEFAULT_POLICY, parse_rollout, rollout_json
+from edged.bundle.swap_policy import policy_of_version
 from edged.errors import BadSignatureError, ManifestSchemaError
 from edged.serve.probation import ProbationPolicy, ShadowPolicy
 from tests.bundle.helpers import MODEL, World, log_entries, rebuild, split_members
