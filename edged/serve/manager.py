@@ -178,7 +178,7 @@ class ModelManager:
         # the event loop, so a listener must not block.
         self.swap_listeners: list[SwapListener] = []
         # Probation after a swap (edged.serve.watch): the daemon says which swaps get one.
-        self.stats = VersionStats()
+        self.stats = VersionStats(live=self._live_versions)
         self.probation_policy: ProbationPolicyFor = _no_probation
         self.probation_listeners: list[ProbationListener] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -365,6 +365,16 @@ class ModelManager:
             return None
 
     # --- probation ------------------------------------------------------------------------
+
+    def _live_versions(self, model: str) -> set[str]:
+        """Versions whose statistics must never be dropped: serving, or held as a baseline."""
+        entry = self._entries.get(model)
+        if entry is None:
+            return set()
+        live = {entry.slot.current.version} if entry.slot.current is not None else set()
+        if entry.probation is not None:
+            live.add(entry.probation.previous_version)
+        return live
 
     def _start_probation(
         self,

@@ -102,3 +102,26 @@ def test_dropping_the_policy_in_transit_is_refused(world: World) -> None:
     info.size = len(forged)
     with pytest.raises(BadSignatureError):
         world.install(rebuild([(info, forged), *members[1:]]))
+
+
+def test_the_crash_and_verdict_fields_are_parsed_strictly() -> None:
+    policy = parse_rollout(
+        {
+            "probation": {"max_crashes": 2, "at_max_s": "revert"},
+            "gates": {"require_latency_verdict": True},
+        }
+    )
+    assert (policy.max_crashes, policy.at_max_s, policy.require_latency_verdict) == (
+        2, "revert", True,
+    )  # fmt: skip
+    assert parse_rollout(rollout_json(policy)) == policy
+    assert DEFAULT_POLICY.max_crashes == 1
+    bad: list[dict[str, Any]] = [
+        {"probation": {"max_crashes": 0}},
+        {"probation": {"at_max_s": "wait"}},
+        {"gates": {"require_latency_verdict": 1}},
+        {"gates": {"require_latency_verdict": True, "max_p99_latency_ratio_pct": 0}},
+    ]
+    for value in bad:
+        with pytest.raises(ManifestSchemaError, match="rollout"):
+            parse_rollout(value)
