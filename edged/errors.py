@@ -20,6 +20,7 @@ where it helps, what to do.
     │   ├── SelfTestFailedError          a new version failed its test vectors or warm-up
     │   ├── InsufficientMemoryError      old and new version can't both fit, policy refuses
     │   ├── ShuttingDownError            the daemon is draining
+    │   ├── ProbationRecordError         the durable probation record cannot be written or read
     │   ├── FeatureDisabledError         the endpoint's subsystem is off in the config (-> 404)
     │   ├── NotPermittedError            operator action over the wrong listener (-> 403)
     │   ├── DaemonUnreachableError       (CLI) the local daemon does not answer
@@ -165,6 +166,11 @@ class InsufficientMemoryError(ServeError):
 
 class ShuttingDownError(ServeError):
     """The daemon is draining and accepts no new work."""
+
+
+class ProbationRecordError(ServeError):
+    """The durable record of a probation (``<state>/probation/<model>.json``) cannot be
+    written (the swap is then refused) or read."""
 
 
 class FeatureDisabledError(ServeError):

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edged.bundle.swap_policy import policy_for_swap
 from edged.bundle.store import MODELS_DIR
+from edged.bundle.swap_policy import policy_for_swap
 from edged.config import DaemonConfig, ModelsConfig
 from edged.engine import wire
 from edged.engine.dataplane import DataPlane

@@ -10,6 +10,7 @@ serving and the reason is recorded. This is the ``SwapTarget`` the bundle instal
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -45,6 +46,7 @@ from edged.runtime.budget import CpuBudget, usable_cores
 from edged.serve.cache import ResultCache
 from edged.serve.memory import MemoryRequest, must_unload_first
 from edged.serve.probation import ProbationPolicy
+from edged.serve.probation_record import ProbationRecord, ProbationRecords
 from edged.serve.scheduler import (
     BatchObserver,
     BatchSignature,
@@ -55,7 +57,7 @@ from edged.serve.scheduler import (
 from edged.serve.selftest import self_test
 from edged.serve.slot import ModelSlot, ServedVersion
 from edged.serve.versionstats import StatsObserver, VersionStats
-from edged.serve.watch import ProbationOutcome, ProbationWatch
+from edged.serve.watch import ProbationOutcome, ProbationWatch, seen_so_far
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +184,8 @@ class ModelManager:
         self.probation_policy: ProbationPolicyFor = _no_probation
         self.probation_listeners: list[ProbationListener] = []
         self._background: set[asyncio.Task[None]] = set()
+        # Durable probation (crash-safe rollouts): None keeps probations in memory only.
+        self.probation_records: ProbationRecords | None = None
         # Called after a serving version changed (a swap, an unload), from the swapping thread.
         self.change_listeners: list[Callable[[], None]] = []
 
@@ -203,6 +207,7 @@ class ModelManager:
         """Load every model in the repository; a model that fails is reported, not fatal."""
         self._loop = asyncio.get_running_loop()
         await self.reload_repository()
+        await self._resume_probations()
 
     @property
     def cpu_budget(self) -> CpuBudget:
@@ -236,6 +241,7 @@ class ModelManager:
         """Stop accepting work, let queued requests finish, release every model."""
         self._closing = True
         for entry in self._entries.values():
+            self._save_probation_progress(entry)
             self._end_probation(entry, "stopped", "the daemon is shutting down")
             entry.scheduler.stop()
         deadline = time.monotonic() + drain_timeout_s
@@ -337,6 +343,8 @@ class ModelManager:
         held = entry.slot.acquire() if policy is not None and not unload_first else None
         entry.scheduler.batching = config.batching
         entry.cache = ResultCache(config.cache.max_entries) if config.cache.enabled else None
+        if policy is not None and old is not None:
+            await self._save_probation_record(entry, new, old, policy)
         self.stats.reset(name, version)
         previous = entry.slot.swap(new)
         entry.state = "READY"
@@ -406,6 +414,10 @@ class ModelManager:
             policy.min_requests,
             f"version {old.version} stays" if held is not None else "nothing else",
         )
+        self._watch_probation(entry, watch)
+
+    def _watch_probation(self, entry: ModelEntry, watch: ProbationWatch) -> None:
+        entry.probation = watch
         task = asyncio.get_running_loop().create_task(
             self._watch(entry, watch), name=f"probation-{entry.name}"
         )
@@ -446,6 +458,8 @@ class ModelManager:
     ) -> None:
         if entry.probation is watch:
             entry.probation = None
+        if not self._closing:
+            self._forget_probation_record(entry.name, watch.candidate.version)
         entry.last_probation = outcome
         for listener in self.probation_listeners:
             task = asyncio.get_running_loop().create_task(
@@ -494,6 +508,151 @@ class ModelManager:
                     f"reverted by probation: {reason}",
                 )
             )
+
+    # --- durable probation (edged.serve.probation_record; the crash gate decides at start) ----
+
+    async def _save_probation_record(
+        self, entry: ModelEntry, new: ServedVersion, old: ServedVersion, policy: ProbationPolicy
+    ) -> None:
+        """Before the switch: a restart from here on finds the probation (or a crash of it)."""
+        if self.probation_records is None:
+            return
+        record = ProbationRecord(
+            model=entry.name,
+            version=new.version,
+            version_dir=str(new.version_dir),
+            previous_version=old.version,
+            previous_dir=str(old.version_dir),
+            policy=policy,
+            started_at=time.time(),
+            baseline=self.stats.window(entry.name, old.version),
+        )
+        await asyncio.to_thread(self.probation_records.save, record)
+
+    def _save_probation_progress(self, entry: ModelEntry) -> None:
+        """A clean shutdown: keep what the gates saw so far, for the probation to go on."""
+        watch, records = entry.probation, self.probation_records
+        if watch is None or records is None:
+            return
+        try:
+            record = records.load(entry.name)
+            if record is not None and record.version == watch.candidate.version:
+                records.save(
+                    dataclasses.replace(record, elapsed_s=watch.elapsed_s, seen=seen_so_far(watch))
+                )
+        except EdgedError as exc:
+            log.error("model %s: probation progress not saved: %s", entry.name, exc)
+
+    def _forget_probation_record(self, model: str, version: str) -> None:
+        records = self.probation_records
+        if records is None:
+            return
+        try:
+            record = records.load(model)
+            if record is not None and record.version == version:
+                records.remove(model)
+        except EdgedError as exc:
+            log.error("model %s: %s", model, exc)
+
+    async def _resume_probations(self) -> None:
+        """After a restart: load each held version again beside its release, and go on."""
+        if self.probation_records is None:
+            return
+        records = await asyncio.to_thread(self.probation_records.load_all)
+        for record in records:
+            entry = self._entries.get(record.model)
+            current = entry.slot.current if entry is not None else None
+            if entry is None or current is None or current.version != record.version:
+                log.warning(
+                    "model %s: version %s is not serving; its probation record is dropped",
+                    record.model,
+                    record.version,
+                )
+                self._forget_probation_record(record.model, record.version)
+                continue
+            async with entry.lock:
+                await self._resume_probation(entry, current, record)
+
+    async def _resume_probation(
+        self, entry: ModelEntry, current: ServedVersion, record: ProbationRecord
+    ) -> None:
+        held: ServedVersion | None = None
+        previous_dir = Path(record.previous_dir)
+        try:
+            config, estimate = await asyncio.to_thread(_config_and_estimate, previous_dir)
+            unload_first = self._check_memory(
+                entry.name, record.previous_version, estimate, current
+            )
+            if not unload_first:
+                options = self.cpu_budget.apply(
+                    config.runtime, max(self._known_models, len(self._entries))
+                )
+                loaded = await asyncio.to_thread(load_model, previous_dir, options)
+                try:
+                    await asyncio.to_thread(
+                        self_test, entry.name, record.previous_version, loaded, config, previous_dir
+                    )
+                except BaseException:
+                    loaded.close()
+                    raise
+                held = entry.slot.hold_beside(
+                    ServedVersion(
+                        entry.name,
+                        record.previous_version,
+                        previous_dir,
+                        loaded,
+                        config,
+                        estimate,
+                    )
+                )
+        except EdgedError as exc:
+            log.error(
+                "model %s: version %s not loaded again beside %s (%s); a revert reloads it",
+                entry.name,
+                record.previous_version,
+                record.version,
+                exc,
+            )
+        watch = ProbationWatch(
+            entry.name,
+            entry.slot,
+            current,
+            record.previous_version,
+            previous_dir,
+            held,
+            record.policy,
+            record.baseline,
+            self.stats,
+            carried=record.seen,
+            elapsed_before_s=record.elapsed_s,
+        )
+        log.info(
+            "model %s: probation of version %s goes on after a restart (%.0f s served, "
+            "%d crash(es); %s)",
+            entry.name,
+            record.version,
+            record.elapsed_s,
+            record.crashes,
+            f"version {record.previous_version} loaded again" if held else "nothing held",
+        )
+        self._watch_probation(entry, watch)
+
+    def note_probation_outcome(self, outcome: ProbationOutcome) -> None:
+        """A probation decided outside this process's watch (the crash gate at start-up):
+        shown like any other in the status and the swap events."""
+        entry = self._entries.get(outcome.model)
+        if entry is not None:
+            entry.last_probation = outcome
+        self.events.append(
+            SwapEvent(
+                outcome.at,
+                outcome.model,
+                outcome.version,
+                outcome.previous_version,
+                True,
+                f"reverted by probation: {outcome.reason}",
+            )
+        )
 
     def _check_memory(
         self, name: str, version: str, estimate: int, old: ServedVersion | None

@@ -62,7 +62,11 @@ class ProbationWatch:
         policy: ProbationPolicy,
         baseline: VersionWindow | None,
         stats: VersionStats,
+        carried: VersionWindow | None = None,
+        elapsed_before_s: float = 0.0,
     ) -> None:
+        """``carried`` and ``elapsed_before_s``: what the release did, and for how long,
+        before a restart (a probation resumed from its durable record)."""
         self.model = model
         self.slot = slot
         self.candidate = candidate
@@ -72,7 +76,8 @@ class ProbationWatch:
         self.policy = policy
         self.baseline = baseline
         self.stats = stats
-        self.started = time.monotonic()
+        self.started = time.monotonic() - elapsed_before_s
+        self.carried = carried
         self.last: Verdict | None = None
         self.task: asyncio.Task[None] | None = None
         self.shadow: ShadowRunner | None = None
@@ -84,7 +89,7 @@ class ProbationWatch:
         return time.monotonic() - self.started
 
     def verdict(self) -> Verdict:
-        window = self.stats.window(self.model, self.candidate.version)
+        window = _merged(self.carried, self.stats.window(self.model, self.candidate.version))
         self.last = judge(self.policy, self.baseline, window, self.elapsed_s)
         return self.last
 
@@ -146,3 +151,33 @@ class ProbationWatch:
             await revert(self)
             finish(self.outcome("reverted", verdict))
             return
+
+
+def _merged(before: VersionWindow | None, now: VersionWindow) -> VersionWindow:
+    """The counts of a release's window before a restart added to those since."""
+    if before is None:
+        return now
+    return VersionWindow(
+        version=now.version,
+        requests=before.requests + now.requests,
+        errors=before.errors + now.errors,
+        nonfinite=before.nonfinite + now.nonfinite,
+        latencies_s=now.latencies_s,
+        energy_j_per_inference=now.energy_j_per_inference,
+        shadow_compared=before.shadow_compared + now.shadow_compared,
+        shadow_agreed=before.shadow_agreed + now.shadow_agreed,
+    )
+
+
+def seen_so_far(watch: ProbationWatch) -> VersionWindow:
+    """What a durable record keeps of the release's window (counts; not the latencies)."""
+    window = _merged(watch.carried, watch.stats.window(watch.model, watch.candidate.version))
+    return VersionWindow(
+        version=window.version,
+        requests=window.requests,
+        errors=window.errors,
+        nonfinite=window.nonfinite,
+        latencies_s=(),
+        shadow_compared=window.shadow_compared,
+        shadow_agreed=window.shadow_agreed,
+    )
