@@ -72,6 +72,8 @@ where it helps, what to do.
     │   │                                WrongTargetError
     │   ├── DownloadError                TooLargeError, InsufficientSpaceError,
     │   │                                ChunkHashMismatchError, DownloadStalledError
+    │   ├── InstallCrashLoopError        crashes of the daemon interrupted a deployment's
+    │   │                                install mqtt.max_install_crashes times
     │   ├── PushFailedError              (CLI) devices failed or did not answer
     │   ├── RolloutError                 (CLI) a staged rollout: bad plan, state or lock
     │   └── FleetSetupError              fleet directory / PKI: missing, or would be overwritten
@@ -469,6 +471,11 @@ class ChunkHashMismatchError(DownloadError):
 
 class DownloadStalledError(DownloadError):
     """No new chunk arrived within ``mqtt.download_stall_timeout_s``."""
+
+
+class InstallCrashLoopError(TransportError):
+    """A deployment's install was interrupted by a crash of the daemon (not a clean shutdown)
+    ``mqtt.max_install_crashes`` times: it is reported ``failed``, not tried again."""
 
 
 class FleetSetupError(TransportError):

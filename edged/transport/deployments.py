@@ -22,6 +22,7 @@ from edged.errors import (
     DownloadStalledError,
     EdgedError,
     FleetMessageError,
+    InstallCrashLoopError,
     MqttTimeoutError,
     ShuttingDownError,
     TransportError,
@@ -63,6 +64,9 @@ class _Job:
     deployment: Deployment
     accepted_at: float
     fetched: int = 0  # chunks stored since the last (re)connect or resume
+    # Installs started and not finished: a crash of the daemon leaves it counted, a clean
+    # shutdown takes its count back.
+    install_attempts: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -71,6 +75,7 @@ class _Job:
             "issued_at": self.command.issued_at,
             "deployment": self.deployment.to_json(),
             "accepted_at": self.accepted_at,
+            "install_attempts": self.install_attempts,
         }
 
     @classmethod
@@ -83,7 +88,8 @@ class _Job:
             str(value["nonce"]),
             {"deployment": deployment.to_json()},
         )
-        return cls(command, deployment, float(value["accepted_at"]))
+        attempts = int(value.get("install_attempts", 0))
+        return cls(command, deployment, float(value["accepted_at"]), install_attempts=attempts)
 
 
 @dataclass
@@ -213,7 +219,13 @@ class Deployments:
             keep_partial = False
             n, fetched = d.chunk_count, job.fetched
             await report(deployment_progress(self.device_id, d, VERIFIED, n, fetched))
-            result = await self.installer.install_file(path)
+            await asyncio.to_thread(self._count_install, job)
+            try:
+                result = await self.installer.install_file(path)
+            except (asyncio.CancelledError, ShuttingDownError):
+                await asyncio.to_thread(self._count_install, job, -1)  # a clean shutdown
+                raise
+            job.install_attempts = 0
             await report(
                 deployment_progress(self.device_id, d, INSTALLED, n, fetched, reason=result.outcome)
             )
@@ -245,6 +257,20 @@ class Deployments:
             with contextlib.suppress(TransportError):
                 await report(failed)
         await asyncio.to_thread(self._finish_job, d, keep_partial)
+
+    def _count_install(self, job: _Job, step: int = 1) -> None:
+        """Count an install before it starts (kept in ``active.json``); refuse one that
+        crashes of the daemon have cut off ``mqtt.max_install_crashes`` times."""
+        limit = self.settings.mqtt.max_install_crashes
+        if step > 0 and job.install_attempts >= limit:
+            raise InstallCrashLoopError(
+                f"the install of {job.deployment.model} version {job.deployment.version} was "
+                f"interrupted by a crash of the daemon {job.install_attempts} times (limit "
+                f"mqtt.max_install_crashes = {limit}); not tried again: the device serves what "
+                "it served before"
+            )
+        job.install_attempts = max(0, job.install_attempts + step)
+        self._save_active(job)
 
     def _finish_job(self, d: Deployment, keep_partial: bool) -> None:
         self._save_active(None)

@@ -11,13 +11,16 @@ import subprocess
 import time
 from pathlib import Path
 
+from edged.bundle.build import BundleSpec, build_bundle_from_dir
 from edged.fleet.rollout import RolloutStore
 from edged.serve.probation import ProbationPolicy
 from tests.support.broker import Broker
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import SAMPLE_MODELS, DaemonProcess
 from tests.support.load import InferenceLoad
 from tests.support.pki import FleetPki, SigningKeys
+from tests.support.slowmodel import write_hanging_mlp
 from tests.transport.conftest import Devices
+from tests.transport.helpers import connection_args
 from tests.transport.test_rollout import (
     EDGED,
     GROUP,
@@ -109,3 +112,58 @@ def test_sigkill_during_probation_reverts_at_restart_and_the_rollout_aborts(
     assert not (model_store / "2").exists()
     assert "reverted to 1 before it serves again" in restarted.log()
     assert "now serving version 2" not in restarted.log()  # never served after the crash
+
+
+def wait_install_attempt(daemon: DaemonProcess, workdir: Path, attempt: int) -> None:
+    """Bounded poll of ``active.json`` until the install's ``attempt``-th start is counted."""
+    active = workdir / "state" / "transport" / "active.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if json.loads(active.read_text()).get("install_attempts") == attempt:
+                return
+        except (FileNotFoundError, ValueError):
+            pass
+        assert daemon.process.poll() is None, daemon.log()
+        time.sleep(0.02)
+    raise AssertionError(f"install attempt {attempt} never started:\n{daemon.log()}")
+
+
+def test_an_install_that_crashes_the_daemon_is_retried_at_most_n_times_then_failed(
+    tmp_path: Path, devices: Devices, broker: Broker, pki: FleetPki, signing: SigningKeys
+) -> None:
+    source = tmp_path / "src" / "mlp" / "2"
+    write_hanging_mlp(source)  # its self-test never returns: a watchdog or OOM kill follows
+    (source.parent / "config.toml").write_bytes(
+        (SAMPLE_MODELS / "mlp" / "config.toml").read_bytes()
+    )
+    release = tmp_path / "mlp-2.bundle"
+    build_bundle_from_dir(source, BundleSpec.starting_now("mlp", 2, 2), [signing.signer], release)
+    work = devices.workdir_of("edge-1")
+    daemon = devices.start("edge-1", max_install_crashes=2)
+    push = subprocess.Popen(
+        [*EDGED, "push", str(release), "--device", "edge-1", "--timeout", "120",
+         "--signing-key", str(signing.signer_file), *connection_args(broker, pki)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        for attempt in (1, 2):
+            wait_install_attempt(daemon, work, attempt)
+            daemon.signal(signal.SIGKILL)
+            assert daemon.process.wait(30) == -signal.SIGKILL
+            daemon = devices.start("edge-1", max_install_crashes=2)
+        out, _ = push.communicate(timeout=120)
+    finally:
+        if push.poll() is None:
+            push.kill()
+            push.communicate()
+    assert push.returncode == 1, out
+    assert "failed" in out and "InstallCrashLoopError" in out, out
+    assert "interrupted by a crash of the daemon 2 times" in daemon.log()
+    assert not (work / "state" / "transport" / "active.json").exists()
+    assert serving_version(daemon) == "1"
+    with InferenceLoad(daemon.port, clients=2) as load:
+        load.wait_for_ok(50)
+        load.stop()
+        assert load.failures == {}, load.failures
+    assert not (work / "state" / "models" / "mlp" / "2").exists()
