@@ -119,6 +119,7 @@ class Daemon:
         self.probation_records = ProbationRecords(config.state.directory / PROBATION_DIR)
         if isinstance(self.manager, ModelManager):
             self.manager.probation_records = self.probation_records
+            self.manager.energy_per_inference = self.telemetry.energy_per_inference_j
         self.run_marker = RunMarker(config.state.directory)
         self.notifier = Notifier.from_environment()
         self.watchdog = Watchdog(self.notifier, watchdog_interval_s())

@@ -45,7 +45,7 @@ from edged.runtime.base import (
 from edged.runtime.budget import CpuBudget, usable_cores
 from edged.serve.cache import ResultCache
 from edged.serve.memory import MemoryRequest, must_unload_first
-from edged.serve.probation import ProbationPolicy
+from edged.serve.probation import ProbationPolicy, VersionWindow
 from edged.serve.probation_record import ProbationRecord, ProbationRecords
 from edged.serve.scheduler import (
     BatchObserver,
@@ -57,7 +57,7 @@ from edged.serve.scheduler import (
 from edged.serve.selftest import self_test
 from edged.serve.slot import ModelSlot, ServedVersion
 from edged.serve.versionstats import StatsObserver, VersionStats
-from edged.serve.watch import ProbationOutcome, ProbationWatch, seen_so_far
+from edged.serve.watch import EnergyFigure, ProbationOutcome, ProbationWatch, seen_so_far
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,8 @@ class ModelManager:
         self._background: set[asyncio.Task[None]] = set()
         # Durable probation (crash-safe rollouts): None keeps probations in memory only.
         self.probation_records: ProbationRecords | None = None
+        # Per-version energy for the energy gate (the telemetry's, where a power source is).
+        self.energy_per_inference: EnergyFigure | None = None
         # Called after a serving version changed (a swap, an unload), from the swapping thread.
         self.change_listeners: list[Callable[[], None]] = []
 
@@ -392,7 +394,7 @@ class ModelManager:
         held: ServedVersion | None,
         policy: ProbationPolicy,
     ) -> None:
-        baseline = self.stats.window(entry.name, old.version)
+        baseline = self._with_energy(entry.name, self.stats.window(entry.name, old.version))
         watch = ProbationWatch(
             entry.name,
             entry.slot,
@@ -403,6 +405,7 @@ class ModelManager:
             policy,
             baseline,
             self.stats,
+            energy=self.energy_per_inference,
         )
         entry.probation = watch
         log.info(
@@ -525,9 +528,15 @@ class ModelManager:
             previous_dir=str(old.version_dir),
             policy=policy,
             started_at=time.time(),
-            baseline=self.stats.window(entry.name, old.version),
+            baseline=self._with_energy(entry.name, self.stats.window(entry.name, old.version)),
         )
         await asyncio.to_thread(self.probation_records.save, record)
+
+    def _with_energy(self, model: str, window: VersionWindow) -> VersionWindow:
+        if self.energy_per_inference is None:
+            return window
+        energy = self.energy_per_inference(model, window.version)
+        return dataclasses.replace(window, energy_j_per_inference=energy)
 
     def _save_probation_progress(self, entry: ModelEntry) -> None:
         """A clean shutdown: keep what the gates saw so far, for the probation to go on."""
@@ -625,6 +634,7 @@ class ModelManager:
             self.stats,
             carried=record.seen,
             elapsed_before_s=record.elapsed_s,
+            energy=self.energy_per_inference,
         )
         log.info(
             "model %s: probation of version %s goes on after a restart (%.0f s served, "

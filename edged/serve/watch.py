@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ class ProbationOutcome:
 
 
 Reverter = Callable[["ProbationWatch"], Awaitable[None]]
+# (model, version) -> joules per inference of that version, None where not known.
+EnergyFigure = Callable[[str, str], "float | None"]
 Listener = Callable[[ProbationOutcome], Awaitable[None]]
 
 
@@ -64,6 +66,7 @@ class ProbationWatch:
         stats: VersionStats,
         carried: VersionWindow | None = None,
         elapsed_before_s: float = 0.0,
+        energy: EnergyFigure | None = None,
     ) -> None:
         """``carried`` and ``elapsed_before_s``: what the release did, and for how long,
         before a restart (a probation resumed from its durable record)."""
@@ -78,6 +81,7 @@ class ProbationWatch:
         self.stats = stats
         self.started = time.monotonic() - elapsed_before_s
         self.carried = carried
+        self.energy = energy
         self.last: Verdict | None = None
         self.task: asyncio.Task[None] | None = None
         self.shadow: ShadowRunner | None = None
@@ -90,6 +94,10 @@ class ProbationWatch:
 
     def verdict(self) -> Verdict:
         window = _merged(self.carried, self.stats.window(self.model, self.candidate.version))
+        if self.energy is not None:
+            window = replace(
+                window, energy_j_per_inference=self.energy(self.model, self.candidate.version)
+            )
         self.last = judge(self.policy, self.baseline, window, self.elapsed_s)
         return self.last
 

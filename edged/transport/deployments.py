@@ -21,10 +21,18 @@ from edged.errors import (
     ConnectionLostError,
     DownloadStalledError,
     EdgedError,
+    ExpiredBundleError,
+    FileIntegrityError,
     FleetMessageError,
     InstallCrashLoopError,
+    ManifestError,
     MqttTimeoutError,
+    ReplayError,
+    RevertedReleaseError,
+    RollbackError,
     ShuttingDownError,
+    SignatureError,
+    TargetMismatchError,
     TransportError,
 )
 from edged.transport.client import MqttClient
@@ -36,6 +44,7 @@ from edged.transport.protocol import (
     INSTALLED,
     PROMOTED,
     RECEIVED,
+    REFUSED,
     REVERTED,
     SERVING,
     VERIFIED,
@@ -53,6 +62,18 @@ T = TypeVar("T")
 
 ACTIVE_FILE = "active.json"
 DOWNLOADS_DIR = "downloads"
+
+# The bundle's own trust checks: the device refuses it (progress ``refused``, not ``failed``).
+REFUSALS = (
+    SignatureError,
+    ManifestError,
+    ExpiredBundleError,
+    RollbackError,
+    ReplayError,
+    TargetMismatchError,
+    RevertedReleaseError,
+    FileIntegrityError,
+)
 
 # Connection problems a download waits out (it resumes after the reconnect).
 _LINK_ERRORS = (ConnectionLostError, ConnectFailedError, MqttTimeoutError)
@@ -251,8 +272,9 @@ class Deployments:
             else:
                 log.exception("deployment %s failed unexpectedly", d.id)
             done = len(download.have) if download is not None else 0
+            state = REFUSED if isinstance(exc, REFUSALS) else FAILED
             failed = deployment_progress(
-                self.device_id, d, FAILED, done, job.fetched, reason=error_reason(exc)
+                self.device_id, d, state, done, job.fetched, reason=error_reason(exc)
             )
             with contextlib.suppress(TransportError):
                 await report(failed)

@@ -78,9 +78,14 @@ def test_sigterm_during_probation_resumes_it_after_the_restart_to_a_verdict(
 ) -> None:
     work = tmp_path / "d"
     trust_init(keys, work / "state")
-    policy = ProbationPolicy(min_s=1, max_s=300, min_requests=40, max_p99_latency_ratio_pct=1000)
+    policy = ProbationPolicy(
+        min_s=1, max_s=300, min_requests=40, max_p99_latency_ratio_pct=1000,
+        max_energy_ratio_pct=150,
+    )  # fmt: skip
     release = good_release(keys, tmp_path, 2, policy)
-    with running_daemon(model_repo, work) as daemon:
+    (tmp_path / "no-rails").mkdir()  # a board without power sensors
+    conf = f'[telemetry]\nsysfs_root = "{tmp_path / "no-rails"}"\n'
+    with running_daemon(model_repo, work, conf) as daemon:
         send(daemon, 30)  # the baseline
         assert json.loads(install(daemon, release).stdout)["outcome"] == "installed"
         send(daemon, 10)  # seen before the shutdown: 10 of the 40 requests
@@ -89,13 +94,17 @@ def test_sigterm_during_probation_resumes_it_after_the_restart_to_a_verdict(
         assert daemon.process.wait(60) == 0
     record = json.loads((work / "state" / "probation" / "mlp.json").read_text())
     assert (record["version"], record["crashes"], record["seen"]["requests"]) == ("2", 0, 10)
-    with running_daemon(model_repo, work) as daemon, InferenceLoad(daemon.port, clients=2) as load:
+    with (
+        running_daemon(model_repo, work, conf) as daemon,
+        InferenceLoad(daemon.port, clients=2) as load,
+    ):
         daemon.wait_for_log("probation of version 2 goes on after a restart")
         assert "version 1 loaded again" in daemon.log()
         outcome = wait_probation_end(daemon, "2")
         load.stop()
         assert outcome["decision"] == "promoted", outcome
         assert "passed probation" in outcome["reason"]
+        assert "energy_ratio not judged (no power source)" in outcome["reason"]
         assert status(daemon)["version"] == "2"
         assert load.failures == {}
         entry = installs(daemon)[-1]
