@@ -50,18 +50,20 @@ class CrashInfo:
     signal: int | None = None
     exit_status: int | None = None
     process: str = ""  # e.g. "engine", "edged"
+    cause: str = ""  # what the supervisor says beyond that, e.g. systemd's "watchdog", "oom-kill"
 
     def describe(self) -> str:
         who = f"{self.process} " if self.process else ""
+        extra = f" ({self.cause})" if self.cause else ""
         if self.signal is not None:
             try:
                 name = f" ({signal.Signals(self.signal).name})"
             except ValueError:
                 name = ""
-            return f"{who}killed by signal {self.signal}{name} during probation"
+            return f"{who}killed by signal {self.signal}{name}{extra} during probation"
         if self.exit_status is not None:
-            return f"{who}exited with status {self.exit_status} during probation"
-        return UNKNOWN_CAUSE
+            return f"{who}exited with status {self.exit_status}{extra} during probation"
+        return UNKNOWN_CAUSE + extra
 
     @classmethod
     def from_returncode(cls, returncode: int, process: str = "engine") -> CrashInfo:
@@ -72,17 +74,22 @@ class CrashInfo:
 
     @classmethod
     def from_systemd(cls, environ: Mapping[str, str]) -> CrashInfo | None:
-        """From an ``ExecStopPost=`` command's environment: None after a clean exit."""
+        """From an ``ExecStopPost=`` command's environment (``edged record-exit``): None after
+        a clean exit."""
         code, status = environ.get("EXIT_CODE", ""), environ.get("EXIT_STATUS", "")
+        result = environ.get("SERVICE_RESULT", "")
+        cause = result if result in ("watchdog", "oom-kill", "timeout", "start-limit-hit") else ""
         if code == "exited":
             number = int(status) if status.isdigit() else None
-            return None if number == 0 else cls(exit_status=number, process="edged")
+            if number == 0 and not cause:
+                return None
+            return cls(exit_status=number, process="edged", cause=cause)
         if code in ("killed", "dumped"):
             try:
                 number = int(status) if status.isdigit() else signal.Signals[f"SIG{status}"].value
             except KeyError:
-                return cls(process="edged")
-            return cls(signal=number, process="edged")
+                return cls(process="edged", cause=cause)
+            return cls(signal=number, process="edged", cause=cause)
         return None
 
     def to_json(self) -> dict[str, Any]:

@@ -57,6 +57,28 @@ def test_systemd_exit_variables_say_how_the_daemon_ended() -> None:
         exit_status=1, process="edged"
     )
     assert CrashInfo.from_systemd({}) is None
+    watchdog = {"EXIT_CODE": "killed", "EXIT_STATUS": "ABRT", "SERVICE_RESULT": "watchdog"}
+    assert CrashInfo.from_systemd(watchdog) == CrashInfo(
+        signal=6, process="edged", cause="watchdog"
+    )
+    assert CrashInfo.from_systemd(watchdog).describe() == (  # type: ignore[union-attr]
+        "edged killed by signal 6 (SIGABRT) (watchdog) during probation"
+    )
+
+
+def test_edged_record_exit_puts_systemds_exit_into_the_run_marker(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    marker = RunMarker(tmp_path)
+    marker.begin()
+    env = {**os.environ, "EXIT_CODE": "killed", "EXIT_STATUS": "KILL", "SERVICE_RESULT": "signal"}
+    subprocess.run(
+        [sys.executable, "-m", "edged.cli.main", "record-exit", "--state-dir", str(tmp_path)],
+        env=env, check=True, timeout=60,
+    )  # fmt: skip
+    assert marker.begin() == CrashInfo(signal=9, process="edged")
 
 
 def test_the_run_marker_tells_a_clean_shutdown_from_a_crash(tmp_path: Path) -> None:
