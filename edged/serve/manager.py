@@ -340,13 +340,17 @@ class ModelManager:
             raise
         new = ServedVersion(name, version, version_dir, loaded, config, estimate)
         policy = self._policy(old.version_dir, version_dir) if probation and old else None
+        if policy is not None and old is not None:
+            try:  # durable before the switch: a crash from here on is the release's
+                await self._save_probation_record(entry, new, old, policy)
+            except BaseException:
+                loaded.close()
+                raise
         # The replaced version stays loaded during probation (one extra handle), unless the
         # memory policy already unloaded it: then a revert reloads it from its directory.
         held = entry.slot.acquire() if policy is not None and not unload_first else None
         entry.scheduler.batching = config.batching
         entry.cache = ResultCache(config.cache.max_entries) if config.cache.enabled else None
-        if policy is not None and old is not None:
-            await self._save_probation_record(entry, new, old, policy)
         self.stats.reset(name, version)
         previous = entry.slot.swap(new)
         entry.state = "READY"

@@ -6,6 +6,9 @@ import dataclasses
 import signal
 from pathlib import Path
 
+import pytest
+
+from edged.errors import ProbationRecordError
 from edged.serve.crashgate import CrashInfo, RunMarker, resume_or_revert_at_start
 from edged.serve.probation import ProbationPolicy, ShadowPolicy, VersionWindow
 from edged.serve.probation_record import ProbationRecord, ProbationRecords
@@ -101,3 +104,12 @@ def test_the_record_round_trips_through_its_durable_file(tmp_path: Path) -> None
     assert records.load_all() == [RECORD]  # an unreadable record never blocks start-up
     records.remove("mlp")
     assert records.load("mlp") is None
+
+
+def test_a_record_that_cannot_be_written_is_an_error_not_a_silent_probation(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "probation").write_text("a file where the folder should be")
+    records = ProbationRecords(tmp_path / "probation")
+    with pytest.raises(ProbationRecordError, match="cannot write the probation record of mlp"):
+        records.save(RECORD)
