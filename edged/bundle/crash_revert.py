@@ -43,6 +43,7 @@ async def apply_crash_gate(
                 decision.outcome.reason,
             )
             await installer.record_probation(decision.outcome)
+            records.save_decided(decision.outcome)  # shown by the serving process at start
             records.remove(record.model)
         except EdgedError as exc:
             log.error("model %s: crash gate not applied: %s", record.model, exc)

@@ -171,8 +171,8 @@ class Daemon:
         return await apply_crash_gate(self.probation_records, self.installer, last_exit)
 
     async def _report_reverts_at_start(self, reverted: list[ProbationOutcome]) -> None:
+        """On the fleet's progress topic (the manager shows them itself: take_decided)."""
         for outcome in reverted:
-            self.manager.note_probation_outcome(outcome)
             if self.fleet is not None:
                 await self.fleet.report_probation(outcome)
 

@@ -571,6 +571,8 @@ class ModelManager:
         """After a restart: load each held version again beside its release, and go on."""
         if self.probation_records is None:
             return
+        for outcome in await asyncio.to_thread(self.probation_records.take_decided):
+            self._note_decided(outcome)
         records = await asyncio.to_thread(self.probation_records.load_all)
         for record in records:
             entry = self._entries.get(record.model)
@@ -651,7 +653,7 @@ class ModelManager:
         )
         self._watch_probation(entry, watch)
 
-    def note_probation_outcome(self, outcome: ProbationOutcome) -> None:
+    def _note_decided(self, outcome: ProbationOutcome) -> None:
         """A probation decided outside this process's watch (the crash gate at start-up):
         shown like any other in the status and the swap events."""
         entry = self._entries.get(outcome.model)

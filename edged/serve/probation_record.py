@@ -21,10 +21,12 @@ from typing import Any
 from edged._fs import atomic_write, fsync_dir, remove_temp_files
 from edged.errors import ProbationRecordError
 from edged.serve.probation import ProbationPolicy, ShadowPolicy, VersionWindow
+from edged.serve.watch import ProbationOutcome
 
 log = logging.getLogger(__name__)
 
 PROBATION_DIR = "probation"
+DECIDED_DIR = "decided"  # verdicts reached outside the serving process (the crash gate)
 FORMAT = 1
 
 
@@ -141,3 +143,33 @@ class ProbationRecords:
             if record is not None:
                 records.append(record)
         return records
+
+    # --- verdicts reached before the serving process (re)started ---------------------------
+
+    def save_decided(self, outcome: ProbationOutcome) -> None:
+        """A verdict the serving process did not reach itself (the crash gate's revert at
+        start-up): it shows it like its own once it (re)starts (``take_decided``)."""
+        directory = self.directory / DECIDED_DIR
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            data = json.dumps(outcome.to_json(), sort_keys=True).encode()
+            atomic_write(directory / f"{outcome.model}.json", data, mode=0o600)
+        except OSError as exc:
+            raise ProbationRecordError(f"cannot write {directory}: {exc}") from exc
+
+    def take_decided(self) -> list[ProbationOutcome]:
+        """The verdicts ``save_decided`` kept, removed as they are read."""
+        directory = self.directory / DECIDED_DIR
+        if not directory.is_dir():
+            return []
+        remove_temp_files(directory)
+        outcomes = []
+        for path in sorted(directory.glob("*.json")):
+            try:
+                outcomes.append(ProbationOutcome(**json.loads(path.read_bytes())))
+            except (OSError, ValueError, TypeError) as exc:
+                log.error("ignoring the unreadable probation verdict %s: %s", path, exc)
+            path.unlink(missing_ok=True)
+        if outcomes:
+            fsync_dir(directory)
+        return outcomes

@@ -113,3 +113,16 @@ def test_a_record_that_cannot_be_written_is_an_error_not_a_silent_probation(
     records = ProbationRecords(tmp_path / "probation")
     with pytest.raises(ProbationRecordError, match="cannot write the probation record of mlp"):
         records.save(RECORD)
+
+
+def test_a_verdict_reached_at_start_up_is_kept_until_the_serving_process_takes_it(
+    tmp_path: Path,
+) -> None:
+    records = ProbationRecords(tmp_path / "probation")
+    decision = resume_or_revert_at_start(RECORD, CrashInfo(), now=7.0)
+    decided = resume_or_revert_at_start(decision.record, CrashInfo(), now=8.0).outcome
+    assert decided is not None
+    records.save_decided(decided)
+    assert records.load_all() == []  # not a running probation
+    assert records.take_decided() == [decided]
+    assert records.take_decided() == []
