@@ -41,7 +41,7 @@ from edged.daemon.zygote import Zygote, can_fork
 from edged.engine.proxy import EngineProxy
 from edged.errors import EdgedError, NotifyError
 from edged.runtime.budget import front_ends, usable_cores
-from edged.serve.crashgate import RunMarker
+from edged.serve.crashgate import CrashInfo, RunMarker
 from edged.serve.manager import ModelManager
 from edged.serve.probation_record import PROBATION_DIR, ProbationRecords
 from edged.serve.watch import ProbationOutcome
@@ -169,6 +169,12 @@ class Daemon:
         a crash; at the policy's limit its release is reverted and never serves again."""
         last_exit = await asyncio.to_thread(self.run_marker.begin)
         return await apply_crash_gate(self.probation_records, self.installer, last_exit)
+
+    async def _engine_crashed(self, code: int | None) -> None:
+        """The engine died (and restarts next): a crash of the release on probation."""
+        info = CrashInfo.from_returncode(code, "engine") if code is not None else CrashInfo()
+        reverted = await apply_crash_gate(self.probation_records, self.installer, info)
+        await self._report_reverts_at_start(reverted)
 
     async def _report_reverts_at_start(self, reverted: list[ProbationOutcome]) -> None:
         """On the fleet's progress topic (the manager shows them itself: take_decided)."""
@@ -347,6 +353,7 @@ class Daemon:
                     self.processes = ServingProcesses(
                         self.config, self.manager, self.front_ends, self.zygote
                     )
+                    self.processes.engine_crashed = self._engine_crashed
                     endpoints = await self.processes.start(tg, self._control_app())
                 await self._report_reverts_at_start(reverted_at_start)
                 log.info("edged serving %s on %s", self.manager.model_names(), ", ".join(endpoints))
