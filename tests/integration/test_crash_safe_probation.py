@@ -6,6 +6,7 @@ and a policy that requires that verdict waits for it."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 import urllib.request
@@ -171,3 +172,41 @@ def test_a_short_probation_at_low_traffic_says_latency_was_not_judged_unless_req
         outcome = wait_probation_end(daemon, "3")
         assert outcome["decision"] == "promoted", outcome
         assert "p99_latency_ratio passed" in outcome["reason"]
+
+
+def engine_pid(daemon: DaemonProcess) -> int:
+    out = edged("status", "--json", "--socket", str(daemon.socket_path)).stdout
+    rows = json.loads(out).get("processes") or []
+    engine = next((r for r in rows if r["role"] == "engine"), None)
+    if engine is None or engine["pid"] is None:
+        pytest.skip("the daemon runs without an engine process (server.workers = 0)")
+    return int(engine["pid"])
+
+
+def test_a_killed_engine_reverts_the_release_before_the_engine_restarts(
+    model_repo: Path, tmp_path: Path, keys: Path
+) -> None:
+    work = tmp_path / "d"
+    trust_init(keys, work / "state")
+    policy = ProbationPolicy(min_s=600, max_s=900, min_requests=0)  # still running when killed
+    release = good_release(keys, tmp_path, 2, policy)
+    with running_daemon(model_repo, work) as daemon:
+        send(daemon, 5)
+        assert json.loads(install(daemon, release).stdout)["outcome"] == "installed"
+        assert status(daemon)["probation"]["version"] == "2"
+        os.kill(engine_pid(daemon), signal.SIGSEGV)  # a native crash of the runtime
+        outcome = wait_probation_end(daemon, "2")
+        assert (outcome["decision"], outcome["gate"]) == ("reverted", "crashes"), outcome
+        assert outcome["reason"] == (
+            "gate crashes: measured 1 crash, limit 1 "
+            "(engine killed by signal 11 (SIGSEGV) during probation)"
+        )
+        assert status(daemon)["version"] == "1"
+        with InferenceLoad(daemon.port, clients=2) as load:
+            load.wait_for_ok(50)
+            load.stop()
+            assert load.failures == {}, load.failures
+        entry = installs(daemon)[-1]
+        assert (entry["action"], entry["outcome"], entry["version"]) == ("probation", "reverted", 2)
+        assert daemon.process.poll() is None  # the control plane never went down
+    assert not (work / "state" / "models" / "mlp" / "2").exists()
