@@ -20,6 +20,7 @@ where it helps, what to do.
     │   ├── SelfTestFailedError          a new version failed its test vectors or warm-up
     │   ├── InsufficientMemoryError      old and new version can't both fit, policy refuses
     │   ├── ShuttingDownError            the daemon is draining
+    │   ├── ProbationRecordError         the durable probation record cannot be written or read
     │   ├── FeatureDisabledError         the endpoint's subsystem is off in the config (-> 404)
     │   ├── NotPermittedError            operator action over the wrong listener (-> 403)
     │   ├── DaemonUnreachableError       (CLI) the local daemon does not answer
@@ -71,6 +72,8 @@ where it helps, what to do.
     │   │                                WrongTargetError
     │   ├── DownloadError                TooLargeError, InsufficientSpaceError,
     │   │                                ChunkHashMismatchError, DownloadStalledError
+    │   ├── InstallCrashLoopError        crashes of the daemon interrupted a deployment's
+    │   │                                install mqtt.max_install_crashes times
     │   ├── PushFailedError              (CLI) devices failed or did not answer
     │   ├── RolloutError                 (CLI) a staged rollout: bad plan, state or lock
     │   └── FleetSetupError              fleet directory / PKI: missing, or would be overwritten
@@ -165,6 +168,11 @@ class InsufficientMemoryError(ServeError):
 
 class ShuttingDownError(ServeError):
     """The daemon is draining and accepts no new work."""
+
+
+class ProbationRecordError(ServeError):
+    """The durable record of a probation (``<state>/probation/<model>.json``) cannot be
+    written (the swap is then refused) or read."""
 
 
 class FeatureDisabledError(ServeError):
@@ -463,6 +471,11 @@ class ChunkHashMismatchError(DownloadError):
 
 class DownloadStalledError(DownloadError):
     """No new chunk arrived within ``mqtt.download_stall_timeout_s``."""
+
+
+class InstallCrashLoopError(TransportError):
+    """A deployment's install was interrupted by a crash of the daemon (not a clean shutdown)
+    ``mqtt.max_install_crashes`` times: it is reported ``failed``, not tried again."""
 
 
 class FleetSetupError(TransportError):

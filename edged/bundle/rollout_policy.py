@@ -21,7 +21,13 @@ _DAY_S = 86_400
 _MAX_INT = 2**53 - 1
 
 # section -> field -> (minimum, maximum); a ratio limit is 0 (off) or at least 100 percent.
-_PROBATION = {"min_s": (0, 30 * _DAY_S), "max_s": (0, 30 * _DAY_S), "min_requests": (0, 10**9)}
+_PROBATION = {
+    "min_s": (0, 30 * _DAY_S),
+    "max_s": (0, 30 * _DAY_S),
+    "min_requests": (0, 10**9),
+    "max_crashes": (1, 1000),
+}
+_AT_MAX_S = ("promote", "revert")
 _GATES = {
     "max_error_permille": (0, 1000),
     "max_nonfinite_permille": (0, 1000),
@@ -61,8 +67,37 @@ def _integers(value: Any, where: str, fields: dict[str, tuple[int, int]]) -> dic
 def parse_rollout(value: Json) -> ProbationPolicy:
     """The ``rollout`` object of a manifest as a policy; every error names the field."""
     root = _object(value, "rollout", {"probation", "gates", "shadow"})
-    probation = _integers(root.get("probation", {}), "rollout.probation", _PROBATION)
-    gates = _integers(root.get("gates", {}), "rollout.gates", _GATES)
+    raw_probation = _object(
+        root.get("probation", {}), "rollout.probation", {*_PROBATION, "at_max_s"}
+    )
+    at_max_s = raw_probation.get("at_max_s", "promote")
+    if at_max_s not in _AT_MAX_S:
+        raise ManifestSchemaError(
+            f"manifest field rollout.probation.at_max_s must be promote or revert, got {at_max_s!r}"
+        )
+    probation = _integers(
+        {k: v for k, v in raw_probation.items() if k != "at_max_s"}, "rollout.probation", _PROBATION
+    )
+    raw_gates = _object(
+        root.get("gates", {}), "rollout.gates", {*_GATES, "require_latency_verdict"}
+    )
+    require_latency = raw_gates.get("require_latency_verdict", False)
+    if not isinstance(require_latency, bool):
+        raise ManifestSchemaError(
+            "manifest field rollout.gates.require_latency_verdict must be true or false"
+        )
+    gates = _integers(
+        {k: v for k, v in raw_gates.items() if k != "require_latency_verdict"},
+        "rollout.gates",
+        _GATES,
+    )
+    if require_latency and not gates.get(
+        "max_p99_latency_ratio_pct", DEFAULT_POLICY.max_p99_latency_ratio_pct
+    ):
+        raise ManifestSchemaError(
+            "manifest field rollout.gates.require_latency_verdict needs the latency gate "
+            "(max_p99_latency_ratio_pct is 0: off)"
+        )
     for key in ("max_p99_latency_ratio_pct", "max_energy_ratio_pct"):
         if 0 < gates.get(key, 0) < 100:
             raise ManifestSchemaError(
@@ -79,7 +114,13 @@ def parse_rollout(value: Json) -> ProbationPolicy:
             {k: v for k, v in raw.items() if k != "top1"}, "rollout.shadow", _SHADOW
         )
         shadow = ShadowPolicy(top1=top1, **numbers)
-    policy = ProbationPolicy(**probation, **gates, shadow=shadow)
+    policy = ProbationPolicy(
+        **probation,
+        **gates,
+        shadow=shadow,
+        require_latency_verdict=require_latency,
+        at_max_s=at_max_s,
+    )
     if policy.max_s < policy.min_s:
         raise ManifestSchemaError(
             f"manifest field rollout.probation.max_s ({policy.max_s}) must not be below "
@@ -90,10 +131,11 @@ def parse_rollout(value: Json) -> ProbationPolicy:
 
 def rollout_json(policy: ProbationPolicy) -> dict[str, Json]:
     """The complete ``rollout`` object for ``policy`` (every field written out)."""
-    out: dict[str, Json] = {
-        "probation": {key: getattr(policy, key) for key in _PROBATION},
-        "gates": {key: getattr(policy, key) for key in _GATES},
-    }
+    probation: dict[str, Json] = {key: getattr(policy, key) for key in _PROBATION}
+    probation["at_max_s"] = policy.at_max_s
+    gates: dict[str, Json] = {key: getattr(policy, key) for key in _GATES}
+    gates["require_latency_verdict"] = policy.require_latency_verdict
+    out: dict[str, Json] = {"probation": probation, "gates": gates}
     if policy.shadow is not None:
         shadow: dict[str, Json] = {key: getattr(policy.shadow, key) for key in _SHADOW}
         shadow["top1"] = policy.shadow.top1
@@ -109,34 +151,3 @@ def load_rollout_file(path: Path) -> ProbationPolicy:
     except (OSError, ValueError) as exc:
         raise ManifestSchemaError(f"cannot read the rollout policy {path}: {exc}") from exc
     return parse_rollout(value)
-
-
-def policy_of_version(version_dir: Path) -> ProbationPolicy | None:
-    """The policy of an installed version, from the manifest it was verified against
-    (``.verified``); None for a version that did not come from a bundle (a seed repository)."""
-    from edged.bundle.manifest import parse_manifest  # manifest imports this module
-    from edged.bundle.store import VERIFIED_MARKER
-
-    try:
-        data = (version_dir / VERIFIED_MARKER).read_bytes()
-    except OSError:
-        return None
-    manifest = parse_manifest(data)
-    return manifest.rollout if manifest.rollout is not None else DEFAULT_POLICY
-
-
-def policy_for_swap(new_dir: Path, old_dir: Path) -> ProbationPolicy | None:
-    """The policy a swap from ``old_dir`` to ``new_dir`` is judged by: the new version's, when
-    it came from a bundle and is a newer release than the old one (not a rollback)."""
-    from edged.bundle.manifest import parse_manifest
-    from edged.bundle.store import VERIFIED_MARKER
-
-    policy = policy_of_version(new_dir)
-    if policy is None:
-        return None
-    try:
-        old = parse_manifest((old_dir / VERIFIED_MARKER).read_bytes())
-    except OSError:
-        return policy  # the old version came from the seed repository
-    new = parse_manifest((new_dir / VERIFIED_MARKER).read_bytes())
-    return policy if new.counter > old.counter else None

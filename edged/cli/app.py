@@ -17,6 +17,7 @@ from edged.errors import EdgedError
 # imports (the daemon, rich tables, the fleet manager's MQTT client...); --help imports them all.
 COMMANDS = {
     "run": "edged.cli.run",
+    "record-exit": "edged.cli.run",
     "models": "edged.cli.client",
     "status": "edged.cli.client",
     "infer": "edged.cli.client",

@@ -37,10 +37,32 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--state-dir", type=Path, help="state directory (state.directory)")
     p.set_defaults(handler=handle_run)
+    r = subparsers.add_parser(
+        "record-exit",
+        help="(systemd ExecStopPost=) record how the daemon ended, for the crash gate",
+    )
+    r.add_argument("--config", type=Path, help=f"TOML config file (default {DEFAULT_CONFIG_PATH})")
+    r.add_argument("--state-dir", type=Path, help="state directory (state.directory)")
+    r.set_defaults(
+        handler=handle_record_exit, models=None, host=None, port=None, socket=None,
+        no_socket=False,
+    )  # fmt: skip
 
 
 def handle_run(args: argparse.Namespace) -> int:
     return run_daemon(lambda: load_with_overrides(args))
+
+
+def handle_record_exit(args: argparse.Namespace) -> int:
+    """systemd's ``$EXIT_CODE``/``$EXIT_STATUS``/``$SERVICE_RESULT`` into the run marker, so
+    that a probation cut off by the crash names the signal or exit status (a clean stop
+    records nothing)."""
+    from edged.serve.crashgate import CrashInfo, RunMarker
+
+    info = CrashInfo.from_systemd(os.environ)
+    if info is not None:
+        RunMarker(load_with_overrides(args).state.directory).record_exit(info)
+    return 0
 
 
 def default_state_dir(configured: Path) -> Path:

@@ -97,6 +97,8 @@ class MqttConfig:
     download_reserve_bytes: int = 64 * 1024 * 1024
     # Received-% progress reports are sent at most this often.
     progress_interval_s: float = 0.5
+    # A deployment whose install crashed the daemon this many times is reported failed.
+    max_install_crashes: int = 3
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,7 @@ def _mqtt(t: Table, base: Path) -> MqttConfig:
         operation_timeout_s=t.number("operation_timeout_s", d.operation_timeout_s, 0.1),
         download_reserve_bytes=t.integer("download_reserve_bytes", d.download_reserve_bytes, 0),
         progress_interval_s=t.number("progress_interval_s", d.progress_interval_s, 0.0),
+        max_install_crashes=t.integer("max_install_crashes", d.max_install_crashes, 1, 1000),
     )
     t.reject_unknown()
     from edged.errors import ConfigError

@@ -29,8 +29,9 @@ from edged.api.app import add_control_routes, build_app
 from edged.api.backend import ManagerBackend
 from edged.api.context import FORWARDED, GATE, MAX_BODY, REFRESH, SHM
 from edged.bundle import Installer, detect_device_facts
-from edged.bundle.rollout_policy import policy_for_swap
+from edged.bundle.crash_revert import apply_crash_gate
 from edged.bundle.store import MODELS_DIR
+from edged.bundle.swap_policy import policy_for_swap
 from edged.config import DaemonConfig
 from edged.daemon.children import PRELOAD
 from edged.daemon.loops import EVENT_LOOP_ENV, event_loop_kind
@@ -41,7 +42,9 @@ from edged.daemon.zygote import Zygote, can_fork
 from edged.engine.proxy import EngineProxy
 from edged.errors import EdgedError, NotifyError
 from edged.runtime.budget import front_ends, usable_cores
+from edged.serve.crashgate import CrashInfo, RunMarker
 from edged.serve.manager import ModelManager
+from edged.serve.probation_record import PROBATION_DIR, ProbationRecords
 from edged.serve.watch import ProbationOutcome
 from edged.telemetry.hub import TelemetryHub
 
@@ -113,6 +116,13 @@ class Daemon:
         self.manager.swap_listeners.append(
             lambda e: self.telemetry.count_swap(e.model, e.to_version, e.ok)
         )
+        # Crash-safe rollouts: durable probation records (the engine keeps them in engine mode)
+        # and the clean-shutdown marker.
+        self.probation_records = ProbationRecords(config.state.directory / PROBATION_DIR)
+        if isinstance(self.manager, ModelManager):
+            self.manager.probation_records = self.probation_records
+            self.manager.energy_per_inference = self.telemetry.energy_per_inference_j
+        self.run_marker = RunMarker(config.state.directory)
         self.notifier = Notifier.from_environment()
         self.watchdog = Watchdog(self.notifier, watchdog_interval_s())
         self.supervisor = Supervisor(on_failure=self._report_failure)
@@ -154,6 +164,26 @@ class Daemon:
             log.error("probation of %s %s not recorded: %s", outcome.model, outcome.version, exc)
         if self.fleet is not None:
             await self.fleet.report_probation(outcome)
+
+    # --- crash gate (edged.serve.crashgate, edged.bundle.crash_revert) ----------------------
+
+    async def _crash_gate_at_start(self) -> list[ProbationOutcome]:
+        """Before any model loads: a probation found without a clean shutdown before it counts
+        a crash; at the policy's limit its release is reverted and never serves again."""
+        last_exit = await asyncio.to_thread(self.run_marker.begin)
+        return await apply_crash_gate(self.probation_records, self.installer, last_exit)
+
+    async def _engine_crashed(self, code: int | None) -> None:
+        """The engine died (and restarts next): a crash of the release on probation."""
+        info = CrashInfo.from_returncode(code, "engine") if code is not None else CrashInfo()
+        reverted = await apply_crash_gate(self.probation_records, self.installer, info)
+        await self._report_reverts_at_start(reverted)
+
+    async def _report_reverts_at_start(self, reverted: list[ProbationOutcome]) -> None:
+        """On the fleet's progress topic (the manager shows them itself: take_decided)."""
+        for outcome in reverted:
+            if self.fleet is not None:
+                await self.fleet.report_probation(outcome)
 
     # --- signals --------------------------------------------------------------------------
 
@@ -320,6 +350,7 @@ class Daemon:
         self.watchdog.add_probe("inference-workers", self._workers_healthy)
         try:
             await asyncio.to_thread(self._recover_store)
+            reverted_at_start = await self._crash_gate_at_start()
             async with TaskGroup() as tg:
                 if isinstance(self.manager, ModelManager):
                     await self.manager.start()
@@ -330,7 +361,9 @@ class Daemon:
                     self.processes = ServingProcesses(
                         self.config, self.manager, self.front_ends, self.zygote
                     )
+                    self.processes.engine_crashed = self._engine_crashed
                     endpoints = await self.processes.start(tg, self._control_app())
+                await self._report_reverts_at_start(reverted_at_start)
                 log.info("edged serving %s on %s", self.manager.model_names(), ", ".join(endpoints))
                 self._notify(self.notifier.ready, self._status_line())
                 tasks = {
@@ -341,6 +374,7 @@ class Daemon:
                     await self._stop.wait()
                 finally:
                     await self._shut_down(tasks)
+            await asyncio.to_thread(self.run_marker.end_cleanly)  # not reached after a crash
         finally:
             self._remove_signals(loop)
             self.notifier.close()

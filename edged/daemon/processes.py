@@ -10,7 +10,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,8 @@ class ChildState:
 
 Spawn = Callable[[], ZygoteProcess]
 OnExit = Callable[[ChildState, int | None], None]
+# Runs after an unexpected exit, before the restart (the crash gate reverts a release here).
+BeforeRestart = Callable[[int | None], Awaitable[None]]
 
 
 @dataclass
@@ -68,6 +70,7 @@ class Child:
     spawn: Spawn
     on_exit: OnExit | None = None
     after_start: Callable[[ZygoteProcess], None] | None = None
+    before_restart: BeforeRestart | None = None
     process: ZygoteProcess | None = None
     stopping: bool = False
     _started: asyncio.Event = field(default_factory=asyncio.Event)
@@ -98,6 +101,8 @@ class Child:
             self.state.restarts += 1
             if self.on_exit is not None:
                 self.on_exit(self.state, code)
+            if self.before_restart is not None:
+                await self.before_restart(code)
             lived = time.monotonic() - self.state.started_at
             quick_failures = quick_failures + 1 if lived < 10.0 else 0
             if quick_failures > 1:  # a crash loop: back off, up to 30 s

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from edged._compat import TaskGroup
 from edged.config import DaemonConfig
-from edged.daemon.processes import Child, ChildState, describe_exit
+from edged.daemon.processes import BeforeRestart, Child, ChildState, describe_exit
 from edged.daemon.zygote import Zygote, ZygoteProcess
 from edged.engine.proxy import EngineProxy
 from edged.engine.service import HEARTBEAT_S
@@ -51,6 +51,8 @@ class ServingProcesses:
         self._lifelines: list[socket.socket] = []
         self._control_runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # The control plane's crash gate, awaited after the engine died and before it restarts.
+        self.engine_crashed: BeforeRestart | None = None
 
     # --- start ------------------------------------------------------------------------------
 
@@ -68,6 +70,7 @@ class ServingProcesses:
             self._spawn_engine,
             on_exit=self._engine_exited,
             after_start=self._engine_started,
+            before_restart=self.engine_crashed,
         )
         tg.create_task(self.engine.run(), name="engine")
         # The front ends start while the engine loads the models: they connect to its socket

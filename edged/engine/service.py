@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edged.bundle.rollout_policy import policy_for_swap
 from edged.bundle.store import MODELS_DIR
+from edged.bundle.swap_policy import policy_for_swap
 from edged.config import DaemonConfig, ModelsConfig
 from edged.engine import wire
 from edged.engine.dataplane import DataPlane
@@ -27,6 +27,7 @@ from edged.engine.relay import Record, TelemetryRelay
 from edged.errors import EdgedError, InvalidRequestError
 from edged.runtime.budget import front_ends, usable_cores
 from edged.serve.manager import ModelManager, SwapEvent
+from edged.serve.probation_record import PROBATION_DIR, ProbationRecords
 from edged.serve.watch import ProbationOutcome
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,9 @@ class EngineService:
         self.manager.probation_policy = policy_for_swap
         self.manager.probation_listeners.append(self._probation)
         self.manager.swap_listeners.append(self._swap)
+        # Crash-safe rollouts: the durable probation records (the control plane's crash gate
+        # judges them before this process starts).
+        self.manager.probation_records = ProbationRecords(config.state.directory / PROBATION_DIR)
         reader, self._writer = await asyncio.open_unix_connection(sock=self._control_socket)
         self.dataplane = DataPlane(self.manager, self._listener, loop)
         await self.manager.start()

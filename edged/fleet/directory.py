@@ -231,9 +231,23 @@ def _regenerate_broker_files(fleet: FleetDir, inventory: Inventory) -> None:
         key_file=fleet.server_key.resolve(),
     )
     conf = render_mosquitto_conf(
-        files, inventory.device_port, inventory.manager_port, inventory.bind_address
+        files,
+        inventory.device_port,
+        inventory.manager_port,
+        inventory.bind_address,
+        run_as=_file_owner(fleet.server_key),
     )
     atomic_write(fleet.broker_conf, conf.encode())
+
+
+def _file_owner(path: Path) -> str | None:
+    """The name of the user owning ``path`` (None where it has no name)."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(path.stat().st_uid).pw_name
+    except (KeyError, OSError):
+        return None
 
 
 def _save_inventory(fleet: FleetDir, inventory: Inventory) -> None:

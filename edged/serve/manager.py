@@ -10,6 +10,7 @@ serving and the reason is recorded. This is the ``SwapTarget`` the bundle instal
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -44,7 +45,8 @@ from edged.runtime.base import (
 from edged.runtime.budget import CpuBudget, usable_cores
 from edged.serve.cache import ResultCache
 from edged.serve.memory import MemoryRequest, must_unload_first
-from edged.serve.probation import ProbationPolicy
+from edged.serve.probation import ProbationPolicy, VersionWindow
+from edged.serve.probation_record import ProbationRecord, ProbationRecords
 from edged.serve.scheduler import (
     BatchObserver,
     BatchSignature,
@@ -55,7 +57,7 @@ from edged.serve.scheduler import (
 from edged.serve.selftest import self_test
 from edged.serve.slot import ModelSlot, ServedVersion
 from edged.serve.versionstats import StatsObserver, VersionStats
-from edged.serve.watch import ProbationOutcome, ProbationWatch
+from edged.serve.watch import EnergyFigure, ProbationOutcome, ProbationWatch, seen_so_far
 
 log = logging.getLogger(__name__)
 
@@ -178,10 +180,14 @@ class ModelManager:
         # the event loop, so a listener must not block.
         self.swap_listeners: list[SwapListener] = []
         # Probation after a swap (edged.serve.watch): the daemon says which swaps get one.
-        self.stats = VersionStats()
+        self.stats = VersionStats(live=self._live_versions)
         self.probation_policy: ProbationPolicyFor = _no_probation
         self.probation_listeners: list[ProbationListener] = []
         self._background: set[asyncio.Task[None]] = set()
+        # Durable probation (crash-safe rollouts): None keeps probations in memory only.
+        self.probation_records: ProbationRecords | None = None
+        # Per-version energy for the energy gate (the telemetry's, where a power source is).
+        self.energy_per_inference: EnergyFigure | None = None
         # Called after a serving version changed (a swap, an unload), from the swapping thread.
         self.change_listeners: list[Callable[[], None]] = []
 
@@ -203,6 +209,7 @@ class ModelManager:
         """Load every model in the repository; a model that fails is reported, not fatal."""
         self._loop = asyncio.get_running_loop()
         await self.reload_repository()
+        await self._resume_probations()
 
     @property
     def cpu_budget(self) -> CpuBudget:
@@ -236,6 +243,7 @@ class ModelManager:
         """Stop accepting work, let queued requests finish, release every model."""
         self._closing = True
         for entry in self._entries.values():
+            self._save_probation_progress(entry)
             self._end_probation(entry, "stopped", "the daemon is shutting down")
             entry.scheduler.stop()
         deadline = time.monotonic() + drain_timeout_s
@@ -332,6 +340,12 @@ class ModelManager:
             raise
         new = ServedVersion(name, version, version_dir, loaded, config, estimate)
         policy = self._policy(old.version_dir, version_dir) if probation and old else None
+        if policy is not None and old is not None:
+            try:  # durable before the switch: a crash from here on is the release's
+                await self._save_probation_record(entry, new, old, policy)
+            except BaseException:
+                loaded.close()
+                raise
         # The replaced version stays loaded during probation (one extra handle), unless the
         # memory policy already unloaded it: then a revert reloads it from its directory.
         held = entry.slot.acquire() if policy is not None and not unload_first else None
@@ -366,6 +380,16 @@ class ModelManager:
 
     # --- probation ------------------------------------------------------------------------
 
+    def _live_versions(self, model: str) -> set[str]:
+        """Versions whose statistics must never be dropped: serving, or held as a baseline."""
+        entry = self._entries.get(model)
+        if entry is None:
+            return set()
+        live = {entry.slot.current.version} if entry.slot.current is not None else set()
+        if entry.probation is not None:
+            live.add(entry.probation.previous_version)
+        return live
+
     def _start_probation(
         self,
         entry: ModelEntry,
@@ -374,9 +398,18 @@ class ModelManager:
         held: ServedVersion | None,
         policy: ProbationPolicy,
     ) -> None:
-        baseline = self.stats.window(entry.name, old.version)
+        baseline = self._with_energy(entry.name, self.stats.window(entry.name, old.version))
         watch = ProbationWatch(
-            entry, new, old.version, old.version_dir, held, policy, baseline, self.stats
+            entry.name,
+            entry.slot,
+            new,
+            old.version,
+            old.version_dir,
+            held,
+            policy,
+            baseline,
+            self.stats,
+            energy=self.energy_per_inference,
         )
         entry.probation = watch
         log.info(
@@ -388,6 +421,10 @@ class ModelManager:
             policy.min_requests,
             f"version {old.version} stays" if held is not None else "nothing else",
         )
+        self._watch_probation(entry, watch)
+
+    def _watch_probation(self, entry: ModelEntry, watch: ProbationWatch) -> None:
+        entry.probation = watch
         task = asyncio.get_running_loop().create_task(
             self._watch(entry, watch), name=f"probation-{entry.name}"
         )
@@ -398,7 +435,8 @@ class ModelManager:
     async def _watch(self, entry: ModelEntry, watch: ProbationWatch) -> None:
         try:
             await watch.run(
-                self._revert, lambda outcome: self._finish_probation(entry, watch, outcome)
+                lambda w: self._revert(entry, w),
+                lambda outcome: self._finish_probation(entry, watch, outcome),
             )
         except Exception as exc:  # a bug in the watch must not pin the old version forever
             log.exception(
@@ -427,6 +465,8 @@ class ModelManager:
     ) -> None:
         if entry.probation is watch:
             entry.probation = None
+        if not self._closing:
+            self._forget_probation_record(entry.name, watch.candidate.version)
         entry.last_probation = outcome
         for listener in self.probation_listeners:
             task = asyncio.get_running_loop().create_task(
@@ -475,6 +515,160 @@ class ModelManager:
                     f"reverted by probation: {reason}",
                 )
             )
+
+    # --- durable probation (edged.serve.probation_record; the crash gate decides at start) ----
+
+    async def _save_probation_record(
+        self, entry: ModelEntry, new: ServedVersion, old: ServedVersion, policy: ProbationPolicy
+    ) -> None:
+        """Before the switch: a restart from here on finds the probation (or a crash of it)."""
+        if self.probation_records is None:
+            return
+        record = ProbationRecord(
+            model=entry.name,
+            version=new.version,
+            version_dir=str(new.version_dir),
+            previous_version=old.version,
+            previous_dir=str(old.version_dir),
+            policy=policy,
+            started_at=time.time(),
+            baseline=self._with_energy(entry.name, self.stats.window(entry.name, old.version)),
+        )
+        await asyncio.to_thread(self.probation_records.save, record)
+
+    def _with_energy(self, model: str, window: VersionWindow) -> VersionWindow:
+        if self.energy_per_inference is None:
+            return window
+        energy = self.energy_per_inference(model, window.version)
+        return dataclasses.replace(window, energy_j_per_inference=energy)
+
+    def _save_probation_progress(self, entry: ModelEntry) -> None:
+        """A clean shutdown: keep what the gates saw so far, for the probation to go on."""
+        watch, records = entry.probation, self.probation_records
+        if watch is None or records is None:
+            return
+        try:
+            record = records.load(entry.name)
+            if record is not None and record.version == watch.candidate.version:
+                records.save(
+                    dataclasses.replace(record, elapsed_s=watch.elapsed_s, seen=seen_so_far(watch))
+                )
+        except EdgedError as exc:
+            log.error("model %s: probation progress not saved: %s", entry.name, exc)
+
+    def _forget_probation_record(self, model: str, version: str) -> None:
+        records = self.probation_records
+        if records is None:
+            return
+        try:
+            record = records.load(model)
+            if record is not None and record.version == version:
+                records.remove(model)
+        except EdgedError as exc:
+            log.error("model %s: %s", model, exc)
+
+    async def _resume_probations(self) -> None:
+        """After a restart: load each held version again beside its release, and go on."""
+        if self.probation_records is None:
+            return
+        for outcome in await asyncio.to_thread(self.probation_records.take_decided):
+            self._note_decided(outcome)
+        records = await asyncio.to_thread(self.probation_records.load_all)
+        for record in records:
+            entry = self._entries.get(record.model)
+            current = entry.slot.current if entry is not None else None
+            if entry is None or current is None or current.version != record.version:
+                log.warning(
+                    "model %s: version %s is not serving; its probation record is dropped",
+                    record.model,
+                    record.version,
+                )
+                self._forget_probation_record(record.model, record.version)
+                continue
+            async with entry.lock:
+                await self._resume_probation(entry, current, record)
+
+    async def _resume_probation(
+        self, entry: ModelEntry, current: ServedVersion, record: ProbationRecord
+    ) -> None:
+        held: ServedVersion | None = None
+        previous_dir = Path(record.previous_dir)
+        try:
+            config, estimate = await asyncio.to_thread(_config_and_estimate, previous_dir)
+            unload_first = self._check_memory(
+                entry.name, record.previous_version, estimate, current
+            )
+            if not unload_first:
+                options = self.cpu_budget.apply(
+                    config.runtime, max(self._known_models, len(self._entries))
+                )
+                loaded = await asyncio.to_thread(load_model, previous_dir, options)
+                try:
+                    await asyncio.to_thread(
+                        self_test, entry.name, record.previous_version, loaded, config, previous_dir
+                    )
+                except BaseException:
+                    loaded.close()
+                    raise
+                held = entry.slot.hold_beside(
+                    ServedVersion(
+                        entry.name,
+                        record.previous_version,
+                        previous_dir,
+                        loaded,
+                        config,
+                        estimate,
+                    )
+                )
+        except EdgedError as exc:
+            log.error(
+                "model %s: version %s not loaded again beside %s (%s); a revert reloads it",
+                entry.name,
+                record.previous_version,
+                record.version,
+                exc,
+            )
+        watch = ProbationWatch(
+            entry.name,
+            entry.slot,
+            current,
+            record.previous_version,
+            previous_dir,
+            held,
+            record.policy,
+            record.baseline,
+            self.stats,
+            carried=record.seen,
+            elapsed_before_s=record.elapsed_s,
+            energy=self.energy_per_inference,
+        )
+        log.info(
+            "model %s: probation of version %s goes on after a restart (%.0f s served, "
+            "%d crash(es); %s)",
+            entry.name,
+            record.version,
+            record.elapsed_s,
+            record.crashes,
+            f"version {record.previous_version} loaded again" if held else "nothing held",
+        )
+        self._watch_probation(entry, watch)
+
+    def _note_decided(self, outcome: ProbationOutcome) -> None:
+        """A probation decided outside this process's watch (the crash gate at start-up):
+        shown like any other in the status and the swap events."""
+        entry = self._entries.get(outcome.model)
+        if entry is not None:
+            entry.last_probation = outcome
+        self.events.append(
+            SwapEvent(
+                outcome.at,
+                outcome.model,
+                outcome.version,
+                outcome.previous_version,
+                True,
+                f"reverted by probation: {outcome.reason}",
+            )
+        )
 
     def _check_memory(
         self, name: str, version: str, estimate: int, old: ServedVersion | None

@@ -72,6 +72,15 @@ class ModelSlot:
             version._refs += 1
             return True
 
+    def hold_beside(self, version: ServedVersion) -> ServedVersion:
+        """Take a version loaded beside the current one (never current) with one handle: it
+        closes when that handle is released, unless swapped in meanwhile (a probation
+        resumed after a restart holds its replaced version this way)."""
+        with self._lock:
+            version._retired = True
+            version._refs += 1
+        return version
+
     def release(self, version: ServedVersion) -> None:
         with self._lock:
             version._refs -= 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from edged.serve.probation import VersionWindow
 from edged.serve.scheduler import BatchObserver
@@ -17,7 +17,15 @@ LATENCY_SAMPLES = 2048  # per version: the most recent compute times per inferen
 # The first batches of a version that just started serving pay for warm-up (first-touch page
 # faults of mapped weights, allocator growth): not counted in its latency window.
 WARMUP_BATCHES = 20
-VERSIONS_KEPT = 4  # per model: older versions' windows are forgotten
+VERSIONS_KEPT = 4  # per model: older versions' windows are forgotten, never a live one's
+
+# model -> the versions whose windows must be kept: the one serving and the one held for a
+# probation's revert (the baseline), however many versions came and went since.
+LiveVersions = Callable[[str], Collection[str]]
+
+
+def _none_live(model: str) -> Collection[str]:
+    return ()
 
 
 class _Counters:
@@ -44,16 +52,18 @@ class _Counters:
 class VersionStats:
     """Counters and latency windows per (model, version); safe to call from any thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, live: LiveVersions = _none_live) -> None:
         self._lock = threading.Lock()
         self._data: dict[tuple[str, str], _Counters] = {}
+        self._live = live
 
     def _get(self, model: str, version: str) -> _Counters:
         counters = self._data.get((model, version))
         if counters is None:
             counters = self._data[(model, version)] = _Counters()
-            mine = [key for key in self._data if key[0] == model]
-            for key in mine[:-VERSIONS_KEPT]:
+            keep = {version, *self._live(model)}
+            mine = [key for key in self._data if key[0] == model and key[1] not in keep]
+            for key in mine[: max(0, len(mine) + len(keep) - VERSIONS_KEPT)]:
                 del self._data[key]
         return counters
 

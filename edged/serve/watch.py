@@ -14,17 +14,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edged.serve.probation import ProbationPolicy, Verdict, VersionWindow, judge
 from edged.serve.shadow import ShadowRunner
-from edged.serve.slot import ServedVersion
+from edged.serve.slot import ModelSlot, ServedVersion
 from edged.serve.versionstats import VersionStats
-
-if TYPE_CHECKING:
-    from edged.serve.manager import ModelEntry
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +46,17 @@ class ProbationOutcome:
         return asdict(self)
 
 
-Reverter = Callable[["ModelEntry", "ProbationWatch"], Awaitable[None]]
+Reverter = Callable[["ProbationWatch"], Awaitable[None]]
+# (model, version) -> joules per inference of that version, None where not known.
+EnergyFigure = Callable[[str, str], "float | None"]
 Listener = Callable[[ProbationOutcome], Awaitable[None]]
 
 
 class ProbationWatch:
     def __init__(
         self,
-        entry: ModelEntry,
+        model: str,
+        slot: ModelSlot,
         candidate: ServedVersion,
         previous_version: str,
         previous_dir: Path,
@@ -64,8 +64,14 @@ class ProbationWatch:
         policy: ProbationPolicy,
         baseline: VersionWindow | None,
         stats: VersionStats,
+        carried: VersionWindow | None = None,
+        elapsed_before_s: float = 0.0,
+        energy: EnergyFigure | None = None,
     ) -> None:
-        self.entry = entry
+        """``carried`` and ``elapsed_before_s``: what the release did, and for how long,
+        before a restart (a probation resumed from its durable record)."""
+        self.model = model
+        self.slot = slot
         self.candidate = candidate
         self.previous_version = previous_version
         self.previous_dir = previous_dir
@@ -73,31 +79,37 @@ class ProbationWatch:
         self.policy = policy
         self.baseline = baseline
         self.stats = stats
-        self.started = time.monotonic()
+        self.started = time.monotonic() - elapsed_before_s
+        self.carried = carried
+        self.energy = energy
         self.last: Verdict | None = None
         self.task: asyncio.Task[None] | None = None
         self.shadow: ShadowRunner | None = None
         if policy.shadow is not None and held is not None:
-            self.shadow = ShadowRunner(policy.shadow, entry.slot, held, candidate.version, stats)
+            self.shadow = ShadowRunner(policy.shadow, slot, held, candidate.version, stats)
 
     @property
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started
 
     def verdict(self) -> Verdict:
-        window = self.stats.window(self.entry.name, self.candidate.version)
+        window = _merged(self.carried, self.stats.window(self.model, self.candidate.version))
+        if self.energy is not None:
+            window = replace(
+                window, energy_j_per_inference=self.energy(self.model, self.candidate.version)
+            )
         self.last = judge(self.policy, self.baseline, window, self.elapsed_s)
         return self.last
 
     def release_held(self) -> None:
         held, self.held = self.held, None
         if held is not None:
-            self.entry.slot.release(held)
+            self.slot.release(held)
 
     def outcome(self, decision: str, verdict: Verdict | None, reason: str = "") -> ProbationOutcome:
         trip = verdict.trip if verdict is not None else None
         return ProbationOutcome(
-            model=self.entry.name,
+            model=self.model,
             version=self.candidate.version,
             previous_version=self.previous_version,
             decision=decision,
@@ -131,7 +143,7 @@ class ProbationWatch:
                 self.release_held()
                 log.info(
                     "model %s: version %s promoted: %s",
-                    self.entry.name,
+                    self.model,
                     self.candidate.version,
                     verdict.reason,
                 )
@@ -139,11 +151,41 @@ class ProbationWatch:
                 return
             log.warning(
                 "model %s: version %s failed probation, reverting to %s: %s",
-                self.entry.name,
+                self.model,
                 self.candidate.version,
                 self.previous_version,
                 verdict.reason,
             )
-            await revert(self.entry, self)
+            await revert(self)
             finish(self.outcome("reverted", verdict))
             return
+
+
+def _merged(before: VersionWindow | None, now: VersionWindow) -> VersionWindow:
+    """The counts of a release's window before a restart added to those since."""
+    if before is None:
+        return now
+    return VersionWindow(
+        version=now.version,
+        requests=before.requests + now.requests,
+        errors=before.errors + now.errors,
+        nonfinite=before.nonfinite + now.nonfinite,
+        latencies_s=now.latencies_s,
+        energy_j_per_inference=now.energy_j_per_inference,
+        shadow_compared=before.shadow_compared + now.shadow_compared,
+        shadow_agreed=before.shadow_agreed + now.shadow_agreed,
+    )
+
+
+def seen_so_far(watch: ProbationWatch) -> VersionWindow:
+    """What a durable record keeps of the release's window (counts; not the latencies)."""
+    window = _merged(watch.carried, watch.stats.window(watch.model, watch.candidate.version))
+    return VersionWindow(
+        version=window.version,
+        requests=window.requests,
+        errors=window.errors,
+        nonfinite=window.nonfinite,
+        latencies_s=(),
+        shadow_compared=window.shadow_compared,
+        shadow_agreed=window.shadow_agreed,
+    )

@@ -143,6 +143,15 @@ class TelemetryHub:
         except (OSError, EdgedError):
             return False
 
+    def energy_per_inference_j(self, model: str, version: str) -> float | None:
+        """Joules per inference of one version since it served (the probation's energy gate);
+        None without a power source or before any of its requests was attributed."""
+        if not self.attributes_energy:
+            return None
+        stats = self.energy_totals.get(ModelKey(model, version))
+        mj = stats.mj_per_inference if stats is not None else None
+        return mj / 1000.0 if mj is not None else None
+
     def observer(self, model: str) -> ModelObserver:
         return ModelObserver(self, model)
 

@@ -23,7 +23,7 @@ from edged.transport.deployments import Deployments
 from edged.transport.link import Link
 from edged.transport.progress import ProgressReporter, deployment_progress, error_reason
 from edged.transport.protocol import (
-    FAILED,
+    REFUSED,
     Command,
     Reply,
     SignedCommand,
@@ -122,7 +122,7 @@ class CommandHandler:
                 with contextlib.suppress(FleetMessageError):
                     d = command.deployment
                     failed = deployment_progress(
-                        self.device_id, d, FAILED, reason=error_reason(exc)
+                        self.device_id, d, REFUSED, reason=error_reason(exc)
                     )
                     await self._progress.report(failed)
             return

@@ -21,9 +21,18 @@ from edged.errors import (
     ConnectionLostError,
     DownloadStalledError,
     EdgedError,
+    ExpiredBundleError,
+    FileIntegrityError,
     FleetMessageError,
+    InstallCrashLoopError,
+    ManifestError,
     MqttTimeoutError,
+    ReplayError,
+    RevertedReleaseError,
+    RollbackError,
     ShuttingDownError,
+    SignatureError,
+    TargetMismatchError,
     TransportError,
 )
 from edged.transport.client import MqttClient
@@ -35,6 +44,7 @@ from edged.transport.protocol import (
     INSTALLED,
     PROMOTED,
     RECEIVED,
+    REFUSED,
     REVERTED,
     SERVING,
     VERIFIED,
@@ -53,6 +63,18 @@ T = TypeVar("T")
 ACTIVE_FILE = "active.json"
 DOWNLOADS_DIR = "downloads"
 
+# The bundle's own trust checks: the device refuses it (progress ``refused``, not ``failed``).
+REFUSALS = (
+    SignatureError,
+    ManifestError,
+    ExpiredBundleError,
+    RollbackError,
+    ReplayError,
+    TargetMismatchError,
+    RevertedReleaseError,
+    FileIntegrityError,
+)
+
 # Connection problems a download waits out (it resumes after the reconnect).
 _LINK_ERRORS = (ConnectionLostError, ConnectFailedError, MqttTimeoutError)
 
@@ -63,6 +85,9 @@ class _Job:
     deployment: Deployment
     accepted_at: float
     fetched: int = 0  # chunks stored since the last (re)connect or resume
+    # Installs started and not finished: a crash of the daemon leaves it counted, a clean
+    # shutdown takes its count back.
+    install_attempts: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -71,6 +96,7 @@ class _Job:
             "issued_at": self.command.issued_at,
             "deployment": self.deployment.to_json(),
             "accepted_at": self.accepted_at,
+            "install_attempts": self.install_attempts,
         }
 
     @classmethod
@@ -83,7 +109,8 @@ class _Job:
             str(value["nonce"]),
             {"deployment": deployment.to_json()},
         )
-        return cls(command, deployment, float(value["accepted_at"]))
+        attempts = int(value.get("install_attempts", 0))
+        return cls(command, deployment, float(value["accepted_at"]), install_attempts=attempts)
 
 
 @dataclass
@@ -213,7 +240,13 @@ class Deployments:
             keep_partial = False
             n, fetched = d.chunk_count, job.fetched
             await report(deployment_progress(self.device_id, d, VERIFIED, n, fetched))
-            result = await self.installer.install_file(path)
+            await asyncio.to_thread(self._count_install, job)
+            try:
+                result = await self.installer.install_file(path)
+            except (asyncio.CancelledError, ShuttingDownError):
+                await asyncio.to_thread(self._count_install, job, -1)  # a clean shutdown
+                raise
+            job.install_attempts = 0
             await report(
                 deployment_progress(self.device_id, d, INSTALLED, n, fetched, reason=result.outcome)
             )
@@ -239,12 +272,27 @@ class Deployments:
             else:
                 log.exception("deployment %s failed unexpectedly", d.id)
             done = len(download.have) if download is not None else 0
+            state = REFUSED if isinstance(exc, REFUSALS) else FAILED
             failed = deployment_progress(
-                self.device_id, d, FAILED, done, job.fetched, reason=error_reason(exc)
+                self.device_id, d, state, done, job.fetched, reason=error_reason(exc)
             )
             with contextlib.suppress(TransportError):
                 await report(failed)
         await asyncio.to_thread(self._finish_job, d, keep_partial)
+
+    def _count_install(self, job: _Job, step: int = 1) -> None:
+        """Count an install before it starts (kept in ``active.json``); refuse one that
+        crashes of the daemon have cut off ``mqtt.max_install_crashes`` times."""
+        limit = self.settings.mqtt.max_install_crashes
+        if step > 0 and job.install_attempts >= limit:
+            raise InstallCrashLoopError(
+                f"the install of {job.deployment.model} version {job.deployment.version} was "
+                f"interrupted by a crash of the daemon {job.install_attempts} times (limit "
+                f"mqtt.max_install_crashes = {limit}); not tried again: the device serves what "
+                "it served before"
+            )
+        job.install_attempts = max(0, job.install_attempts + step)
+        self._save_active(job)
 
     def _finish_job(self, d: Deployment, keep_partial: bool) -> None:
         self._save_active(None)

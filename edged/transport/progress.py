@@ -3,16 +3,26 @@ reconnect when the broker did not take it."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import time
+from dataclasses import fields
 
+from edged._fs import atomic_write
 from edged.errors import TransportError
 from edged.transport.client import MqttClient
 from edged.transport.link import Link
-from edged.transport.protocol import Deployment, Progress, encode_json
+from edged.transport.protocol import TERMINAL_STATES, Deployment, Progress, encode_json
 from edged.transport.settings import AgentSettings
 
 log = logging.getLogger(__name__)
+
+
+# The last ``serving`` (or final) report, kept across restarts: a probation that ends after a
+# restart (the crash gate's revert, a resumed probation's verdict) is still reported on the
+# deployment's progress topic.
+LAST_PROGRESS_FILE = "last-progress.json"
 
 
 class ProgressReporter:
@@ -20,8 +30,29 @@ class ProgressReporter:
         self.device_id = settings.device_id
         self.topics = settings.topics
         self._link = link
-        self._last_progress: Progress | None = None
+        self._file = settings.state_dir / LAST_PROGRESS_FILE
+        self._last_progress: Progress | None = self._load()
         self._progress_unsent = False
+
+    def _load(self) -> Progress | None:
+        try:
+            value = json.loads(self._file.read_bytes())
+            known = {f.name for f in fields(Progress)}
+            return Progress(**{k: v for k, v in value.items() if k in known})
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("ignoring unreadable %s: %s", self._file, exc)
+            return None
+
+    def _keep(self, progress: Progress) -> None:
+        if progress.state not in TERMINAL_STATES:
+            return
+        try:
+            self._file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self._file, encode_json(progress.to_json()), mode=0o600)
+        except OSError as exc:
+            log.warning("last progress report not kept in %s: %s", self._file, exc)
 
     @property
     def last(self) -> Progress | None:
@@ -30,6 +61,7 @@ class ProgressReporter:
     async def report(self, progress: Progress) -> None:
         self._last_progress = progress
         self._progress_unsent = True
+        await asyncio.to_thread(self._keep, progress)
         client = self._link.client
         if client is not None:
             await self._send(client, progress)

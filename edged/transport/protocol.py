@@ -46,8 +46,11 @@ FAILED = "failed"
 # After ``serving`` (which may start a probation, docs/serving.md): how the probation ended.
 PROMOTED = "promoted"
 REVERTED = "reverted"
-PROGRESS_STATES = (RECEIVED, VERIFIED, INSTALLED, SERVING, FAILED, PROMOTED, REVERTED)
-TERMINAL_STATES = (SERVING, FAILED, PROMOTED, REVERTED)
+# The device refused the bundle or the command itself (signatures, trust, expiry, counter,
+# targets, a release reverted here before): a trust decision, not a failure to carry it out.
+REFUSED = "refused"
+PROGRESS_STATES = (RECEIVED, VERIFIED, INSTALLED, SERVING, FAILED, PROMOTED, REVERTED, REFUSED)
+TERMINAL_STATES = (SERVING, FAILED, PROMOTED, REVERTED, REFUSED)
 
 
 def new_nonce() -> str:

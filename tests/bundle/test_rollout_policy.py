@@ -11,12 +11,8 @@ import pytest
 
 from edged.bundle.canonical import encode_canonical
 from edged.bundle.manifest import parse_manifest
-from edged.bundle.rollout_policy import (
-    DEFAULT_POLICY,
-    parse_rollout,
-    policy_of_version,
-    rollout_json,
-)
+from edged.bundle.rollout_policy import DEFAULT_POLICY, parse_rollout, rollout_json
+from edged.bundle.swap_policy import policy_of_version
 from edged.errors import BadSignatureError, ManifestSchemaError
 from edged.serve.probation import ProbationPolicy, ShadowPolicy
 from tests.bundle.helpers import MODEL, World, log_entries, rebuild, split_members
@@ -106,3 +102,26 @@ def test_dropping_the_policy_in_transit_is_refused(world: World) -> None:
     info.size = len(forged)
     with pytest.raises(BadSignatureError):
         world.install(rebuild([(info, forged), *members[1:]]))
+
+
+def test_the_crash_and_verdict_fields_are_parsed_strictly() -> None:
+    policy = parse_rollout(
+        {
+            "probation": {"max_crashes": 2, "at_max_s": "revert"},
+            "gates": {"require_latency_verdict": True},
+        }
+    )
+    assert (policy.max_crashes, policy.at_max_s, policy.require_latency_verdict) == (
+        2, "revert", True,
+    )  # fmt: skip
+    assert parse_rollout(rollout_json(policy)) == policy
+    assert DEFAULT_POLICY.max_crashes == 1
+    bad: list[dict[str, Any]] = [
+        {"probation": {"max_crashes": 0}},
+        {"probation": {"at_max_s": "wait"}},
+        {"gates": {"require_latency_verdict": 1}},
+        {"gates": {"require_latency_verdict": True, "max_p99_latency_ratio_pct": 0}},
+    ]
+    for value in bad:
+        with pytest.raises(ManifestSchemaError, match="rollout"):
+            parse_rollout(value)

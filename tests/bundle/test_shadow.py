@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from edged.bundle.install import Installer
-from edged.bundle.rollout_policy import policy_for_swap
+from edged.bundle.swap_policy import policy_for_swap
 from edged.config import ModelsConfig
 from edged.serve.manager import ModelManager
 from edged.serve.probation import ProbationPolicy, ShadowPolicy

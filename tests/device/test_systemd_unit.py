@@ -49,7 +49,14 @@ def _command_paths(unit: Path) -> list[str]:
     settings = _unit_settings(unit)
     return [
         value.lstrip("-@:+!").split()[0]
-        for key in ("ExecStart", "ExecReload", "ExecStop", "ExecStartPre", "ExecStartPost")
+        for key in (
+            "ExecStart",
+            "ExecReload",
+            "ExecStop",
+            "ExecStartPre",
+            "ExecStartPost",
+            "ExecStopPost",
+        )
         for value in settings.get(key, [])
         if value
     ]

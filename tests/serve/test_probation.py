@@ -4,12 +4,13 @@ measured value and the limit."""
 from __future__ import annotations
 
 from edged.serve.probation import (
+    GateResult,
     ProbationPolicy,
     ShadowPolicy,
     VersionWindow,
     judge,
 )
-from edged.serve.versionstats import WARMUP_BATCHES, VersionStats
+from edged.serve.versionstats import VERSIONS_KEPT, WARMUP_BATCHES, VersionStats
 
 POLICY = ProbationPolicy(min_s=10, max_s=100, min_requests=100, max_p99_latency_ratio_pct=200)
 BASE = VersionWindow("1", requests=500, errors=0, nonfinite=0, latencies_s=(0.002,) * 500)
@@ -62,7 +63,7 @@ def test_the_latency_gate_waits_for_min_requests_and_a_baseline() -> None:
     no_base = VersionWindow("1", 0, 0, 0, ())
     verdict = judge(POLICY, no_base, window(latencies_s=(0.01,) * 200), 10)
     assert verdict.decision == "promote"
-    assert "not compared" in verdict.reason
+    assert "p99_latency_ratio not judged (no baseline: version 1 has 0 of 20" in verdict.reason
 
 
 def test_one_nan_answer_trips_a_zero_limit_at_once() -> None:
@@ -118,4 +119,68 @@ def test_the_energy_gate_judges_only_with_readings_for_both_versions() -> None:
     )  # fmt: skip
     unknown = judge(policy, VersionWindow("1", 500, 0, 0, (0.002,) * 500), hungry, 1)
     assert unknown.decision == "promote"
-    assert "energy not compared" in unknown.reason
+    assert "energy_ratio not judged (no energy figures for both versions)" in unknown.reason
+    none = judge(policy, VersionWindow("1", 500, 0, 0, (0.002,) * 500), window(), 1)
+    assert none.gate("energy_ratio") == GateResult("energy_ratio", "not judged", "no power source")
+
+
+def test_every_gate_says_whether_it_judged_with_its_figure_or_why_not() -> None:
+    verdict = judge(POLICY, BASE, window(), 10)
+    statuses = {g.gate: g.status for g in verdict.gates}
+    assert statuses == {
+        "nonfinite": "passed", "error_rate": "passed", "p99_latency_ratio": "passed",
+        "energy_ratio": "off", "shadow_agreement": "off",
+    }  # fmt: skip
+    assert "gates: nonfinite passed (0.0 permille, 0 of 200" in verdict.reason
+    assert "p99_latency_ratio passed (1.10x" in verdict.reason
+    slow = judge(POLICY, BASE, window(latencies_s=(0.007,) * 200), 10)
+    assert slow.gate("p99_latency_ratio") is not None
+    assert slow.gate("p99_latency_ratio").status == "tripped"  # type: ignore[union-attr]
+
+
+def test_a_short_probation_at_low_traffic_says_the_latency_gate_did_not_judge() -> None:
+    policy = ProbationPolicy(min_s=1, max_s=30, min_requests=10, max_p99_latency_ratio_pct=200)
+    warm = window(requests=15, latencies_s=())  # every batch still a warm-up batch
+    verdict = judge(policy, BASE, warm, 3)
+    assert verdict.decision == "promote"
+    assert "p99_latency_ratio not judged (too few timed batches: 0 of 20" in verdict.reason
+
+
+def test_require_latency_verdict_extends_to_max_s_then_does_what_the_policy_says() -> None:
+    policy = ProbationPolicy(
+        min_s=1, max_s=30, min_requests=10, max_p99_latency_ratio_pct=200,
+        require_latency_verdict=True,
+    )  # fmt: skip
+    warm = window(requests=15, latencies_s=())
+    assert judge(policy, BASE, warm, 3).decision == "watch"
+    assert judge(policy, BASE, window(), 3).decision == "promote"  # judged: 1.10x
+    ended = judge(policy, BASE, warm, 30)
+    assert ended.decision == "promote"
+    assert "not judged by then: p99_latency_ratio not judged" in ended.reason
+    strict = ProbationPolicy(**{**policy.__dict__, "at_max_s": "revert"})
+    reverted = judge(strict, BASE, warm, 30)
+    assert reverted.decision == "revert"
+    assert reverted.trip is not None
+    assert (reverted.trip.gate, reverted.trip.measured, reverted.trip.limit) == (
+        "max_s",
+        "30s",
+        "30s",
+    )
+
+
+def test_the_serving_and_held_versions_windows_are_never_evicted() -> None:
+    live = {"1"}
+    stats = VersionStats(live=lambda model: live)
+    for _ in range(WARMUP_BATCHES + 30):
+        stats.record_batch("m", "1", 1, 0.001)
+    for version in range(2, 2 + 3 * VERSIONS_KEPT):  # releases that came and went
+        stats.reset("m", str(version))
+        stats.record_batch("m", str(version), 1, 0.5)
+    assert stats.window("m", "1").requests == WARMUP_BATCHES + 30
+    assert len(stats.window("m", "1").latencies_s) == 30
+    dropped = VersionStats()
+    for _ in range(5):
+        dropped.record_batch("m", "1", 1, 0.001)
+    for version in range(2, 2 + VERSIONS_KEPT):
+        dropped.reset("m", str(version))
+    assert dropped.window("m", "1").requests == 0  # without the live set it would be lost

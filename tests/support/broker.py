@@ -83,8 +83,8 @@ class Broker:
         (self.directory / "data").mkdir(exist_ok=True)
         user = pwd.getpwuid(os.getuid()).pw_name
         if self.config_text is not None:
-            logging = f"log_dest file {self.log_file}\nuser {user}\n"
-            self.conf_file.write_text(self.config_text + logging)
+            # A generated config runs as generated (its own ``user``, e.g. started as root).
+            self.conf_file.write_text(self.config_text + f"log_dest file {self.log_file}\n")
             return
         self.acl_file.write_text(render_acl(self.topics, self.groups_by_device, [FLEET_MANAGER]))
         tls = (

@@ -99,3 +99,47 @@ def write_sqrt_model(version_dir: Path) -> None:
     write_test_vectors(
         version_dir / "test_vectors.npz", {"input": x}, {"output": np.sqrt(x) @ weight + bias}
     )
+
+
+def write_hanging_mlp(version_dir: Path, seed: int = 4) -> None:
+    """The sample MLP plus zero times the result of a loop of 10^15 iterations: loads, then
+    hangs in its first run (its self-test), as a runtime stuck on an input can."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((64, 10), dtype=np.float32) * np.float32(0.1)
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["v_in", "one"], ["v_out"]),
+        ],
+        "spin",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1]),
+        ],
+        initializer=[numpy_helper.from_array(np.ones(1, np.float32), "one")],
+    )
+    nodes = [
+        helper.make_node("MatMul", ["input", "w"], ["mlp"]),
+        helper.make_node("ReduceSum", ["input"], ["s"], keepdims=0),
+        helper.make_node("Reshape", ["s", "shape1"], ["s1"]),
+        helper.make_node("Loop", ["trips", "true", "s1"], ["spun"], body=body),
+        helper.make_node("Mul", ["spun", "zero"], ["nothing"]),
+        helper.make_node("Add", ["mlp", "nothing"], ["output"]),
+    ]
+    initializers = [
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(np.array(10**15, np.int64), "trips"),
+        numpy_helper.from_array(np.array(True), "true"),
+        numpy_helper.from_array(np.array([1], np.int64), "shape1"),
+        numpy_helper.from_array(np.zeros(1, np.float32), "zero"),
+    ]
+    _save(version_dir, nodes, initializers)
+    x = rng.standard_normal((2, 64), dtype=np.float32)
+    write_test_vectors(version_dir / "test_vectors.npz", {"input": x}, {"output": x @ w})

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import pwd
 import ssl
 import time
 from dataclasses import replace
@@ -166,6 +168,9 @@ def test_the_shipped_broker_config_binds_identities_and_keeps_the_listeners_apar
         .replace("listener 8884", f"listener {manager_port} 127.0.0.1")
     )
     assert "/etc" not in text and "/var/" not in text
+    # The shipped config runs as mosquitto's own user, who owns /etc/mosquitto/certs there;
+    # here the test's user owns the files (started as root, mosquitto drops to this user).
+    text += f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
     broker = Broker(
         tmp_path, pki, {}, port=port, wrong_host_port=0, manager_port=manager_port,
         config_text=text,

@@ -361,7 +361,7 @@ def test_rollback_and_report_commands(
     # The high-water mark stays at 3: re-pushing version 2 is refused before any download.
     refused = run(push(manager, [signing.signer], bundles.mlp(2).path, DEVICE_1, timeout_s=30))
     outcome = refused.outcomes["device-1"]
-    assert outcome.state == "failed" and outcome.reason.startswith("RollbackError")
+    assert outcome.state == "refused" and outcome.reason.startswith("RollbackError")
     assert outcome.chunks_done == 0
 
 
