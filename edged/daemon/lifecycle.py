@@ -128,6 +128,9 @@ class Daemon:
         self.supervisor = Supervisor(on_failure=self._report_failure)
         self.telemetry.service_restarts = self._restarts
         self.supervisor.add("watchdog", self.watchdog.run)
+        if isinstance(self.manager, EngineProxy) and self.telemetry.attributes_energy:
+            # The probation's energy gate runs in the engine; the figures are measured here.
+            self.supervisor.add("energy-feed", self._feed_energy)
         self.supervisor.add("reload", self._reload_loop)
         if config.telemetry.enabled:
             self.supervisor.add("telemetry", self.telemetry.run)
@@ -148,6 +151,20 @@ class Daemon:
         self._shutdown_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.exit_code = 0
+
+    async def _feed_energy(self) -> None:
+        """Send the engine each version's energy per inference, once per telemetry interval."""
+        assert isinstance(self.manager, EngineProxy)
+        while True:
+            await asyncio.sleep(self.config.telemetry.interval_s)
+            figures = [
+                [key.model, key.version, joules]
+                for key in list(self.telemetry.energy_totals)
+                if (joules := self.telemetry.energy_per_inference_j(key.model, key.version))
+                is not None
+            ]
+            if figures and self.manager.connected:
+                await self.manager.call("energy", wait_s=10.0, figures=figures)
 
     def _restarts(self) -> dict[str, int]:
         """Restarts of the side services and of the serving processes (engine, front ends)."""

@@ -55,6 +55,8 @@ class EngineService:
         self._listener = listener
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Joules per inference by (model, version), as the control plane measured them.
+        self.energy: dict[tuple[str, str], float] = {}
 
     def _send(self, header: dict[str, Any]) -> None:
         if self._writer is not None and not self._writer.is_closing():
@@ -68,6 +70,9 @@ class EngineService:
 
     async def _probation(self, outcome: ProbationOutcome) -> None:
         self._event("probation", outcome=outcome.to_json())
+
+    def _energy_per_inference(self, model: str, version: str) -> float | None:
+        return self.energy.get((model, version))
 
     def _swap(self, event: SwapEvent) -> None:
         self._event("swap", swap=dataclasses.asdict(event))
@@ -113,6 +118,7 @@ class EngineService:
         # Crash-safe rollouts: the durable probation records (the control plane's crash gate
         # judges them before this process starts).
         self.manager.probation_records = ProbationRecords(config.state.directory / PROBATION_DIR)
+        self.manager.energy_per_inference = self._energy_per_inference
         reader, self._writer = await asyncio.open_unix_connection(sock=self._control_socket)
         self.dataplane = DataPlane(self.manager, self._listener, loop)
         await self.manager.start()
@@ -188,6 +194,9 @@ class EngineService:
             return await manager.load_model(args["model"])
         if method == "unload":
             await manager.unload(args["model"])
+            return None
+        if method == "energy":
+            self.energy = {(m, v): float(j) for m, v, j in args["figures"]}
             return None
         if method == "index":
             return await manager.index_async()
