@@ -69,7 +69,8 @@ where it helps, what to do.
     │   ├── CommandRejectedError         StaleCommandError, ReplayedCommandError,
     │   │                                WrongTargetError
     │   ├── DownloadError                TooLargeError, InsufficientSpaceError,
-    │   │                                ChunkHashMismatchError, DownloadStalledError
+    │   │                                ChunkHashMismatchError, DownloadStalledError,
+    │   │                                ArtifactUnavailableError
     │   ├── PushFailedError              (CLI) devices failed or did not answer
     │   ├── RolloutError                 (CLI) a staged rollout: bad plan, state or lock
     │   └── FleetSetupError              fleet directory / PKI: missing, or would be overwritten
@@ -458,6 +459,11 @@ class ChunkHashMismatchError(DownloadError):
 
 class DownloadStalledError(DownloadError):
     """No new chunk arrived within ``mqtt.download_stall_timeout_s``."""
+
+
+class ArtifactUnavailableError(DownloadError):
+    """No mirror of an HTTPS artifact can serve it: each refused it (HTTP status), served
+    bytes that do not match the signed chunk hashes, or failed TLS verification."""
 
 
 class FleetSetupError(TransportError):

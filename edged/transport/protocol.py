@@ -36,6 +36,10 @@ MAX_CHUNK_BYTES = 16 * 1024 * 1024
 MAX_CHUNKS = 1_000_000
 MAX_COMMAND_BYTES = 64 * 1024 * 1024  # an announcement lists one hash per chunk
 MAX_SIGNATURES = 16
+MAX_MIRRORS = 16
+MAX_URL_CHARS = 2048
+URL_RE = re.compile(r"^https?://[^\s/?#]+(/[^\s#]*)?$")
+ARTIFACT_SUFFIX = ".bundle"
 
 # Deployment progress states, in order; "failed" can follow any of them.
 RECEIVED = "received"
@@ -121,6 +125,10 @@ class Deployment:
     chunks: tuple[str, ...]  # SHA-256 of each chunk, in order
     manifest: str  # the bundle's manifest.json (canonical ASCII JSON)
     manifest_signatures: tuple[Signature, ...]
+    # Mirrors of the content-addressed file ``<sha256>.bundle`` (tried in order); empty: the
+    # chunks come as retained MQTT messages. Inside the signed command, so no one can redirect
+    # a device; the bytes are checked against ``chunks`` wherever they come from.
+    urls: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         expected = max(1, math.ceil(self.size / self.chunk_size)) if self.size else 0
@@ -146,7 +154,7 @@ class Deployment:
         return f"{self.sha256}-{self.chunk_size}"
 
     def to_json(self) -> dict[str, Json]:
-        return {
+        value: dict[str, Json] = {
             "id": self.id,
             "model": self.model,
             "version": self.version,
@@ -159,6 +167,9 @@ class Deployment:
                 {"keyid": s.keyid, "sig": s.sig.hex()} for s in self.manifest_signatures
             ],
         }
+        if self.urls:  # absent when empty: the chunk-only form stays byte-for-byte as before
+            value["urls"] = list(self.urls)
+        return value
 
     @classmethod
     def from_json(cls, value: Any, what: str = "deployment") -> Deployment:
@@ -178,9 +189,29 @@ class Deployment:
             chunks=tuple(chunks),
             manifest=f.string("manifest"),
             manifest_signatures=_signatures(f.array("manifest_signatures", MAX_SIGNATURES), what),
+            urls=_urls(f.array("urls", MAX_MIRRORS), what) if f.has("urls") else (),
         )
         f.done()
         return deployment
+
+
+def _urls(items: Sequence[Any], what: str) -> tuple[str, ...]:
+    for item in items:
+        if not isinstance(item, str) or len(item) > MAX_URL_CHARS or not URL_RE.match(item):
+            raise _fail(what, f"every entry of 'urls' must be an http(s) URL; got {item!r}")
+    return tuple(items)
+
+
+def artifact_name(sha256: str) -> str:
+    """The file name of a bundle in an artifact store: content-addressed."""
+    return f"{sha256}{ARTIFACT_SUFFIX}"
+
+
+def artifact_urls(base_urls: Sequence[str], sha256: str) -> tuple[str, ...]:
+    """Each mirror's URL of the bundle with this SHA-256 (``<base>/<sha256>.bundle``)."""
+    urls = tuple(f"{base.rstrip('/')}/{artifact_name(sha256)}" for base in base_urls)
+    _urls(urls, "artifact URLs")
+    return urls
 
 
 def _signatures(items: Sequence[Any], what: str) -> tuple[Signature, ...]:
