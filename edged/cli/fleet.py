@@ -24,6 +24,7 @@ from edged.bundle.keys import load_private_key
 from edged.cli.fleetsetup import register_setup
 from edged.errors import ConfigError, FleetSetupError
 from edged.fleet.acl import DEFAULT_MANAGERS, render_acl
+from edged.fleet.artifacts import artifact_store
 from edged.fleet.channel import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_PUSH_TIMEOUT_S,
@@ -143,6 +144,23 @@ def target_from(args: argparse.Namespace) -> Target:
     return Target.device(args.device) if args.device else Target.group(args.group)
 
 
+def add_artifact_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--artifacts",
+        type=Path,
+        metavar="DIR",
+        help="write the bundle as DIR/<sha256>.bundle (a directory an HTTPS server serves) "
+        "and announce its URLs instead of publishing chunks through the broker",
+    )
+    p.add_argument(
+        "--base-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="URL under which DIR is served; repeat for mirrors, tried in order",
+    )
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("push", help="publish a signed bundle to a device or a group")
     p.add_argument("bundle", type=Path)
@@ -154,6 +172,7 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="leave the retained chunks on the broker for devices that come later",
     )
+    add_artifact_args(p)
     add_connection_args(p, signing=True)
     p.set_defaults(handler=handle_push)
 
@@ -273,6 +292,7 @@ def handle_push(args: argparse.Namespace) -> int:
                 expected=args.expect or None,
                 keep_chunks=args.keep_chunks,
                 on_progress=bars.update,
+                artifacts=artifact_store(args.artifacts, args.base_url),
             )
         )
     Console().print(_result_table(result))

@@ -204,6 +204,11 @@ class _Fleet:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     last_message_at: float = 0.0
     listener: asyncio.Task[None] | None = None
+    # Devices whose status, progress or reply arrived since the last ``take_touched()``: a
+    # rollout over thousands of devices looks only at those.
+    touched: set[str] = field(default_factory=set)
+    # Only these devices' progress is kept (None: every device's).
+    only: frozenset[str] | None = None
 
     def take(self, message: Message) -> None:
         self.last_message_at = time.monotonic()
@@ -216,18 +221,27 @@ class _Fleet:
         device = self.topics.device_of(message.topic)
         try:
             value = decode_json(message.payload, message.topic)
+            if device is not None and self.only is not None and device not in self.only:
+                return
             if device is not None and message.topic == self.topics.status(device):
                 status = DeviceStatus.from_json(value)
                 self.statuses[device] = replace(status, device=device)
+                self.touched.add(device)
             elif device is not None and message.topic == self.topics.progress(device):
                 self.progress[device] = replace(Progress.from_json(value), device=device)
+                self.touched.add(device)
             else:
                 reply = Reply.from_json(value)
                 self.replies[reply.device] = reply
+                self.touched.add(reply.device)
         except FleetMessageError as exc:
             log.warning("ignoring a malformed message on %s: %s", message.topic, exc)
             return
         self.changed.set()
+
+    def take_touched(self) -> set[str]:
+        touched, self.touched = self.touched, set()
+        return touched
 
     async def wait_change(self, timeout: float) -> None:
         """Wait for news (at most ``timeout``); raise the connection's error if it dropped."""

@@ -11,6 +11,7 @@ rollout still runs (``edged rollout resume`` follows them), or nothing once it w
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -20,7 +21,8 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edged._fs import atomic_write
 from edged.errors import ConfigError, RolloutError
+from edged.fleet.artifacts import ArtifactStore
 from edged.fleet.channel import (
     DEFAULT_CHUNK_BYTES,
     ManagerSettings,
@@ -147,6 +150,7 @@ class RolloutState:
     wave_started: list[float] = field(default_factory=list)  # Unix time each wave began
     wave_done_at: list[float] = field(default_factory=list)
     messages_sent: int = 0
+    urls: list[str] = field(default_factory=list)  # artifact mirrors; empty: MQTT chunks
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,7 +178,7 @@ class RolloutStore:
 
     def save(self, state: RolloutState) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        data = json.dumps(state.to_json(), indent=1, sort_keys=True).encode()
+        data = json.dumps(state.to_json(), separators=(",", ":"), sort_keys=True).encode()
         atomic_write(self._path(state.id, ".json"), data)
 
     def load(self, rollout_id: str) -> RolloutState:
@@ -237,9 +241,16 @@ def new_rollout(
     abort: AbortPolicy = AbortPolicy(),
     chunk_size: int = DEFAULT_CHUNK_BYTES,
     rollout_id: str | None = None,
+    artifacts: ArtifactStore | None = None,
 ) -> RolloutState:
+    """Plan a rollout and save it. With ``artifacts`` the bundle is written there as
+    ``<sha256>.bundle`` and devices fetch it over HTTPS; no chunk goes through the broker."""
     data = bundle.read_bytes()
-    prepared = prepare_bundle(data, chunk_size)
+    urls: tuple[str, ...] = ()
+    if artifacts is not None:
+        artifacts.publish(data)
+        urls = artifacts.urls(hashlib.sha256(data).hexdigest())
+    prepared = prepare_bundle(data, chunk_size, urls=urls)
     d = prepared.deployment
     waves = plan_waves(members, percents, canary)
     state = RolloutState(
@@ -254,12 +265,41 @@ def new_rollout(
         abort=abort,
         chunk_size=chunk_size,
         devices={dev: DeviceRecord(i) for i, wave in enumerate(waves) for dev in wave},
+        urls=list(urls),
     )
     store.save(state)
     return state
 
 
 Event = Callable[[RolloutState, str], None]
+
+# A rollout over thousands of devices: verdicts are saved at most this often (they are also
+# retained on the broker, so a tool killed in between reads them again on resume); the whole-
+# rollout checks (abort policy, wave end, summary) run at most this often; a summary line at
+# most this often; announcements and rollbacks in flight at once.
+SAVE_INTERVAL_S = 1.0
+TICK_S = 0.2
+SUMMARY_INTERVAL_S = 5.0
+SEND_CONCURRENCY = 64
+# Rollouts up to this many devices report every device's change; larger ones only the
+# failures, and a per-wave summary.
+VERBOSE_DEVICES = 50
+
+
+def wave_counts(state: RolloutState, wave: int) -> Counter[str]:
+    return Counter(state.devices[d].state for d in state.waves[wave])
+
+
+def summary_line(state: RolloutState) -> str:
+    """``wave 3/4 (5000 devices): 4810 passed, 12 reverted, ...; fleet: 6020/10000 passed``."""
+    wave = min(state.wave, len(state.waves) - 1)
+    counts = wave_counts(state, wave)
+    parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    passed = sum(1 for r in state.devices.values() if r.state == PASSED)
+    return (
+        f"wave {wave + 1}/{len(state.waves)} ({len(state.waves[wave])} devices): {parts}; "
+        f"fleet: {passed}/{len(state.devices)} passed"
+    )
 
 
 class _Engine:
@@ -284,29 +324,52 @@ class _Engine:
         data = Path(state.bundle).read_bytes()
         if hashlib.sha256(data).hexdigest() != state.bundle_sha256:
             raise RolloutError(f"{state.bundle} changed since the rollout started")
-        self.prepared = prepare_bundle(data, state.chunk_size, deployment_id=state.deployment)
+        self.prepared = prepare_bundle(
+            data, state.chunk_size, deployment_id=state.deployment, urls=state.urls
+        )
+        del data
         self.nonces: dict[str, str] = {}  # device -> nonce of our deploy/rollback command
+        self.verbose = len(state.devices) <= VERBOSE_DEVICES
+        self._saved_at = 0.0
+        self._unsaved = False
+        self._summary_at = 0.0
+
+    @property
+    def over_mqtt(self) -> bool:
+        return not self.prepared.deployment.urls
 
     def event(self, message: str) -> None:
         log.info("rollout %s: %s", self.state.id, message)
         self.on_event(self.state, message)
 
-    def save(self) -> None:
-        self.store.save(self.state)
+    def save(self, *, now: bool = True) -> None:
+        """Write the state: at once (``now``), or at most every ``SAVE_INTERVAL_S``."""
+        if now or time.monotonic() - self._saved_at >= SAVE_INTERVAL_S:
+            self.store.save(self.state)
+            self._saved_at = time.monotonic()
+            self._unsaved = False
+        else:
+            self._unsaved = True
+
+    def flush(self) -> None:
+        if self._unsaved:
+            self.save()
 
     def set_device(self, device: str, state: str, reason: str = "") -> None:
         record = self.state.devices[device]
         if (record.state, record.reason) == (state, reason):
             return
         record.state, record.reason, record.at = state, reason, time.time()
-        self.save()
-        self.event(f"{device}: {state}{' (' + reason + ')' if reason else ''}")
+        self.save(now=False)
+        if self.verbose or state in BAD_STATES or state == ROLLBACK_FAILED:
+            self.event(f"{device}: {state}{' (' + reason + ')' if reason else ''}")
 
     # --- following the devices -----------------------------------------------------------
 
-    def observe(self, fleet: _Fleet) -> None:
-        for device, record in self.state.devices.items():
-            if record.state in (PENDING, OFFLINE, ROLLED_BACK, ROLLBACK_FAILED):
+    def observe(self, fleet: _Fleet, devices: Iterable[str]) -> None:
+        for device in devices:
+            record = self.state.devices.get(device)
+            if record is None or record.state in (PENDING, OFFLINE, ROLLED_BACK, ROLLBACK_FAILED):
                 continue
             progress = fleet.progress.get(device)
             if progress is not None and progress.deployment == self.state.deployment:
@@ -325,6 +388,16 @@ class _Engine:
             ):
                 self.set_device(device, REFUSED, reply.error)
 
+    async def announce_many(self, client: MqttClient, fleet: _Fleet, devices: list[str]) -> None:
+        semaphore = asyncio.Semaphore(SEND_CONCURRENCY)
+
+        async def one(device: str) -> None:
+            async with semaphore:
+                await self.announce(client, fleet, device)
+
+        await asyncio.gather(*(one(d) for d in devices))
+        self.save()  # an announcement is an action: never forgotten by a resumed tool
+
     async def announce(self, client: MqttClient, fleet: _Fleet, device: str) -> None:
         status = fleet.statuses.get(device)
         previous = None
@@ -332,15 +405,17 @@ class _Engine:
             previous = next((m.version for m in status.models if m.name == self.state.model), None)
         target = Target.device(device)
         d = self.prepared.deployment
-        await _publish_chunks(
-            client,
-            self.topics,
-            target,
-            d.id,
-            self.prepared.chunks,
-            list(range(len(self.prepared.chunks))),
-            set(),
-        )
+        if self.over_mqtt:
+            await _publish_chunks(
+                client,
+                self.topics,
+                target,
+                d.id,
+                self.prepared.chunks,
+                list(range(len(self.prepared.chunks))),
+                set(),
+            )
+            self.state.messages_sent += len(self.prepared.chunks)
         command = deploy_command(target, d)
         self.nonces[device] = command.nonce
         await client.publish(
@@ -350,35 +425,59 @@ class _Engine:
             response_topic=self.topics.replies(client.client_id),
             correlation_data=command.nonce.encode("ascii"),
         )
-        self.state.messages_sent += len(self.prepared.chunks) + 1
+        self.state.messages_sent += 1
         self.state.devices[device].previous_version = previous
         self.set_device(device, ANNOUNCED)
 
-    async def clear_chunks(self, client: MqttClient, device: str) -> None:
+    async def clear_chunks(self, client: MqttClient, devices: Iterable[str]) -> None:
+        if not self.over_mqtt:
+            return
         empty = tuple(b"" for _ in self.prepared.chunks)
-        await _publish_chunks(
-            client,
-            self.topics,
-            Target.device(device),
-            self.state.deployment,
-            empty,
-            list(range(len(empty))),
-            set(),
-        )
+        semaphore = asyncio.Semaphore(max(1, SEND_CONCURRENCY // max(1, len(empty))))
+
+        async def one(device: str) -> None:
+            async with semaphore:
+                await _publish_chunks(
+                    client,
+                    self.topics,
+                    Target.device(device),
+                    self.state.deployment,
+                    empty,
+                    list(range(len(empty))),
+                    set(),
+                )
+
+        await asyncio.gather(*(one(d) for d in devices))
+
+    def announced_devices(self) -> list[str]:
+        return [d for d, r in self.state.devices.items() if r.state not in (PENDING, OFFLINE)]
 
     # --- the loop -------------------------------------------------------------------------
 
     async def run(self) -> RolloutState:
+        try:
+            return await self._run()
+        finally:
+            self.flush()
+
+    async def _run(self) -> RolloutState:
         s = self.state
         async with _connected(self.settings) as (client, fleet):
+            # Wildcards: the subscriptions do not grow with the fleet; the fleet keeps only
+            # the rollout's own devices.
+            fleet.only = frozenset(s.devices)
             await client.subscribe(
-                [self.topics.all_status(), self.topics.replies(client.client_id)]
-                + [self.topics.progress(d) for d in s.devices]
+                [
+                    self.topics.all_status(),
+                    self.topics.all_progress(),
+                    self.topics.replies(client.client_id),
+                ]
             )
             await fleet.settle(1.0)
             offline_since: float | None = None
             while True:
-                self.observe(fleet)
+                tick_at = time.monotonic()
+                self.observe(fleet, fleet.take_touched())
                 control = self.store.control(s.id)
                 if control == "abort" and s.status not in (ABORTING, ABORTED):
                     s.status, s.reason = ABORTING, "aborted by the operator"
@@ -422,7 +521,19 @@ class _Engine:
                         if time.monotonic() - offline_since > self.offline_timeout_s:
                             self.event("devices still offline; 'edged rollout resume' follows them")
                             return s
+                    if not self.verbose and time.monotonic() - self._summary_at >= (
+                        SUMMARY_INTERVAL_S
+                    ):
+                        self._summary_at = time.monotonic()
+                        self.event(summary_line(s))
+                if self._unsaved:
+                    self.save(now=False)
                 await fleet.wait_change(0.5)
+                # Pacing, not synchronisation: a burst of thousands of reports is taken in one
+                # pass instead of one whole-rollout check per message.
+                rest = TICK_S - (time.monotonic() - tick_at)
+                if rest > 0:
+                    await asyncio.sleep(rest)
 
     def wave_timeout(self) -> str:
         s = self.state
@@ -437,28 +548,33 @@ class _Engine:
         ]
         if not late:
             return ""
-        return f"wave {s.wave + 1} did not finish within {s.abort.wave_timeout_s:g}s: " + ", ".join(
-            f"{d} ({s.devices[d].state})" for d in late
-        )
+        shown = ", ".join(f"{d} ({s.devices[d].state})" for d in late[:10])
+        more = f" and {len(late) - 10} more" if len(late) > 10 else ""
+        return f"wave {s.wave + 1} did not finish within {s.abort.wave_timeout_s:g}s: {shown}{more}"
 
     async def advance(self, client: MqttClient, fleet: _Fleet) -> None:
         s = self.state
         # Devices of started waves that were offline: announce once they are back.
+        due: list[str] = []
         for wave in range(min(s.wave + 1, len(s.waves))):
             for device in s.waves[wave]:
                 record = s.devices[device]
                 if record.state in (PENDING, OFFLINE):
                     status = fleet.statuses.get(device)
                     if status is not None and status.online:
-                        await self.announce(client, fleet, device)
+                        due.append(device)
                     elif record.state == PENDING:
                         self.set_device(device, OFFLINE, "announced when it comes back online")
+        if due:
+            await self.announce_many(client, fleet, due)
         if s.wave < len(s.waves):
             if not s.wave_started_at:
                 s.wave_started_at = time.time()
                 s.wave_started.append(s.wave_started_at)
                 self.save()
-                self.event(f"wave {s.wave + 1} of {len(s.waves)}: {', '.join(s.waves[s.wave])}")
+                members = s.waves[s.wave]
+                names = ", ".join(members) if len(members) <= 10 else f"{len(members)} devices"
+                self.event(f"wave {s.wave + 1} of {len(s.waves)}: {names}")
                 return
             states = [s.devices[d].state for d in s.waves[s.wave]]
             if all(st in (PASSED, OFFLINE) for st in states) and PASSED in states:
@@ -468,8 +584,7 @@ class _Engine:
                 self.save()
                 self.event(f"wave {s.wave} passed")
         if all(r.state == PASSED for r in s.devices.values()):
-            for device in s.devices:
-                await self.clear_chunks(client, device)
+            await self.clear_chunks(client, s.devices)
             s.status = DONE
             self.save()
             self.event("done: every device passed probation")
@@ -487,7 +602,10 @@ class _Engine:
         busy = [d for d in took if s.devices[d].state != PASSED]
         if busy and time.time() - s.devices[busy[0]].at < s.abort.wave_timeout_s:
             return False
-        for device in took:
+        semaphore = asyncio.Semaphore(SEND_CONCURRENCY)
+        nonces: dict[str, str] = {}
+
+        async def send(device: str) -> None:
             record = s.devices[device]
             args: dict[str, Any] = {"model": s.model}
             if record.previous_version is not None and record.previous_version.isdigit():
@@ -495,33 +613,47 @@ class _Engine:
             command = Command(
                 "rollback", Target.device(device), int(time.time()), new_nonce(), args
             )
-            await client.publish(
-                self.topics.cmd(Target.device(device)),
-                encode_command(command, self.keys),
-                qos=1,
-                response_topic=self.topics.replies(client.client_id),
-                correlation_data=command.nonce.encode("ascii"),
-            )
+            nonces[device] = command.nonce
+            async with semaphore:
+                await client.publish(
+                    self.topics.cmd(Target.device(device)),
+                    encode_command(command, self.keys),
+                    qos=1,
+                    response_topic=self.topics.replies(client.client_id),
+                    correlation_data=command.nonce.encode("ascii"),
+                )
             s.messages_sent += 1
-            ok, reply = await self.wait_reply(fleet, device, command.nonce)
+
+        await asyncio.gather(*(send(d) for d in took))
+        answers = await self.wait_replies(fleet, nonces)
+        for device in took:
+            ok, reply = answers.get(device, (True, ""))
             self.set_device(
                 device,
                 ROLLED_BACK if ok else ROLLBACK_FAILED,
                 reply or "rollback sent; no answer (it runs when the device is back)",
             )
-        for device in s.devices:
-            await self.clear_chunks(client, device)
+        await self.clear_chunks(client, self.announced_devices())
         return True
 
-    async def wait_reply(self, fleet: _Fleet, device: str, nonce: str) -> tuple[bool, str]:
-        """(ok, what the device answered); an unanswered rollback counts as sent."""
+    async def wait_replies(
+        self, fleet: _Fleet, nonces: dict[str, str]
+    ) -> dict[str, tuple[bool, str]]:
+        """Device -> (ok, what it answered) for the replies that came; an unanswered
+        rollback counts as sent."""
+        answers: dict[str, tuple[bool, str]] = {}
         deadline = time.monotonic() + self.settings.timeout_s * 3
-        while time.monotonic() < deadline:
-            reply = fleet.replies.get(device)
-            if reply is not None and reply.nonce == nonce:
-                return reply.ok, "rolled back" if reply.ok else f"rollback failed: {reply.error}"
-            await fleet.wait_change(0.5)
-        return True, ""
+        while len(answers) < len(nonces) and time.monotonic() < deadline:
+            for device, nonce in nonces.items():
+                reply = fleet.replies.get(device)
+                if device not in answers and reply is not None and reply.nonce == nonce:
+                    answers[device] = (
+                        reply.ok,
+                        "rolled back" if reply.ok else f"rollback failed: {reply.error}",
+                    )
+            if len(answers) < len(nonces):
+                await fleet.wait_change(0.5)
+        return answers
 
 
 async def drive(

@@ -20,6 +20,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiohttp
 
@@ -32,7 +33,7 @@ from edged.errors import (
     DownloadStalledError,
     TlsSetupError,
 )
-from edged.transport.download import PartialDownload
+from edged.transport.protocol import Deployment
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,25 @@ CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _REFUSALS = frozenset({400, 401, 403, 404, 405, 410, 416})
 
 ChunkStored = Callable[[bool], Awaitable[None]]  # argument: the download is complete
+
+
+class ChunkSink(Protocol):
+    """Where verified chunks go: the daemon's on-disk ``PartialDownload``, or the fleet
+    simulator's in-memory one. ``store_chunk`` checks the chunk against its signed hash."""
+
+    @property
+    def deployment(self) -> Deployment: ...
+
+    @property
+    def complete(self) -> bool: ...
+
+    @property
+    def missing(self) -> list[int]: ...
+
+    @property
+    def have(self) -> set[int]: ...
+
+    def store_chunk(self, index: int, data: bytes) -> bool: ...
 
 
 def artifact_ssl_context(m: MqttConfig) -> ssl.SSLContext:
@@ -71,7 +91,7 @@ class _MirrorRefused(Exception):
 class HttpFetch:
     """One deployment's download from its mirrors."""
 
-    download: PartialDownload
+    download: ChunkSink
     urls: Sequence[str]
     ssl_context: ssl.SSLContext
     stall_s: float

@@ -10,10 +10,12 @@ plain JSON: the broker's ACL, keyed to the device certificate's CN, vouches for 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 import secrets
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edged.bundle.canonical import Json, encode_canonical, parse_strict
 from edged.bundle.keys import CONTEXT_COMMAND, KEYID_RE, SIGNATURE_BYTES, Signature, sign_payload
-from edged.errors import BundleError, FleetMessageError
-from edged.transport.topics import DEPLOYMENT_ID_RE, Target
+from edged.errors import BundleError, ChunkHashMismatchError, FleetMessageError, WrongTargetError
+from edged.transport.topics import DEPLOYMENT_ID_RE, Target, Topics
 
 PROTOCOL_VERSION = 1
 COMMAND_TYPES = ("deploy", "rollback", "status", "ping")
@@ -472,3 +474,83 @@ class Reply:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise _fail("reply", f"missing or ill-typed field: {exc}") from None
+
+
+# --- device-side rules (shared by the daemon's agent and the fleet simulator) ------------------
+
+
+def device_subscriptions(topics: Topics, device: str, groups: Sequence[str]) -> list[str]:
+    """What a device subscribes to on every connection: its own and its groups' ``cmd`` and
+    ``deploy`` topics."""
+    targets = [Target.device(device)] + [Target.group(g) for g in groups]
+    return [t for target in targets for t in (topics.cmd(target), topics.deploy(target))]
+
+
+def will_status(device: str, groups: Sequence[str], at: int, edged_version: str) -> DeviceStatus:
+    """The retained status the broker publishes for a device that vanished (its last will)."""
+    return DeviceStatus(
+        device,
+        online=False,
+        at=at,
+        groups=tuple(groups),
+        reason="connection lost",
+        edged_version=edged_version,
+    )
+
+
+def check_command_target(
+    topics: Topics, device: str, groups: Sequence[str], target: Target, topic: str
+) -> None:
+    """A command must be signed for this device or one of its groups, and have arrived on that
+    target's own topic (``WrongTargetError``)."""
+    mine = target == Target.device(device) or (target.kind == "groups" and target.name in groups)
+    if not mine:
+        raise WrongTargetError(
+            f"command is signed for {target}, this is device {device} in groups "
+            f"{', '.join(groups) or 'none'}"
+        )
+    if not topic.startswith(topics.base(target) + "/"):
+        raise WrongTargetError(f"command signed for {target} arrived on {topic}")
+
+
+def check_chunk(deployment: Deployment, index: int, data: bytes) -> None:
+    """Chunk ``index`` must be the signed length and hash (``ChunkHashMismatchError``)."""
+    if not 0 <= index < deployment.chunk_count:
+        raise ChunkHashMismatchError(
+            f"chunk {index} is outside the {deployment.chunk_count} chunks announced"
+        )
+    length = deployment.chunk_span(index)[1]
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != length or digest != deployment.chunks[index]:
+        raise ChunkHashMismatchError(
+            f"chunk {index} of deployment {deployment.id} is {len(data)} bytes with SHA-256 "
+            f"{digest[:16]}...; the signed announcement says {length} bytes, "
+            f"{deployment.chunks[index][:16]}... (tampered or corrupted: discarded)"
+        )
+
+
+def deployment_progress(
+    device: str,
+    d: Deployment,
+    state: str,
+    chunks_done: int = 0,
+    chunks_fetched: int = 0,
+    reason: str = "",
+) -> Progress:
+    return Progress(
+        device=device,
+        deployment=d.id,
+        model=d.model,
+        version=d.version,
+        state=state,
+        chunks_done=chunks_done,
+        chunks_total=d.chunk_count,
+        chunks_fetched=chunks_fetched,
+        reason=reason,
+        at=int(time.time()),
+    )
+
+
+def error_reason(exc: BaseException) -> str:
+    """How a failure reads in a progress report or a command reply."""
+    return f"{type(exc).__name__}: {exc}"
