@@ -66,7 +66,7 @@ class Nginx:
             return []
         out = []
         for line in self.access_log.read_text().splitlines():
-            m = re.match(r"^(\S+) (\d+) \"(.*)\"$", line)
+            m = re.match(r"^(\S+) (\d+) \"(.*)\" \d+$", line)
             if m:
                 out.append((m.group(1), int(m.group(2)), m.group(3)))
         return out
@@ -107,7 +107,7 @@ pid {self.directory / "nginx.pid"};
 error_log {self.directory / "error.log"} info;
 events {{ worker_connections 256; }}
 http {{
-  log_format edged '$server_port $status "$http_range"';
+  log_format edged '$server_port $status "$http_range" $bytes_sent';
   client_body_temp_path {temp}/body;
   proxy_temp_path {temp}/proxy;
   fastcgi_temp_path {temp}/fastcgi;
