@@ -20,6 +20,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,8 +47,6 @@ GROUP = "bench"
 
 
 def build_release(work: Path, signing: SigningKeys) -> Path:
-    import shutil
-
     source = work / "src" / "mlp" / "2"
     write_onnx_mlp(source, SAMPLE_MLP_LAYERS, seed=0, bias_shift=0.5)
     shutil.copy(SAMPLE_MODELS / "mlp" / "config.toml", source.parent / "config.toml")
@@ -121,50 +120,84 @@ async def _drive(
     t0 = time.monotonic()
     await sim.start(timeout_s=1800)
     connect_s = time.monotonic() - t0
-    tally = Tally()
-    stop, ready = asyncio.Event(), asyncio.Event()
-    client_settings = await asyncio.to_thread(manager.client_settings)
-    listener = asyncio.create_task(tally_broker(client_settings, "edged", tally, ready, stop))
-    await ready.wait()
-    await wait_online(manager, names[-1:], timeout_s=600)
-    tally.reset()
-    peak_before = tally.retained_bytes
-    log = open(work / "rollout.log", "w")  # noqa: SIM115, ASYNC230 - closed below
-    process = await asyncio.to_thread(
-        subprocess.Popen, cli, stdout=log, stderr=subprocess.STDOUT,
+    _note(f"{len(names)} simulated devices connected in {connect_s:.1f} s")
+    await wait_online(manager, names, timeout_s=600)
+    # The observer runs in its own process: in this one it would compete with thousands of
+    # simulated devices for the event loop and fall behind the broker.
+    tls = manager.tls
+    counter = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "tally", "--host", manager.host, "--port", str(manager.port),
+        "--ca-file", str(tls.ca_file), "--cert-file", str(tls.cert_file),
+        "--key-file", str(tls.key_file), "--out", str(work / "tally.json"),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
-    peak = [peak_before]
-
-    async def watch_peak() -> None:
-        while process.poll() is None:
-            peak[0] = max(peak[0], tally.retained_bytes)
-            await asyncio.sleep(0.2)
-
-    watcher = asyncio.create_task(watch_peak())
-    _, status, usage = await asyncio.to_thread(os.wait4, process.pid, 0)
+    assert counter.stdin is not None
+    assert counter.stdout is not None
+    await counter.stdout.readline()  # "ready": subscribed to edged/#
+    await asyncio.sleep(3.0)  # the retained statuses it was sent on subscribing are counted
+    counter.stdin.write(b"reset\n")
+    await counter.stdin.drain()
+    await counter.stdout.readline()
+    _note("all online; starting the rollout tool")
+    with open(work / "rollout.log", "w") as log:  # noqa: ASYNC230 - opened once
+        process = await asyncio.to_thread(
+            subprocess.Popen, cli, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        _, status, usage = await asyncio.to_thread(os.wait4, process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
-    await watcher
-    log.close()
-    stop.set()
-    await listener
+    _note(f"rollout tool exited {process.returncode}")
+    await asyncio.sleep(2.0)  # the observer takes what the broker still delivers
+    counter.stdin.write(b"stop\n")
+    await counter.stdin.drain()
+    await counter.wait()
+    tally = json.loads((work / "tally.json").read_text())
     n = len(names)
+    messages = sum(tally["messages"].values())
     result = {
         "sim_connect_s": round(connect_s, 1),
         "tool_exit": process.returncode,
         "tool_peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
         "tool_cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-        "broker_messages": tally.total_messages,
-        "broker_messages_per_device": round(tally.total_messages / n, 1),
-        "broker_bytes_per_device": round(tally.total_bytes / n),
-        "by_kind": dict(tally.messages),
-        "peak_retained_bytes": peak[0],
-        "peak_retained_bytes_per_device": round(peak[0] / n),
+        "broker_messages": messages,
+        "broker_messages_per_device": round(messages / n, 1),
+        "broker_bytes_per_device": round(sum(tally["bytes"].values()) / n),
+        "by_kind": tally["messages"],
+        "peak_retained_bytes": tally["peak_retained_bytes"],
+        "peak_retained_bytes_per_device": round(tally["peak_retained_bytes"] / n),
         "sim_verdicts": dict(sim.counters.verdicts),
         "sim_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
     await sim.stop()
     return result
+
+
+async def _tally(args: argparse.Namespace) -> None:
+    """The observer process: counts everything under edged/# until told to stop."""
+    settings = ManagerSettings(
+        args.host, args.port, TlsFiles(args.ca_file, args.cert_file, args.key_file), timeout_s=60
+    ).client_settings()
+    tally = Tally()
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(tally_broker(settings, "edged", tally, ready, stop))
+    await ready.wait()
+    print("ready", flush=True)
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if line.strip() == "reset":
+            tally.reset()
+            print("reset", flush=True)
+        else:
+            break
+    stop.set()
+    await task
+    args.out.write_text(json.dumps(tally.to_json()))
+
+
+def _note(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 def _nginx_log(path: Path) -> list[tuple[str, int, str, int]]:
@@ -190,17 +223,49 @@ def _time_status(work: Path) -> float:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["tool"]:  # the rollout tool, with the top allocation sites at exit
+        import atexit
+        import tracemalloc
+
+        from edged.cli.main import main as edged_main
+
+        def dump() -> None:
+            for stat in tracemalloc.take_snapshot().statistics("lineno")[:15]:
+                print(stat, file=sys.stderr)
+
+        tracemalloc.start()
+        atexit.register(dump)
+        sys.exit(edged_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["tally"]:
+        t = argparse.ArgumentParser()
+        t.add_argument("mode")
+        for name in ("--host", "--ca-file", "--cert-file", "--key-file", "--out"):
+            t.add_argument(name, type=str if name == "--host" else Path, required=True)
+        t.add_argument("--port", type=int, required=True)
+        asyncio.run(_tally(t.parse_args()))
+        return
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--run", action="append", default=[], help="MODE:N, MODE https|mqtt")
     parser.add_argument("--out", type=Path, default=Path("bench/out/fleetsim.json"))
+    parser.add_argument(
+        "--trace-tool", action="store_true", help="log the tool's top allocations (slower)"
+    )
     args = parser.parse_args()
+    if args.trace_tool:
+        os.environ["EDGED_BENCH_TRACE_TOOL"] = "1"
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     results = []
     for spec in args.run or ["https:100"]:
         mode, _, count = spec.partition(":")
         with tempfile.TemporaryDirectory(prefix="edged-fleetsim-") as tmp:
-            result = run_one(mode, int(count), Path(tmp))
+            try:
+                result = run_one(mode, int(count), Path(tmp))
+            finally:
+                log = Path(tmp) / "rollout.log"
+                if log.exists():
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(log, args.out.parent / f"fleetsim-{mode}-{count}.log")
         results.append(result)
         print(json.dumps(result), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)

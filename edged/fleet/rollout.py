@@ -54,8 +54,10 @@ from edged.fleet.rolloutstate import (
     RolloutState,
     RolloutStore,
     abort_reason,
+    check_percents,
     plan_waves,
     summary_line,
+    wave_counts,
 )
 from edged.transport.client import MqttClient
 from edged.transport.protocol import (
@@ -504,11 +506,12 @@ async def drive(
         return await engine.run()
 
 
-async def members_of(settings: ManagerSettings, group: str, settle_s: float = 2.0) -> list[str]:
-    """Devices whose retained status lists ``group``."""
+async def members_of(settings: ManagerSettings, group: str, settle_s: float = 30.0) -> list[str]:
+    """Devices whose retained status lists ``group``: every retained status, read until none
+    came for a second (10,000 of them take a few seconds to arrive; at most ``settle_s``)."""
     async with _connected(settings) as (client, fleet):
         await client.subscribe([settings.topics.all_status()])
-        await fleet.settle(settle_s)
+        await fleet.settle(settle_s, quiet_s=1.0)
     return sorted(d for d, s in fleet.statuses.items() if group in s.groups)
 
 

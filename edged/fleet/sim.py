@@ -191,19 +191,34 @@ class SimDevice:
         )
 
     async def _publish(
-        self, topic: str, payload: bytes, *, retain: bool = False, **kw: Any
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        client: MqttClient | None = None,
+        **kw: Any,
     ) -> None:
-        client = self.client
-        if client is None:
+        """Publish QoS 1; a failure is dropped (the progress is sent again on the next
+        connection) unless ``client`` is given, then it is raised."""
+        target = client or self.client
+        if target is None:
             return
-        with contextlib.suppress(TransportError):
-            await client.publish(topic, payload, qos=1, retain=retain, **kw)
-            self.counters.published += 1
-            self.counters.published_bytes += len(payload) + len(topic)
+        try:
+            await target.publish(topic, payload, qos=1, retain=retain, **kw)
+        except TransportError:
+            if client is not None:
+                raise
+            return
+        self.counters.published += 1
+        self.counters.published_bytes += len(payload) + len(topic)
 
-    async def publish_status(self) -> None:
+    async def publish_status(self, client: MqttClient | None = None) -> None:
         await self._publish(
-            self.topics.status(self.id), encode_json(self.status().to_json()), retain=True
+            self.topics.status(self.id),
+            encode_json(self.status().to_json()),
+            retain=True,
+            client=client,
         )
 
     async def report(self, progress: Progress) -> None:
@@ -264,9 +279,9 @@ class SimDevice:
     async def _session(self, client: MqttClient) -> None:
         s = self.settings
         await client.subscribe(device_subscriptions(self.topics, self.id, s.groups), qos=1)
+        await self.publish_status(client)  # the session fails (and reconnects) without it
         self.client = client
         self.counters.connects += 1
-        await self.publish_status()
         if self.last_progress is not None:
             await self.report(self.last_progress)
         self.connected.set()
@@ -548,11 +563,13 @@ def sim_identities(
 class Tally:
     """Messages and bytes the broker delivered on the edged topics, by kind (``status``,
     ``progress``, ``deploy``, ``cmd``, ``chunks``, ``replies``...), as a manager subscribed
-    to everything sees them."""
+    to everything sees them, and the retained bytes (current and peak) of what it saw."""
 
     messages: dict[str, int] = field(default_factory=dict)
     bytes: dict[str, int] = field(default_factory=dict)
     retained: dict[str, int] = field(default_factory=dict)  # topic -> retained payload bytes
+    retained_bytes: int = 0
+    peak_retained_bytes: int = 0
 
     def take(self, message: Message) -> None:
         parts = message.topic.split("/")
@@ -560,14 +577,16 @@ class Tally:
         self.messages[kind] = self.messages.get(kind, 0) + 1
         self.bytes[kind] = self.bytes.get(kind, 0) + len(message.payload) + len(message.topic)
         if message.retain or kind in ("status", "progress", "chunks"):
-            if message.payload:
-                self.retained[message.topic] = len(message.payload) + len(message.topic)
-            else:
-                self.retained.pop(message.topic, None)
+            size = len(message.payload) + len(message.topic) if message.payload else 0
+            self.retained_bytes += size - self.retained.pop(message.topic, 0)
+            if size:
+                self.retained[message.topic] = size
+            self.peak_retained_bytes = max(self.peak_retained_bytes, self.retained_bytes)
 
     def reset(self) -> None:
         self.messages.clear()
         self.bytes.clear()
+        self.peak_retained_bytes = self.retained_bytes
 
     @property
     def total_messages(self) -> int:
@@ -577,9 +596,14 @@ class Tally:
     def total_bytes(self) -> int:
         return sum(self.bytes.values())
 
-    @property
-    def retained_bytes(self) -> int:
-        return sum(self.retained.values())
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "messages": dict(self.messages),
+            "bytes": dict(self.bytes),
+            "retained_bytes": self.retained_bytes,
+            "peak_retained_bytes": self.peak_retained_bytes,
+            "retained_topics": len(self.retained),
+        }
 
 
 async def tally_broker(
