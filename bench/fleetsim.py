@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,14 @@ from edged.bundle.trust import load_trust_state
 from edged.demo.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
 from edged.fleet.channel import ManagerSettings, wait_online
 from edged.fleet.rollout import RolloutStore
-from edged.fleet.sim import FleetSim, SimSettings, Tally, sim_identities, tally_broker
+from edged.fleet.sim import (
+    FleetSim,
+    SimSettings,
+    Tally,
+    Verdicts,
+    sim_identities,
+    tally_broker,
+)
 from edged.transport.tls import TlsFiles
 from tests.support.broker import running_broker
 from tests.support.daemon import SAMPLE_MODELS
@@ -55,7 +63,7 @@ def build_release(work: Path, signing: SigningKeys) -> Path:
     return bundle
 
 
-def run_one(mode: str, n: int, work: Path) -> dict[str, Any]:
+def run_one(mode: str, n: int, work: Path, revert_percent: float = 0.0) -> dict[str, Any]:
     pki = FleetPki(work / "pki")
     signing = SigningKeys(work / "keys")
     bundle = build_release(work, signing)
@@ -71,15 +79,20 @@ def run_one(mode: str, n: int, work: Path) -> dict[str, Any]:
         settings = SimSettings(
             host=broker.host, port=broker.port, identity=identity,
             trust=load_trust_state(signing.root_bytes(), signing.signers_bytes()),
-            groups=(GROUP,), artifact_ca_file=pki.ca_file, serving_version=1,
+            groups=(GROUP,), artifact_ca_file=pki.ca_file, serving_version=1, seed=n,
+            verdicts=Verdicts(promoted=100 - revert_percent, reverted=revert_percent),
         )  # fmt: skip
         manager = ManagerSettings(
             broker.host, broker.manager_port,
             TlsFiles(manager_files.ca_file, manager_files.cert_file, manager_files.key_file),
             timeout_s=60.0,
         )  # fmt: skip
+        traced = bool(os.environ.get("EDGED_BENCH_TRACE_TOOL"))
+        tool = [__file__, "tool"] if traced else ["-m", "edged.cli.main"]
+        # e.g. "-m memray run --native -q -o /tmp/tool.bin": a profiler around the tool
+        tool = os.environ.get("EDGED_BENCH_TOOL_PREFIX", "").split() + tool
         cli = [
-            sys.executable, "-m", "edged.cli.main", "rollout", "start", str(bundle),
+            sys.executable, *tool, "rollout", "start", str(bundle),
             "--group", GROUP, "--waves", "10,50", "--wave-timeout", "900", "--id", "bench",
             "--state-dir", str(work / "rollouts"),
             "--host", broker.host, "--port", str(broker.manager_port),
@@ -87,6 +100,9 @@ def run_one(mode: str, n: int, work: Path) -> dict[str, Any]:
             "--key-file", str(manager_files.key_file), "--signing-key", str(signing.signer_file),
             "--op-timeout", "60",
         ]  # fmt: skip
+        if revert_percent:
+            # Abort once more than 2 % of at least 20 decided devices reverted.
+            cli += ["--abort-failed-percent", "2", "--abort-min-devices", "20"]
         if mode == "https":
             cli += ["--artifacts", str(nginx.root("store") / "artifacts")]
             cli += ["--base-url", nginx.base_url("store")]
@@ -105,6 +121,8 @@ def run_one(mode: str, n: int, work: Path) -> dict[str, Any]:
         "devices": n,
         "bundle_bytes": bundle.stat().st_size,
         "status": state.status,
+        "reason": state.reason,
+        "device_states": dict(Counter(r.state for r in state.devices.values())),
         "certs_s": round(certs_s, 1),
         "start_to_done_s": round(done_at - started, 1),
         "waves": waves,
@@ -143,9 +161,12 @@ async def _drive(
     with open(work / "rollout.log", "w") as log:  # noqa: ASYNC230 - opened once
         process = await asyncio.to_thread(
             subprocess.Popen, cli, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                p for p in (str(ROOT), os.environ.get("EDGED_BENCH_TOOL_PATH", "")) if p)},
         )  # fmt: skip
+        hwm = asyncio.create_task(asyncio.to_thread(_peak_rss_kib, process))
         _, status, usage = await asyncio.to_thread(os.wait4, process.pid, 0)
+        peak_kib = await hwm
     process.returncode = os.waitstatus_to_exitcode(status)
     _note(f"rollout tool exited {process.returncode}")
     await asyncio.sleep(2.0)  # the observer takes what the broker still delivers
@@ -158,7 +179,9 @@ async def _drive(
     result = {
         "sim_connect_s": round(connect_s, 1),
         "tool_exit": process.returncode,
-        "tool_peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        # VmHWM of the tool's own image: ru_maxrss of a child also counts the forking
+        # parent's pages (here: the simulator's), so it is not the tool's.
+        "tool_peak_rss_mib": round(peak_kib / 1024, 1),
         "tool_cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
         "broker_messages": messages,
         "broker_messages_per_device": round(messages / n, 1),
@@ -196,6 +219,24 @@ async def _tally(args: argparse.Namespace) -> None:
     args.out.write_text(json.dumps(tally.to_json()))
 
 
+def _peak_rss_kib(process: subprocess.Popen[bytes]) -> int:
+    """The process's peak RSS (VmHWM), read until it exits (it only grows)."""
+    peak = 0
+    path = Path(f"/proc/{process.pid}/status")
+    while True:
+        try:
+            text = path.read_text()
+        except OSError:
+            return peak
+        state = next((ln for ln in text.splitlines() if ln.startswith("State:")), "")
+        if "zombie" in state:
+            return peak
+        for line in text.splitlines():
+            if line.startswith("VmHWM:"):
+                peak = max(peak, int(line.split()[1]))
+        time.sleep(0.1)
+
+
 def _note(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
@@ -230,6 +271,8 @@ def main() -> None:
         from edged.cli.main import main as edged_main
 
         def dump() -> None:
+            current, peak = tracemalloc.get_traced_memory()
+            print(f"python heap now {current >> 20} MiB, peak {peak >> 20} MiB", file=sys.stderr)
             for stat in tracemalloc.take_snapshot().statistics("lineno")[:15]:
                 print(stat, file=sys.stderr)
 
@@ -245,7 +288,12 @@ def main() -> None:
         asyncio.run(_tally(t.parse_args()))
         return
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--run", action="append", default=[], help="MODE:N, MODE https|mqtt")
+    parser.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        help="MODE:N[:revertP], MODE https|mqtt; revertP: P %% of the devices revert",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/out/fleetsim.json"))
     parser.add_argument(
         "--trace-tool", action="store_true", help="log the tool's top allocations (slower)"
@@ -257,10 +305,11 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     results = []
     for spec in args.run or ["https:100"]:
-        mode, _, count = spec.partition(":")
+        mode, count, *rest = spec.split(":")
+        revert = float(rest[0].removeprefix("revert")) if rest else 0.0
         with tempfile.TemporaryDirectory(prefix="edged-fleetsim-") as tmp:
             try:
-                result = run_one(mode, int(count), Path(tmp))
+                result = run_one(mode, int(count), Path(tmp), revert)
             finally:
                 log = Path(tmp) / "rollout.log"
                 if log.exists():

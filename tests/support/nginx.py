@@ -103,9 +103,10 @@ class Nginx:
 {user}
 daemon off;
 worker_processes 1;
+worker_rlimit_nofile 20000;
 pid {self.directory / "nginx.pid"};
 error_log {self.directory / "error.log"} info;
-events {{ worker_connections 256; }}
+events {{ worker_connections 16384; }}
 http {{
   log_format edged '$server_port $status "$http_range" $bytes_sent';
   client_body_temp_path {temp}/body;
