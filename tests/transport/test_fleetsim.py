@@ -224,7 +224,8 @@ def test_a_rollout_drives_simulated_devices_over_https_and_aborts_on_reverts(
 ) -> None:
     n = 120
     names = [f"sim-{i:04}" for i in range(n)]
-    good = sim_settings(broker, pki, signing, names, tmp_path, groups=("fleet",))
+    # A tenth of the devices drop off while downloading and come back a second later.
+    good = sim_settings(broker, pki, signing, names, tmp_path, groups=("fleet",), churn=0.1)
     release = bundles.mlp(3).path
     store = ArtifactStore(nginx.root("store") / "artifacts", (nginx.base_url("store"),))
     rollouts = RolloutStore(tmp_path / "rollouts")
@@ -256,6 +257,7 @@ def test_a_rollout_drives_simulated_devices_over_https_and_aborts_on_reverts(
     assert state.status == "done", state.reason
     assert [len(w) for w in state.waves] == [1, 11, 48, 60]
     assert set(sim.versions().values()) == {3}
+    assert sim.counters.connects > n  # the churn happened
     assert (
         sim.counters.chunks_http == n * prepare_bundle(release.read_bytes()).deployment.chunk_count
     )
