@@ -22,6 +22,7 @@ from edged.fleet.artifacts import ArtifactStore
 from edged.fleet.channel import (
     ManagerSettings,
     PreparedBundle,
+    clean_chunks,
     deploy_command,
     prepare_bundle,
     send_command,
@@ -30,12 +31,13 @@ from edged.fleet.channel import (
 )
 from edged.transport.protocol import Progress, artifact_name
 from edged.transport.topics import Target
+from tests.support.broker import Broker
 from tests.support.daemon import SAMPLE_MODELS, DaemonProcess
 from tests.support.load import InferenceLoad
 from tests.support.nginx import Nginx, Site, nginx_missing_reason, running_nginx
 from tests.support.pki import FleetPki, SigningKeys
 from tests.transport.conftest import Devices
-from tests.transport.helpers import infer, run
+from tests.transport.helpers import cli, connection_args, infer, run
 
 pytestmark = pytest.mark.integration
 
@@ -199,3 +201,34 @@ def _vectors(source: Path) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
 
     with np.load(source / TEST_VECTORS_FILE) as npz:
         return npz["input:input"], npz["output:output"]
+
+
+def test_edged_push_with_artifacts_writes_the_file_and_publishes_no_chunk(
+    tmp_path: Path,
+    broker: Broker,
+    pki: FleetPki,
+    signing: SigningKeys,
+    manager: ManagerSettings,
+    release: tuple[bytes, Path],
+) -> None:
+    data, _ = release
+    bundle = tmp_path / "mlp-5.bundle"
+    bundle.write_bytes(data)
+    store = tmp_path / "www" / "artifacts"
+    # No device answers (device-9 is not running): the push ends after its timeout.
+    pushed = cli(
+        "push", str(bundle), "--device", "device-9", "--timeout", "1",
+        "--artifacts", str(store), "--base-url", "https://cdn.example/edged",
+        "--base-url", "https://mirror.example/edged",
+        "--signing-key", str(signing.signer_file), *connection_args(broker, pki),
+    )  # fmt: skip
+    assert pushed.returncode == 1, pushed.stdout + pushed.stderr
+    assert "no answer" in pushed.stdout
+    artifact = store / artifact_name(hashlib.sha256(data).hexdigest())
+    assert artifact.read_bytes() == data
+    assert "retained chunks stay" not in pushed.stdout
+    assert run(clean_chunks(manager, settle_s=0.5)).removed == {}  # nothing was retained
+    refused = cli("push", str(bundle), "--device", "device-9", "--artifacts", str(store),
+                  "--signing-key", str(signing.signer_file), *connection_args(broker, pki))  # fmt: skip
+    assert refused.returncode != 0
+    assert "--artifacts DIR and --base-url URL go together" in refused.stdout + refused.stderr
