@@ -16,6 +16,7 @@ import hashlib
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,12 @@ class _Engine:
         self._saved_at = 0.0
         self._unsaved = False
         self._summary_at = 0.0
+        # Device states counted over the rollout and per wave, kept by set_device: the
+        # whole-rollout checks of every pass cost O(1), not O(devices).
+        self.counts: Counter[str] = Counter(r.state for r in state.devices.values())
+        self.per_wave: list[Counter[str]] = [
+            Counter(state.devices[d].state for d in wave) for wave in state.waves
+        ]
 
     @property
     def over_mqtt(self) -> bool:
@@ -186,6 +193,10 @@ class _Engine:
         record = self.state.devices[device]
         if (record.state, record.reason) == (state, reason):
             return
+        if record.state != state:
+            for counts in (self.counts, self.per_wave[record.wave]):
+                counts[record.state] -= 1
+                counts[state] += 1
         record.state, record.reason, record.at = state, reason, time.time()
         self.save(now=False)
         if self.verbose or state in BAD_STATES or state == ROLLBACK_FAILED:
@@ -315,11 +326,7 @@ class _Engine:
                     self.event("paused")
                     return s
                 if s.status == RUNNING:
-                    reason = abort_reason(
-                        s.abort,
-                        {d: r.state for d, r in s.devices.items()},
-                        {d: r.reason for d, r in s.devices.items()},
-                    )
+                    reason = self.abort_check()
                     if not reason:
                         reason = self.wave_timeout()
                     if reason:
@@ -338,9 +345,9 @@ class _Engine:
                         return s
                     # Only offline devices left to wait for (after the last wave, or a wave
                     # whose devices are all offline): bounded, then 'resume' goes on later.
-                    waiting_offline = s.wave >= len(s.waves) or all(
-                        s.devices[d].state == OFFLINE for d in s.waves[s.wave]
-                    )
+                    waiting_offline = s.wave >= len(s.waves) or self.per_wave[s.wave][
+                        OFFLINE
+                    ] == len(s.waves[s.wave])
                     if not waiting_offline:
                         offline_since = None
                     else:
@@ -361,6 +368,22 @@ class _Engine:
                 rest = TICK_S - (time.monotonic() - tick_at)
                 if rest > 0:
                     await asyncio.sleep(rest)
+
+    def abort_check(self) -> str:
+        """``abort_reason`` of the policy, from the counts (the full scan only to name the
+        devices once the limit is crossed)."""
+        s = self.state
+        bad = sum(self.counts[state] for state in BAD_STATES)
+        decided = bad + self.counts[PASSED]
+        if decided < s.abort.min_devices or not bad:
+            return ""
+        if bad * 1000 <= s.abort.failed_permille * decided:
+            return ""
+        return abort_reason(
+            s.abort,
+            {d: r.state for d, r in s.devices.items()},
+            {d: r.reason for d, r in s.devices.items()},
+        )
 
     def wave_timeout(self) -> str:
         s = self.state
@@ -384,6 +407,8 @@ class _Engine:
         # Devices of started waves that were offline: announce once they are back.
         due: list[str] = []
         for wave in range(min(s.wave + 1, len(s.waves))):
+            if not self.per_wave[wave][PENDING] + self.per_wave[wave][OFFLINE]:
+                continue
             for device in s.waves[wave]:
                 record = s.devices[device]
                 if record.state in (PENDING, OFFLINE):
@@ -403,14 +428,14 @@ class _Engine:
                 names = ", ".join(members) if len(members) <= 10 else f"{len(members)} devices"
                 self.event(f"wave {s.wave + 1} of {len(s.waves)}: {names}")
                 return
-            states = [s.devices[d].state for d in s.waves[s.wave]]
-            if all(st in (PASSED, OFFLINE) for st in states) and PASSED in states:
+            counts = self.per_wave[s.wave]
+            if counts[PASSED] and counts[PASSED] + counts[OFFLINE] == len(s.waves[s.wave]):
                 s.wave_done_at.append(time.time())
                 s.wave += 1
                 s.wave_started_at = 0.0
                 self.save()
                 self.event(f"wave {s.wave} passed")
-        if all(r.state == PASSED for r in s.devices.values()):
+        if self.counts[PASSED] == len(s.devices):
             await self.clear_chunks(client, s.devices)
             s.status = DONE
             self.save()
