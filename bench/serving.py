@@ -822,6 +822,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-thread-server", action="store_true", help="skip the c and e rows")
     parser.add_argument(
+        "--switch-interval",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also edged whose engine has this GIL switch interval (s), 64 binary clients "
+        "(rows d64sK, K in µs)",
+    )
+    parser.add_argument(
         "--workers-sweep",
         type=int,
         nargs="*",

@@ -71,7 +71,8 @@ where it helps, what to do.
     │   ├── CommandRejectedError         StaleCommandError, ReplayedCommandError,
     │   │                                WrongTargetError
     │   ├── DownloadError                TooLargeError, InsufficientSpaceError,
-    │   │                                ChunkHashMismatchError, DownloadStalledError
+    │   │                                ChunkHashMismatchError, DownloadStalledError,
+    │   │                                ArtifactUnavailableError
     │   ├── InstallCrashLoopError        crashes of the daemon interrupted a deployment's
     │   │                                install mqtt.max_install_crashes times
     │   ├── PushFailedError              (CLI) devices failed or did not answer
@@ -476,6 +477,11 @@ class DownloadStalledError(DownloadError):
 class InstallCrashLoopError(TransportError):
     """A deployment's install was interrupted by a crash of the daemon (not a clean shutdown)
     ``mqtt.max_install_crashes`` times: it is reported ``failed``, not tried again."""
+
+
+class ArtifactUnavailableError(DownloadError):
+    """No mirror of an HTTPS artifact can serve it: each refused it (HTTP status), served
+    bytes that do not match the signed chunk hashes, or failed TLS verification."""
 
 
 class FleetSetupError(TransportError):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,9 +20,11 @@ from rich.table import Table
 
 from edged._toml import load_toml_file
 from edged.bundle.keys import load_private_key
+from edged.cli.fleetargs import _env, add_artifact_args, add_connection_args
 from edged.cli.fleetsetup import register_setup
 from edged.errors import ConfigError, FleetSetupError
 from edged.fleet.acl import DEFAULT_MANAGERS, render_acl
+from edged.fleet.artifacts import artifact_store
 from edged.fleet.channel import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_PUSH_TIMEOUT_S,
@@ -40,36 +41,6 @@ from edged.fleet.directory import ManagerContext, manager_context
 from edged.fleet.pki import issue_client, issue_server, load_ca, make_ca
 from edged.transport.tls import TlsFiles
 from edged.transport.topics import Target, Topics
-
-
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"EDGED_FLEET_{name}", default)
-
-
-def add_connection_args(p: argparse.ArgumentParser, signing: bool = False) -> None:
-    g = p.add_argument_group(
-        "broker connection (default: the fleet directory, else EDGED_FLEET_* variables)"
-    )
-    g.add_argument(
-        "--fleet",
-        type=Path,
-        default=_env("DIR"),
-        help="fleet directory made by 'edged fleet init' (EDGED_FLEET_DIR)",
-    )
-    g.add_argument("--manager", help="manager certificate of the fleet directory to use")
-    g.add_argument("--host", help="broker host (EDGED_FLEET_HOST, default localhost)")
-    g.add_argument("--port", type=int, help="broker port (EDGED_FLEET_PORT, default 8883)")
-    g.add_argument("--ca-file", type=Path, help="CA of the broker (EDGED_FLEET_CA)")
-    g.add_argument("--cert-file", type=Path, help="our client certificate (EDGED_FLEET_CERT)")
-    g.add_argument("--key-file", type=Path, help="its key, mode 0600 (EDGED_FLEET_KEY)")
-    g.add_argument("--topic-prefix", help="EDGED_FLEET_TOPIC_PREFIX, default edged")
-    g.add_argument("--op-timeout", type=float, default=10.0, help="per broker operation (s)")
-    if signing:
-        g.add_argument(
-            "--signing-key",
-            type=Path,
-            help="Ed25519 key that signs commands (EDGED_FLEET_SIGNING_KEY)",
-        )
 
 
 def add_target_args(p: argparse.ArgumentParser) -> None:
@@ -154,6 +125,7 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="leave the retained chunks on the broker for devices that come later",
     )
+    add_artifact_args(p)
     add_connection_args(p, signing=True)
     p.set_defaults(handler=handle_push)
 
@@ -273,6 +245,7 @@ def handle_push(args: argparse.Namespace) -> int:
                 expected=args.expect or None,
                 keep_chunks=args.keep_chunks,
                 on_progress=bars.update,
+                artifacts=artifact_store(args.artifacts, args.base_url),
             )
         )
     Console().print(_result_table(result))

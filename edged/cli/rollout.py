@@ -8,22 +8,26 @@ import argparse
 import asyncio
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from edged.cli.fleet import add_connection_args, settings_from, signing_keys
-from edged.fleet.rollout import (
+from edged.cli.fleetargs import add_artifact_args, add_connection_args
+from edged.fleet.rolloutstate import (
     ABORTED,
     DONE,
+    PASSED,
     AbortPolicy,
     RolloutState,
     RolloutStore,
     check_percents,
-    drive,
-    members_of,
-    new_rollout,
 )
 
+# The commands that talk to the broker import the fleet manager's client when they run:
+# ``edged rollout status`` on a 10,000-device state file needs none of it.
+
+TABLE_DEVICES = 100
+LISTED_DEVICES = 20
 EXIT_ABORTED = 1
 EXIT_UNFINISHED = 3
 
@@ -63,6 +67,7 @@ def register(subparsers: Any) -> None:
     start.add_argument("--abort-min-devices", type=int, default=1)
     start.add_argument("--wave-timeout", type=float, default=600.0, help="seconds")
     start.add_argument("--id", help="rollout id (default: <model>-<version>-<random>)")
+    add_artifact_args(start)
     _add_state_dir(start)
     add_connection_args(start, signing=True)
     start.set_defaults(handler=handle_start)
@@ -78,6 +83,12 @@ def register(subparsers: Any) -> None:
         _add_state_dir(c)
         if name == "status":
             c.add_argument("--json", action="store_true")
+            c.add_argument(
+                "--devices",
+                action="store_true",
+                help=f"every device's line (default up to {TABLE_DEVICES} devices; "
+                "larger rollouts show a summary per wave and the devices not passed)",
+            )
             c.add_argument("--fleet", type=Path, default=os.environ.get("EDGED_FLEET_DIR"))
         elif name == "pause":
             c.add_argument("--fleet", type=Path, default=os.environ.get("EDGED_FLEET_DIR"))
@@ -95,18 +106,29 @@ def _print_event(state: RolloutState, message: str) -> None:
     print(f"[{state.id}] {message}", flush=True)
 
 
-def _table(state: RolloutState) -> str:
+def _table(state: RolloutState, every_device: bool = False) -> str:
+    """Per wave: each device's line, or for a large rollout a count per state and the lines
+    of the devices that did not pass (at most ``LISTED_DEVICES`` per wave)."""
     lines = [
         f"rollout {state.id}: {state.model} version {state.version} to group {state.group}: "
         f"{state.status}" + (f" ({state.reason})" if state.reason else ""),
     ]
+    detailed = every_device or len(state.devices) <= TABLE_DEVICES
     for i, wave in enumerate(state.waves):
         mark = "*" if i == state.wave and state.status not in (DONE, ABORTED) else " "
-        lines.append(f"{mark} wave {i + 1}:")
-        for device in wave:
+        timing = ""
+        if i < len(state.wave_done_at) and i < len(state.wave_started):
+            timing = f" done in {state.wave_done_at[i] - state.wave_started[i]:.1f} s"
+        counts = Counter(state.devices[d].state for d in wave)
+        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        lines.append(f"{mark} wave {i + 1} ({len(wave)} devices: {summary}){timing}:")
+        shown = wave if detailed else [d for d in wave if state.devices[d].state != PASSED]
+        for device in shown[: None if detailed else LISTED_DEVICES]:
             r = state.devices[device]
             reason = f"  {r.reason}" if r.reason else ""
             lines.append(f"    {device:<20} {r.state:<12}{reason}")
+        if not detailed and len(shown) > LISTED_DEVICES:
+            lines.append(f"    ... and {len(shown) - LISTED_DEVICES} more (--devices lists all)")
     return "\n".join(lines)
 
 
@@ -120,6 +142,10 @@ def _finish(state: RolloutState) -> int:
 
 
 def handle_start(args: argparse.Namespace) -> int:
+    from edged.cli.fleet import settings_from, signing_keys
+    from edged.fleet.artifacts import artifact_store
+    from edged.fleet.rollout import drive, members_of, new_rollout
+
     settings = settings_from(args)
     keys = signing_keys(args)
     store = _store(args)
@@ -138,6 +164,7 @@ def handle_start(args: argparse.Namespace) -> int:
             wave_timeout_s=args.wave_timeout,
         ),
         rollout_id=args.id,
+        artifacts=artifact_store(args.artifacts, args.base_url),
     )
     print(f"rollout {state.id}: waves {state.waves}", flush=True)
     result = asyncio.run(drive(settings, keys, store, state.id, on_event=_print_event))
@@ -145,6 +172,9 @@ def handle_start(args: argparse.Namespace) -> int:
 
 
 def handle_resume(args: argparse.Namespace) -> int:
+    from edged.cli.fleet import settings_from, signing_keys
+    from edged.fleet.rollout import drive
+
     store = _store(args)
     result = asyncio.run(
         drive(
@@ -160,6 +190,9 @@ def handle_resume(args: argparse.Namespace) -> int:
 
 
 def handle_abort(args: argparse.Namespace) -> int:
+    from edged.cli.fleet import settings_from, signing_keys
+    from edged.fleet.rollout import drive
+
     store = _store(args)
     store.set_control(args.id, "abort")
     if store.is_driven(args.id):
@@ -184,5 +217,5 @@ def handle_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(state.to_json(), indent=1, sort_keys=True))
     else:
-        print(_table(state))
+        print(_table(state, args.devices))
     return 0

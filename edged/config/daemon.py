@@ -73,6 +73,9 @@ class StateConfig:
     keep_versions: int = 3
 
 
+MIN_ARTIFACT_REQUEST_BYTES = 4096
+
+
 @dataclass(frozen=True)
 class MqttConfig:
     enabled: bool = False
@@ -99,6 +102,13 @@ class MqttConfig:
     progress_interval_s: float = 0.5
     # A deployment whose install crashed the daemon this many times is reported failed.
     max_install_crashes: int = 3
+    # Bundles announced with mirror URLs (HTTPS artifacts): the CA that vouches for the
+    # artifact servers (None: the system trust store), and whether to present the device's
+    # own client certificate (cert_file/key_file) to them (a private artifact store).
+    artifact_ca_file: Path | None = None
+    artifact_client_cert: bool = False
+    # One HTTP Range request asks for at most this many bytes (then the next request).
+    artifact_request_bytes: int = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -214,6 +224,11 @@ def _mqtt(t: Table, base: Path) -> MqttConfig:
         download_reserve_bytes=t.integer("download_reserve_bytes", d.download_reserve_bytes, 0),
         progress_interval_s=t.number("progress_interval_s", d.progress_interval_s, 0.0),
         max_install_crashes=t.integer("max_install_crashes", d.max_install_crashes, 1, 1000),
+        artifact_ca_file=opt_path("artifact_ca_file"),
+        artifact_client_cert=t.boolean("artifact_client_cert", d.artifact_client_cert),
+        artifact_request_bytes=t.integer(
+            "artifact_request_bytes", d.artifact_request_bytes, MIN_ARTIFACT_REQUEST_BYTES
+        ),
     )
     t.reject_unknown()
     from edged.errors import ConfigError

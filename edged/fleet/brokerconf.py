@@ -76,8 +76,11 @@ autosave_interval 60
 # A device session (client id = its CN) is dropped after a week away; the device's own
 # session expiry (mqtt.session_expiry_s) may make it shorter.
 persistent_client_expiration 7d
-# A device that was offline during a large push may have many chunk messages queued.
-max_queued_messages 20000
+# Messages queued per client beyond those in flight (Mosquitto drops the rest; its default is
+# 1000): a fleet manager that subscribes to every device's retained status and progress
+# (edged rollout, edged fleet status) gets two per device at once, and a device that was
+# offline during a large chunk push has its chunks queued. Keep it above 2 x the fleet size.
+max_queued_messages 100000
 
 # Devices: certificates from the fleet CA; the CN is both the username and the client id,
 # so no device certificate can take over another device's session.

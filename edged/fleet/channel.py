@@ -34,6 +34,7 @@ from edged.errors import (
     TlsHandshakeError,
     TransportError,
 )
+from edged.fleet.artifacts import ArtifactStore
 from edged.transport.client import ClientSettings, Message, MqttClient
 from edged.transport.protocol import (
     FAILED,
@@ -113,9 +114,11 @@ def prepare_bundle(
     chunk_size: int = DEFAULT_CHUNK_BYTES,
     deployment_id: str | None = None,
     limits: BundleLimits = DEFAULT_LIMITS,
+    urls: Sequence[str] = (),
 ) -> PreparedBundle:
     """Split a signed bundle into chunks and describe it for the announcement. The bundle's
-    own manifest and signatures travel along, so devices can refuse it before downloading."""
+    own manifest and signatures travel along, so devices can refuse it before downloading.
+    ``urls``: the mirrors that serve it as an artifact (then no chunk is published)."""
     if not MIN_CHUNK_BYTES <= chunk_size <= MAX_CHUNK_BYTES:
         raise FleetMessageError(
             f"chunk size {chunk_size} is outside [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}] bytes"
@@ -133,6 +136,7 @@ def prepare_bundle(
         chunks=tuple(hashlib.sha256(c).hexdigest() for c in chunks),
         manifest=head.manifest_bytes.decode("ascii"),
         manifest_signatures=head.signatures,
+        urls=tuple(urls),
     )
     return PreparedBundle(deployment, chunks)
 
@@ -200,6 +204,11 @@ class _Fleet:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     last_message_at: float = 0.0
     listener: asyncio.Task[None] | None = None
+    # Devices whose status, progress or reply arrived since the last ``take_touched()``: a
+    # rollout over thousands of devices looks only at those.
+    touched: set[str] = field(default_factory=set)
+    # Only these devices' progress is kept (None: every device's).
+    only: frozenset[str] | None = None
 
     def take(self, message: Message) -> None:
         self.last_message_at = time.monotonic()
@@ -212,18 +221,27 @@ class _Fleet:
         device = self.topics.device_of(message.topic)
         try:
             value = decode_json(message.payload, message.topic)
+            if device is not None and self.only is not None and device not in self.only:
+                return
             if device is not None and message.topic == self.topics.status(device):
                 status = DeviceStatus.from_json(value)
                 self.statuses[device] = replace(status, device=device)
+                self.touched.add(device)
             elif device is not None and message.topic == self.topics.progress(device):
                 self.progress[device] = replace(Progress.from_json(value), device=device)
+                self.touched.add(device)
             else:
                 reply = Reply.from_json(value)
                 self.replies[reply.device] = reply
+                self.touched.add(reply.device)
         except FleetMessageError as exc:
             log.warning("ignoring a malformed message on %s: %s", message.topic, exc)
             return
         self.changed.set()
+
+    def take_touched(self) -> set[str]:
+        touched, self.touched = self.touched, set()
+        return touched
 
     async def wait_change(self, timeout: float) -> None:
         """Wait for news (at most ``timeout``); raise the connection's error if it dropped."""
@@ -336,6 +354,7 @@ async def push(
     discovery_s: float = DEFAULT_DISCOVERY_S,
     keep_chunks: bool = False,
     on_progress: ProgressCallback | None = None,
+    artifacts: ArtifactStore | None = None,
 ) -> PushResult:
     """Publish a signed bundle to one device or a group, and follow it until every device
     serves it, fails, or ``timeout_s`` passes.
@@ -349,9 +368,16 @@ async def push(
     Once every device has answered (serving, failed or refused) the retained chunks are
     cleared, unless ``keep_chunks``; if one has not, they stay for it (``clean_chunks`` /
     ``edged fleet clean`` removes them later).
+
+    With ``artifacts``, the bundle is written into the artifact directory as
+    ``<sha256>.bundle``, the announcement names its mirror URLs, and no chunk is published.
     """
     data = bundle if isinstance(bundle, bytes) else await asyncio.to_thread(bundle.read_bytes)
-    prepared = await asyncio.to_thread(prepare_bundle, data, chunk_size)
+    urls: tuple[str, ...] = ()
+    if artifacts is not None:
+        await asyncio.to_thread(artifacts.publish, data)
+        urls = artifacts.urls(hashlib.sha256(data).hexdigest())
+    prepared = await asyncio.to_thread(prepare_bundle, data, chunk_size, None, DEFAULT_LIMITS, urls)
     deployment = prepared.deployment
     command = deploy_command(target, deployment)
     payload = encode_command(command, signing_keys)
@@ -383,7 +409,7 @@ async def push(
             state.outcomes[device] = replace(o, state=NO_ANSWER, reason=_silence(o, timeout_s))
             if on_progress is not None:
                 on_progress(state.outcomes[device])
-    cleared = len(state.cleared) == len(prepared.chunks)
+    cleared = len(state.cleared) == len(prepared.chunks) or bool(prepared.deployment.urls)
     return PushResult(
         deployment.id,
         target,
@@ -433,7 +459,8 @@ async def _push_session(
     await client.subscribe(
         [topics.progress(d) for d in devices] + [topics.all_status(), reply_topic]
     )
-    missing = [i for i in range(len(prepared.chunks)) if i not in state.published]
+    over_mqtt = not deployment.urls
+    missing = [i for i in range(len(prepared.chunks)) if over_mqtt and i not in state.published]
     await _publish_chunks(
         client, topics, target, deployment.id, prepared.chunks, missing, state.published
     )
@@ -458,7 +485,7 @@ async def _push_session(
         if all(o.finished for o in outcomes.values()) or left <= 0:
             break
         await fleet.wait_change(min(left, 1.0))
-    if keep_chunks:
+    if keep_chunks or not over_mqtt:
         return
     if not all(o.finished for o in outcomes.values()):
         log.info(

@@ -11,24 +11,20 @@ rollout still runs (``edged rollout resume`` follows them), or nothing once it w
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import asyncio
 import hashlib
-import json
 import logging
-import math
-import re
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edged._fs import atomic_write
-from edged.errors import ConfigError, RolloutError
+from edged.errors import RolloutError
+from edged.fleet.artifacts import ArtifactStore
 from edged.fleet.channel import (
     DEFAULT_CHUNK_BYTES,
     ManagerSettings,
@@ -37,6 +33,32 @@ from edged.fleet.channel import (
     _publish_chunks,
     deploy_command,
     prepare_bundle,
+)
+from edged.fleet.rolloutstate import (
+    ABORTED,
+    ABORTING,
+    ANNOUNCED,
+    BAD_STATES,
+    DECIDED_STATES,
+    DEFAULT_ABORT,
+    DONE,
+    OFFLINE,
+    PASSED,
+    PAUSED,
+    PENDING,
+    REFUSED,
+    ROLLBACK_FAILED,
+    ROLLED_BACK,
+    RUNNING,
+    AbortPolicy,
+    DeviceRecord,
+    RolloutState,
+    RolloutStore,
+    abort_reason,
+    check_percents,
+    plan_waves,
+    summary_line,
+    wave_counts,
 )
 from edged.transport.client import MqttClient
 from edged.transport.protocol import (
@@ -51,180 +73,6 @@ from edged.transport.topics import Target, Topics
 
 log = logging.getLogger(__name__)
 
-# Rollout status.
-RUNNING = "running"
-PAUSED = "paused"
-ABORTING = "aborting"
-ABORTED = "aborted"
-DONE = "done"
-
-# Device states besides the device's own progress states.
-PENDING = "pending"  # its wave has not started
-OFFLINE = "offline"  # its wave started while it was offline: announced when it returns
-ANNOUNCED = "announced"
-PASSED = "passed"  # promoted after probation
-REFUSED = "refused"
-ROLLED_BACK = "rolled-back"
-ROLLBACK_FAILED = "rollback-failed"  # e.g. the version before is not held in its store
-BAD_STATES = frozenset({REVERTED, FAILED, REFUSED})
-DECIDED_STATES = BAD_STATES | {PASSED}
-
-ROLLOUT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
-
-
-@dataclass(frozen=True)
-class AbortPolicy:
-    failed_permille: int = 0  # abort when failed/decided exceeds this (0: the first failure)
-    min_devices: int = 1  # ... once at least this many devices decided
-    wave_timeout_s: float = 600.0  # a wave whose announced devices did not all decide by then
-
-
-def plan_waves(
-    devices: Sequence[str], percents: Sequence[int], canary: str | None = None
-) -> list[list[str]]:
-    """Waves of a group: one canary device, then cumulative percentages of the group (the
-    last is always 100). Every device is in exactly one wave; empty waves are dropped."""
-    members = sorted(set(devices))
-    if not members:
-        raise RolloutError("the group has no devices")
-    if canary is not None and canary not in members:
-        raise RolloutError(f"canary {canary!r} is not a member of the group")
-    first = canary or members[0]
-    rest = [d for d in members if d != first]
-    waves: list[list[str]] = [[first]]
-    taken = 1
-    for percent in [*sorted(p for p in percents if 0 < p < 100), 100]:
-        upto = min(len(members), max(taken, math.ceil(len(members) * percent / 100)))
-        wave = rest[taken - 1 : upto - 1]
-        if wave:
-            waves.append(wave)
-            taken = upto
-    return waves
-
-
-def abort_reason(policy: AbortPolicy, states: dict[str, str], reasons: dict[str, str]) -> str:
-    """Why the rollout must abort now (empty: it need not)."""
-    bad = sorted(d for d, s in states.items() if s in BAD_STATES)
-    decided = sum(1 for s in states.values() if s in DECIDED_STATES)
-    if decided < policy.min_devices or not bad:
-        return ""
-    if len(bad) * 1000 <= policy.failed_permille * decided:
-        return ""
-    first = bad[0]
-    return (
-        f"{len(bad)} of {decided} devices failed or reverted (limit "
-        f"{policy.failed_permille / 10:g} % after {policy.min_devices}); "
-        f"{first} {states[first]}: {reasons.get(first, '')}"
-    )
-
-
-@dataclass
-class DeviceRecord:
-    wave: int
-    state: str = PENDING
-    reason: str = ""
-    previous_version: str | None = None  # what it served before: the rollback target
-    at: float = 0.0
-
-
-@dataclass
-class RolloutState:
-    id: str
-    bundle: str
-    bundle_sha256: str
-    deployment: str
-    model: str
-    version: int
-    group: str
-    waves: list[list[str]]
-    abort: AbortPolicy
-    chunk_size: int = DEFAULT_CHUNK_BYTES
-    status: str = RUNNING
-    wave: int = 0
-    wave_started_at: float = 0.0
-    reason: str = ""
-    devices: dict[str, DeviceRecord] = field(default_factory=dict)
-    wave_started: list[float] = field(default_factory=list)  # Unix time each wave began
-    wave_done_at: list[float] = field(default_factory=list)
-    messages_sent: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, value: dict[str, Any]) -> RolloutState:
-        value = dict(value)
-        value["abort"] = AbortPolicy(**value["abort"])
-        value["devices"] = {d: DeviceRecord(**r) for d, r in value["devices"].items()}
-        return cls(**value)
-
-    @property
-    def finished(self) -> bool:
-        return self.status in (DONE, ABORTED)
-
-
-class RolloutStore:
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def _path(self, rollout_id: str, suffix: str) -> Path:
-        if not ROLLOUT_ID_RE.match(rollout_id):
-            raise RolloutError(f"rollout id {rollout_id!r} is not valid")
-        return self.directory / f"{rollout_id}{suffix}"
-
-    def save(self, state: RolloutState) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        data = json.dumps(state.to_json(), indent=1, sort_keys=True).encode()
-        atomic_write(self._path(state.id, ".json"), data)
-
-    def load(self, rollout_id: str) -> RolloutState:
-        path = self._path(rollout_id, ".json")
-        try:
-            return RolloutState.from_json(json.loads(path.read_text(encoding="utf-8")))
-        except FileNotFoundError as exc:
-            raise RolloutError(f"no rollout {rollout_id!r} in {self.directory}") from exc
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise RolloutError(f"rollout state {path} is unreadable: {exc}") from exc
-
-    def ids(self) -> list[str]:
-        if not self.directory.is_dir():
-            return []
-        return sorted(p.stem for p in self.directory.glob("*.json"))
-
-    def control(self, rollout_id: str) -> str:
-        try:
-            return self._path(rollout_id, ".control").read_text(encoding="ascii").strip()
-        except FileNotFoundError:
-            return ""
-
-    def set_control(self, rollout_id: str, value: str) -> None:
-        self.load(rollout_id)  # must exist
-        atomic_write(self._path(rollout_id, ".control"), value.encode("ascii"))
-
-    @contextlib.contextmanager
-    def engine_lock(self, rollout_id: str) -> Iterator[None]:
-        """Held while an engine drives the rollout; raises if another one does."""
-        path = self._path(rollout_id, ".lock")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
-                raise RolloutError(
-                    f"rollout {rollout_id} is being driven by another edged process"
-                ) from exc
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-    def is_driven(self, rollout_id: str) -> bool:
-        try:
-            with self.engine_lock(rollout_id):
-                return False
-        except RolloutError:
-            return True
-
 
 def new_rollout(
     store: RolloutStore,
@@ -234,12 +82,19 @@ def new_rollout(
     *,
     percents: Sequence[int] = (10, 50),
     canary: str | None = None,
-    abort: AbortPolicy = AbortPolicy(),
+    abort: AbortPolicy = DEFAULT_ABORT,
     chunk_size: int = DEFAULT_CHUNK_BYTES,
     rollout_id: str | None = None,
+    artifacts: ArtifactStore | None = None,
 ) -> RolloutState:
+    """Plan a rollout and save it. With ``artifacts`` the bundle is written there as
+    ``<sha256>.bundle`` and devices fetch it over HTTPS; no chunk goes through the broker."""
     data = bundle.read_bytes()
-    prepared = prepare_bundle(data, chunk_size)
+    urls: tuple[str, ...] = ()
+    if artifacts is not None:
+        artifacts.publish(data)
+        urls = artifacts.urls(hashlib.sha256(data).hexdigest())
+    prepared = prepare_bundle(data, chunk_size, urls=urls)
     d = prepared.deployment
     waves = plan_waves(members, percents, canary)
     state = RolloutState(
@@ -254,12 +109,25 @@ def new_rollout(
         abort=abort,
         chunk_size=chunk_size,
         devices={dev: DeviceRecord(i) for i, wave in enumerate(waves) for dev in wave},
+        urls=list(urls),
     )
     store.save(state)
     return state
 
 
 Event = Callable[[RolloutState, str], None]
+
+# A rollout over thousands of devices: verdicts are saved at most this often (they are also
+# retained on the broker, so a tool killed in between reads them again on resume); the whole-
+# rollout checks (abort policy, wave end, summary) run at most this often; a summary line at
+# most this often; announcements and rollbacks in flight at once.
+SAVE_INTERVAL_S = 1.0
+TICK_S = 0.2
+SUMMARY_INTERVAL_S = 5.0
+SEND_CONCURRENCY = 64
+# Rollouts up to this many devices report every device's change; larger ones only the
+# failures, and a per-wave summary.
+VERBOSE_DEVICES = 50
 
 
 class _Engine:
@@ -284,29 +152,62 @@ class _Engine:
         data = Path(state.bundle).read_bytes()
         if hashlib.sha256(data).hexdigest() != state.bundle_sha256:
             raise RolloutError(f"{state.bundle} changed since the rollout started")
-        self.prepared = prepare_bundle(data, state.chunk_size, deployment_id=state.deployment)
+        self.prepared = prepare_bundle(
+            data, state.chunk_size, deployment_id=state.deployment, urls=state.urls
+        )
+        del data
         self.nonces: dict[str, str] = {}  # device -> nonce of our deploy/rollback command
+        self.verbose = len(state.devices) <= VERBOSE_DEVICES
+        self._saved_at = 0.0
+        self._unsaved = False
+        self._summary_at = 0.0
+        # Device states counted over the rollout and per wave, kept by set_device: the
+        # whole-rollout checks of every pass cost O(1), not O(devices).
+        self.counts: Counter[str] = Counter(r.state for r in state.devices.values())
+        self.per_wave: list[Counter[str]] = [
+            Counter(state.devices[d].state for d in wave) for wave in state.waves
+        ]
+
+    @property
+    def over_mqtt(self) -> bool:
+        return not self.prepared.deployment.urls
 
     def event(self, message: str) -> None:
         log.info("rollout %s: %s", self.state.id, message)
         self.on_event(self.state, message)
 
-    def save(self) -> None:
-        self.store.save(self.state)
+    def save(self, *, now: bool = True) -> None:
+        """Write the state: at once (``now``), or at most every ``SAVE_INTERVAL_S``."""
+        if now or time.monotonic() - self._saved_at >= SAVE_INTERVAL_S:
+            self.store.save(self.state)
+            self._saved_at = time.monotonic()
+            self._unsaved = False
+        else:
+            self._unsaved = True
+
+    def flush(self) -> None:
+        if self._unsaved:
+            self.save()
 
     def set_device(self, device: str, state: str, reason: str = "") -> None:
         record = self.state.devices[device]
         if (record.state, record.reason) == (state, reason):
             return
+        if record.state != state:
+            for counts in (self.counts, self.per_wave[record.wave]):
+                counts[record.state] -= 1
+                counts[state] += 1
         record.state, record.reason, record.at = state, reason, time.time()
-        self.save()
-        self.event(f"{device}: {state}{' (' + reason + ')' if reason else ''}")
+        self.save(now=False)
+        if self.verbose or state in BAD_STATES or state == ROLLBACK_FAILED:
+            self.event(f"{device}: {state}{' (' + reason + ')' if reason else ''}")
 
     # --- following the devices -----------------------------------------------------------
 
-    def observe(self, fleet: _Fleet) -> None:
-        for device, record in self.state.devices.items():
-            if record.state in (PENDING, OFFLINE, ROLLED_BACK, ROLLBACK_FAILED):
+    def observe(self, fleet: _Fleet, devices: Iterable[str]) -> None:
+        for device in devices:
+            record = self.state.devices.get(device)
+            if record is None or record.state in (PENDING, OFFLINE, ROLLED_BACK, ROLLBACK_FAILED):
                 continue
             progress = fleet.progress.get(device)
             if progress is not None and progress.deployment == self.state.deployment:
@@ -325,6 +226,16 @@ class _Engine:
             ):
                 self.set_device(device, REFUSED, reply.error)
 
+    async def announce_many(self, client: MqttClient, fleet: _Fleet, devices: list[str]) -> None:
+        semaphore = asyncio.Semaphore(SEND_CONCURRENCY)
+
+        async def one(device: str) -> None:
+            async with semaphore:
+                await self.announce(client, fleet, device)
+
+        await asyncio.gather(*(one(d) for d in devices))
+        self.save()  # an announcement is an action: never forgotten by a resumed tool
+
     async def announce(self, client: MqttClient, fleet: _Fleet, device: str) -> None:
         status = fleet.statuses.get(device)
         previous = None
@@ -332,15 +243,17 @@ class _Engine:
             previous = next((m.version for m in status.models if m.name == self.state.model), None)
         target = Target.device(device)
         d = self.prepared.deployment
-        await _publish_chunks(
-            client,
-            self.topics,
-            target,
-            d.id,
-            self.prepared.chunks,
-            list(range(len(self.prepared.chunks))),
-            set(),
-        )
+        if self.over_mqtt:
+            await _publish_chunks(
+                client,
+                self.topics,
+                target,
+                d.id,
+                self.prepared.chunks,
+                list(range(len(self.prepared.chunks))),
+                set(),
+            )
+            self.state.messages_sent += len(self.prepared.chunks)
         command = deploy_command(target, d)
         self.nonces[device] = command.nonce
         await client.publish(
@@ -350,35 +263,59 @@ class _Engine:
             response_topic=self.topics.replies(client.client_id),
             correlation_data=command.nonce.encode("ascii"),
         )
-        self.state.messages_sent += len(self.prepared.chunks) + 1
+        self.state.messages_sent += 1
         self.state.devices[device].previous_version = previous
         self.set_device(device, ANNOUNCED)
 
-    async def clear_chunks(self, client: MqttClient, device: str) -> None:
+    async def clear_chunks(self, client: MqttClient, devices: Iterable[str]) -> None:
+        if not self.over_mqtt:
+            return
         empty = tuple(b"" for _ in self.prepared.chunks)
-        await _publish_chunks(
-            client,
-            self.topics,
-            Target.device(device),
-            self.state.deployment,
-            empty,
-            list(range(len(empty))),
-            set(),
-        )
+        semaphore = asyncio.Semaphore(max(1, SEND_CONCURRENCY // max(1, len(empty))))
+
+        async def one(device: str) -> None:
+            async with semaphore:
+                await _publish_chunks(
+                    client,
+                    self.topics,
+                    Target.device(device),
+                    self.state.deployment,
+                    empty,
+                    list(range(len(empty))),
+                    set(),
+                )
+
+        await asyncio.gather(*(one(d) for d in devices))
+
+    def announced_devices(self) -> list[str]:
+        return [d for d, r in self.state.devices.items() if r.state not in (PENDING, OFFLINE)]
 
     # --- the loop -------------------------------------------------------------------------
 
     async def run(self) -> RolloutState:
+        try:
+            return await self._run()
+        finally:
+            self.flush()
+
+    async def _run(self) -> RolloutState:
         s = self.state
         async with _connected(self.settings) as (client, fleet):
+            # Wildcards: the subscriptions do not grow with the fleet; the fleet keeps only
+            # the rollout's own devices.
+            fleet.only = frozenset(s.devices)
             await client.subscribe(
-                [self.topics.all_status(), self.topics.replies(client.client_id)]
-                + [self.topics.progress(d) for d in s.devices]
+                [
+                    self.topics.all_status(),
+                    self.topics.all_progress(),
+                    self.topics.replies(client.client_id),
+                ]
             )
             await fleet.settle(1.0)
             offline_since: float | None = None
             while True:
-                self.observe(fleet)
+                tick_at = time.monotonic()
+                self.observe(fleet, fleet.take_touched())
                 control = self.store.control(s.id)
                 if control == "abort" and s.status not in (ABORTING, ABORTED):
                     s.status, s.reason = ABORTING, "aborted by the operator"
@@ -389,11 +326,7 @@ class _Engine:
                     self.event("paused")
                     return s
                 if s.status == RUNNING:
-                    reason = abort_reason(
-                        s.abort,
-                        {d: r.state for d, r in s.devices.items()},
-                        {d: r.reason for d, r in s.devices.items()},
-                    )
+                    reason = self.abort_check()
                     if not reason:
                         reason = self.wave_timeout()
                     if reason:
@@ -412,9 +345,9 @@ class _Engine:
                         return s
                     # Only offline devices left to wait for (after the last wave, or a wave
                     # whose devices are all offline): bounded, then 'resume' goes on later.
-                    waiting_offline = s.wave >= len(s.waves) or all(
-                        s.devices[d].state == OFFLINE for d in s.waves[s.wave]
-                    )
+                    waiting_offline = s.wave >= len(s.waves) or self.per_wave[s.wave][
+                        OFFLINE
+                    ] == len(s.waves[s.wave])
                     if not waiting_offline:
                         offline_since = None
                     else:
@@ -422,7 +355,35 @@ class _Engine:
                         if time.monotonic() - offline_since > self.offline_timeout_s:
                             self.event("devices still offline; 'edged rollout resume' follows them")
                             return s
+                    if not self.verbose and time.monotonic() - self._summary_at >= (
+                        SUMMARY_INTERVAL_S
+                    ):
+                        self._summary_at = time.monotonic()
+                        self.event(summary_line(s))
+                if self._unsaved:
+                    self.save(now=False)
                 await fleet.wait_change(0.5)
+                # Pacing, not synchronisation: a burst of thousands of reports is taken in one
+                # pass instead of one whole-rollout check per message.
+                rest = TICK_S - (time.monotonic() - tick_at)
+                if rest > 0:
+                    await asyncio.sleep(rest)
+
+    def abort_check(self) -> str:
+        """``abort_reason`` of the policy, from the counts (the full scan only to name the
+        devices once the limit is crossed)."""
+        s = self.state
+        bad = sum(self.counts[state] for state in BAD_STATES)
+        decided = bad + self.counts[PASSED]
+        if decided < s.abort.min_devices or not bad:
+            return ""
+        if bad * 1000 <= s.abort.failed_permille * decided:
+            return ""
+        return abort_reason(
+            s.abort,
+            {d: r.state for d, r in s.devices.items()},
+            {d: r.reason for d, r in s.devices.items()},
+        )
 
     def wave_timeout(self) -> str:
         s = self.state
@@ -437,39 +398,45 @@ class _Engine:
         ]
         if not late:
             return ""
-        return f"wave {s.wave + 1} did not finish within {s.abort.wave_timeout_s:g}s: " + ", ".join(
-            f"{d} ({s.devices[d].state})" for d in late
-        )
+        shown = ", ".join(f"{d} ({s.devices[d].state})" for d in late[:10])
+        more = f" and {len(late) - 10} more" if len(late) > 10 else ""
+        return f"wave {s.wave + 1} did not finish within {s.abort.wave_timeout_s:g}s: {shown}{more}"
 
     async def advance(self, client: MqttClient, fleet: _Fleet) -> None:
         s = self.state
         # Devices of started waves that were offline: announce once they are back.
+        due: list[str] = []
         for wave in range(min(s.wave + 1, len(s.waves))):
+            if not self.per_wave[wave][PENDING] + self.per_wave[wave][OFFLINE]:
+                continue
             for device in s.waves[wave]:
                 record = s.devices[device]
                 if record.state in (PENDING, OFFLINE):
                     status = fleet.statuses.get(device)
                     if status is not None and status.online:
-                        await self.announce(client, fleet, device)
+                        due.append(device)
                     elif record.state == PENDING:
                         self.set_device(device, OFFLINE, "announced when it comes back online")
+        if due:
+            await self.announce_many(client, fleet, due)
         if s.wave < len(s.waves):
             if not s.wave_started_at:
                 s.wave_started_at = time.time()
                 s.wave_started.append(s.wave_started_at)
                 self.save()
-                self.event(f"wave {s.wave + 1} of {len(s.waves)}: {', '.join(s.waves[s.wave])}")
+                members = s.waves[s.wave]
+                names = ", ".join(members) if len(members) <= 10 else f"{len(members)} devices"
+                self.event(f"wave {s.wave + 1} of {len(s.waves)}: {names}")
                 return
-            states = [s.devices[d].state for d in s.waves[s.wave]]
-            if all(st in (PASSED, OFFLINE) for st in states) and PASSED in states:
+            counts = self.per_wave[s.wave]
+            if counts[PASSED] and counts[PASSED] + counts[OFFLINE] == len(s.waves[s.wave]):
                 s.wave_done_at.append(time.time())
                 s.wave += 1
                 s.wave_started_at = 0.0
                 self.save()
                 self.event(f"wave {s.wave} passed")
-        if all(r.state == PASSED for r in s.devices.values()):
-            for device in s.devices:
-                await self.clear_chunks(client, device)
+        if self.counts[PASSED] == len(s.devices):
+            await self.clear_chunks(client, s.devices)
             s.status = DONE
             self.save()
             self.event("done: every device passed probation")
@@ -487,7 +454,10 @@ class _Engine:
         busy = [d for d in took if s.devices[d].state != PASSED]
         if busy and time.time() - s.devices[busy[0]].at < s.abort.wave_timeout_s:
             return False
-        for device in took:
+        semaphore = asyncio.Semaphore(SEND_CONCURRENCY)
+        nonces: dict[str, str] = {}
+
+        async def send(device: str) -> None:
             record = s.devices[device]
             args: dict[str, Any] = {"model": s.model}
             if record.previous_version is not None and record.previous_version.isdigit():
@@ -495,33 +465,47 @@ class _Engine:
             command = Command(
                 "rollback", Target.device(device), int(time.time()), new_nonce(), args
             )
-            await client.publish(
-                self.topics.cmd(Target.device(device)),
-                encode_command(command, self.keys),
-                qos=1,
-                response_topic=self.topics.replies(client.client_id),
-                correlation_data=command.nonce.encode("ascii"),
-            )
+            nonces[device] = command.nonce
+            async with semaphore:
+                await client.publish(
+                    self.topics.cmd(Target.device(device)),
+                    encode_command(command, self.keys),
+                    qos=1,
+                    response_topic=self.topics.replies(client.client_id),
+                    correlation_data=command.nonce.encode("ascii"),
+                )
             s.messages_sent += 1
-            ok, reply = await self.wait_reply(fleet, device, command.nonce)
+
+        await asyncio.gather(*(send(d) for d in took))
+        answers = await self.wait_replies(fleet, nonces)
+        for device in took:
+            ok, reply = answers.get(device, (True, ""))
             self.set_device(
                 device,
                 ROLLED_BACK if ok else ROLLBACK_FAILED,
                 reply or "rollback sent; no answer (it runs when the device is back)",
             )
-        for device in s.devices:
-            await self.clear_chunks(client, device)
+        await self.clear_chunks(client, self.announced_devices())
         return True
 
-    async def wait_reply(self, fleet: _Fleet, device: str, nonce: str) -> tuple[bool, str]:
-        """(ok, what the device answered); an unanswered rollback counts as sent."""
+    async def wait_replies(
+        self, fleet: _Fleet, nonces: dict[str, str]
+    ) -> dict[str, tuple[bool, str]]:
+        """Device -> (ok, what it answered) for the replies that came; an unanswered
+        rollback counts as sent."""
+        answers: dict[str, tuple[bool, str]] = {}
         deadline = time.monotonic() + self.settings.timeout_s * 3
-        while time.monotonic() < deadline:
-            reply = fleet.replies.get(device)
-            if reply is not None and reply.nonce == nonce:
-                return reply.ok, "rolled back" if reply.ok else f"rollback failed: {reply.error}"
-            await fleet.wait_change(0.5)
-        return True, ""
+        while len(answers) < len(nonces) and time.monotonic() < deadline:
+            for device, nonce in nonces.items():
+                reply = fleet.replies.get(device)
+                if device not in answers and reply is not None and reply.nonce == nonce:
+                    answers[device] = (
+                        reply.ok,
+                        "rolled back" if reply.ok else f"rollback failed: {reply.error}",
+                    )
+            if len(answers) < len(nonces):
+                await fleet.wait_change(0.5)
+        return answers
 
 
 async def drive(
@@ -547,24 +531,19 @@ async def drive(
         return await engine.run()
 
 
-async def members_of(settings: ManagerSettings, group: str, settle_s: float = 2.0) -> list[str]:
-    """Devices whose retained status lists ``group``."""
+async def members_of(settings: ManagerSettings, group: str, settle_s: float = 30.0) -> list[str]:
+    """Devices whose retained status lists ``group``: every retained status, read until none
+    came for a second (10,000 of them take a few seconds to arrive; at most ``settle_s``)."""
     async with _connected(settings) as (client, fleet):
         await client.subscribe([settings.topics.all_status()])
-        await fleet.settle(settle_s)
+        await fleet.settle(settle_s, quiet_s=1.0)
     return sorted(d for d, s in fleet.statuses.items() if group in s.groups)
-
-
-def check_percents(values: Sequence[int]) -> list[int]:
-    for value in values:
-        if not 0 < value <= 100:
-            raise ConfigError("--waves", f"percentages must be in 1..100, got {value}")
-    return sorted(values)
 
 
 __all__ = [
     "ABORTED",
     "DONE",
+    "PASSED",
     "PAUSED",
     "RUNNING",
     "AbortPolicy",
@@ -572,8 +551,11 @@ __all__ = [
     "RolloutState",
     "RolloutStore",
     "abort_reason",
+    "check_percents",
     "drive",
     "members_of",
     "new_rollout",
     "plan_waves",
+    "summary_line",
+    "wave_counts",
 ]

@@ -16,7 +16,6 @@ from edged.errors import (
     FleetMessageError,
     ReplayedCommandError,
     TransportError,
-    WrongTargetError,
 )
 from edged.transport.client import Message
 from edged.transport.deployments import Deployments
@@ -27,6 +26,7 @@ from edged.transport.protocol import (
     Command,
     Reply,
     SignedCommand,
+    check_command_target,
     decode_command,
     encode_json,
 )
@@ -80,16 +80,7 @@ class CommandHandler:
                 log.exception("command on %s failed unexpectedly", message.topic)
 
     def _check_target(self, target: Target, topic: str) -> None:
-        mine = target == Target.device(self.device_id) or (
-            target.kind == "groups" and target.name in self.settings.mqtt.groups
-        )
-        if not mine:
-            raise WrongTargetError(
-                f"command is signed for {target}, this is device {self.device_id} in groups "
-                f"{', '.join(self.settings.mqtt.groups) or 'none'}"
-            )
-        if not topic.startswith(self.topics.base(target) + "/"):
-            raise WrongTargetError(f"command signed for {target} arrived on {topic}")
+        check_command_target(self.topics, self.device_id, self.settings.mqtt.groups, target, topic)
 
     async def _verify(self, signed: SignedCommand, topic: str) -> None:
         """Signatures (trust store signers, k of n), target, freshness, nonce."""

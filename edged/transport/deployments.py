@@ -35,6 +35,7 @@ from edged.errors import (
     TargetMismatchError,
     TransportError,
 )
+from edged.transport.artifacts import HttpFetch, artifact_ssl_context
 from edged.transport.client import MqttClient
 from edged.transport.download import PartialDownload, check_size, check_space, prune_downloads
 from edged.transport.link import Link
@@ -350,7 +351,11 @@ class Deployments:
     # --- the download ---------------------------------------------------------------------
 
     async def _fetch(self, job: _Job, download: PartialDownload) -> None:
-        """Fetch every missing chunk, across as many reconnects as it takes."""
+        """Fetch every missing chunk: from the artifact mirrors the announcement names, else
+        over MQTT across as many reconnects as it takes."""
+        if job.deployment.urls:
+            await self._fetch_http(job, download)
+            return
         inbox = _Inbox(job.deployment.id)
         self._inbox = inbox
         failed_generation = 0
@@ -367,6 +372,35 @@ class Deployments:
                         failed_generation = generation
         finally:
             self._inbox = None
+
+    async def _fetch_http(self, job: _Job, download: PartialDownload) -> None:
+        d = job.deployment
+        m = self.settings.mqtt
+        interval_s = m.progress_interval_s
+        job.fetched = 0
+        reported, last_report_at = -1, 0.0
+
+        async def report_received(complete: bool) -> None:
+            nonlocal reported, last_report_at
+            done, now = len(download.have), time.monotonic()
+            job.fetched = fetch.fetched
+            if done != reported and (complete or now - last_report_at >= interval_s):
+                reported, last_report_at = done, now
+                await self._progress.report(
+                    deployment_progress(self.device_id, d, RECEIVED, done, job.fetched)
+                )
+
+        context = await asyncio.to_thread(artifact_ssl_context, m)
+        fetch = HttpFetch(
+            download,
+            d.urls,
+            context,
+            stall_s=m.download_stall_timeout_s,
+            request_bytes=m.artifact_request_bytes,
+            on_stored=report_received,
+        )
+        log.info("deployment %s: downloading from %s", d.id, ", ".join(d.urls))
+        job.fetched = await fetch.run()
 
     async def _fetch_connected(
         self,

@@ -30,7 +30,7 @@ from edged.errors import (
     InsufficientSpaceError,
     TooLargeError,
 )
-from edged.transport.protocol import Deployment
+from edged.transport.protocol import Deployment, check_chunk
 
 log = logging.getLogger(__name__)
 
@@ -124,21 +124,10 @@ class PartialDownload:
 
     def store_chunk(self, index: int, data: bytes) -> bool:
         """Verify and write chunk ``index``; False when it was already present."""
-        deployment = self.deployment
-        if not 0 <= index < deployment.chunk_count:
-            raise ChunkHashMismatchError(
-                f"chunk {index} is outside the {deployment.chunk_count} chunks announced"
-            )
-        if index in self.have:
+        if index in self.have and 0 <= index < self.deployment.chunk_count:
             return False
-        offset, length = deployment.chunk_span(index)
-        digest = hashlib.sha256(data).hexdigest()
-        if len(data) != length or digest != deployment.chunks[index]:
-            raise ChunkHashMismatchError(
-                f"chunk {index} of deployment {deployment.id} is {len(data)} bytes with SHA-256 "
-                f"{digest[:16]}...; the signed announcement says {length} bytes, "
-                f"{deployment.chunks[index][:16]}... (tampered or corrupted: discarded)"
-            )
+        check_chunk(self.deployment, index, data)
+        offset = self.deployment.chunk_span(index)[0]
         fd = os.open(self.part_path, os.O_WRONLY)
         try:
             os.pwrite(fd, data, offset)

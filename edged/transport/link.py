@@ -17,10 +17,9 @@ from edged import __version__
 from edged._backoff import Backoff
 from edged.errors import ConnectionLostError, MqttTimeoutError, TransportError
 from edged.transport.client import ClientSettings, Message, MqttClient, Will
-from edged.transport.protocol import DeviceStatus, encode_json
+from edged.transport.protocol import device_subscriptions, encode_json, will_status
 from edged.transport.settings import AgentSettings
 from edged.transport.tls import client_context
-from edged.transport.topics import Target
 
 log = logging.getLogger(__name__)
 
@@ -155,14 +154,7 @@ class Link:
 
     def _client_settings(self) -> ClientSettings:
         m = self.settings.mqtt
-        will = DeviceStatus(
-            self.device_id,
-            online=False,
-            at=int(self.clock()),
-            groups=m.groups,
-            reason="connection lost",
-            edged_version=__version__,
-        )
+        will = will_status(self.device_id, m.groups, int(self.clock()), __version__)
         return ClientSettings(
             host=m.host,
             port=m.port,
@@ -207,11 +199,7 @@ class Link:
         raise asyncio.CancelledError
 
     def _subscriptions(self) -> list[str]:
-        targets = [Target.device(self.device_id)]
-        targets += [Target.group(g) for g in self.settings.mqtt.groups]
-        return [
-            t for target in targets for t in (self.topics.cmd(target), self.topics.deploy(target))
-        ]
+        return device_subscriptions(self.topics, self.device_id, self.settings.mqtt.groups)
 
     async def _session(self, client: MqttClient) -> None:
         await client.subscribe(self._subscriptions(), qos=1)

@@ -6,14 +6,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from dataclasses import fields
 
 from edged._fs import atomic_write
 from edged.errors import TransportError
 from edged.transport.client import MqttClient
 from edged.transport.link import Link
-from edged.transport.protocol import TERMINAL_STATES, Deployment, Progress, encode_json
+from edged.transport.protocol import (
+    TERMINAL_STATES,
+    Progress,
+    deployment_progress,
+    encode_json,
+    error_reason,
+)
 from edged.transport.settings import AgentSettings
 
 log = logging.getLogger(__name__)
@@ -86,28 +91,4 @@ class ProgressReporter:
             self._progress_unsent = False
 
 
-def deployment_progress(
-    device: str,
-    d: Deployment,
-    state: str,
-    chunks_done: int = 0,
-    chunks_fetched: int = 0,
-    reason: str = "",
-) -> Progress:
-    return Progress(
-        device=device,
-        deployment=d.id,
-        model=d.model,
-        version=d.version,
-        state=state,
-        chunks_done=chunks_done,
-        chunks_total=d.chunk_count,
-        chunks_fetched=chunks_fetched,
-        reason=reason,
-        at=int(time.time()),
-    )
-
-
-def error_reason(exc: BaseException) -> str:
-    """How a failure reads in a progress report or a command reply."""
-    return f"{type(exc).__name__}: {exc}"
+__all__ = ["ProgressReporter", "deployment_progress", "error_reason"]

@@ -10,10 +10,12 @@ plain JSON: the broker's ACL, keyed to the device certificate's CN, vouches for 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 import secrets
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edged.bundle.canonical import Json, encode_canonical, parse_strict
 from edged.bundle.keys import CONTEXT_COMMAND, KEYID_RE, SIGNATURE_BYTES, Signature, sign_payload
-from edged.errors import BundleError, FleetMessageError
-from edged.transport.topics import DEPLOYMENT_ID_RE, Target
+from edged.errors import BundleError, ChunkHashMismatchError, FleetMessageError, WrongTargetError
+from edged.transport.topics import DEPLOYMENT_ID_RE, Target, Topics
 
 PROTOCOL_VERSION = 1
 COMMAND_TYPES = ("deploy", "rollback", "status", "ping")
@@ -36,6 +38,10 @@ MAX_CHUNK_BYTES = 16 * 1024 * 1024
 MAX_CHUNKS = 1_000_000
 MAX_COMMAND_BYTES = 64 * 1024 * 1024  # an announcement lists one hash per chunk
 MAX_SIGNATURES = 16
+MAX_MIRRORS = 16
+MAX_URL_CHARS = 2048
+URL_RE = re.compile(r"^https?://[^\s/?#]+(/[^\s#]*)?$")
+ARTIFACT_SUFFIX = ".bundle"
 
 # Deployment progress states, in order; "failed" can follow any of them.
 RECEIVED = "received"
@@ -124,6 +130,10 @@ class Deployment:
     chunks: tuple[str, ...]  # SHA-256 of each chunk, in order
     manifest: str  # the bundle's manifest.json (canonical ASCII JSON)
     manifest_signatures: tuple[Signature, ...]
+    # Mirrors of the content-addressed file ``<sha256>.bundle`` (tried in order); empty: the
+    # chunks come as retained MQTT messages. Inside the signed command, so no one can redirect
+    # a device; the bytes are checked against ``chunks`` wherever they come from.
+    urls: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         expected = max(1, math.ceil(self.size / self.chunk_size)) if self.size else 0
@@ -149,7 +159,7 @@ class Deployment:
         return f"{self.sha256}-{self.chunk_size}"
 
     def to_json(self) -> dict[str, Json]:
-        return {
+        value: dict[str, Json] = {
             "id": self.id,
             "model": self.model,
             "version": self.version,
@@ -162,6 +172,9 @@ class Deployment:
                 {"keyid": s.keyid, "sig": s.sig.hex()} for s in self.manifest_signatures
             ],
         }
+        if self.urls:  # absent when empty: the chunk-only form stays byte-for-byte as before
+            value["urls"] = list(self.urls)
+        return value
 
     @classmethod
     def from_json(cls, value: Any, what: str = "deployment") -> Deployment:
@@ -181,9 +194,29 @@ class Deployment:
             chunks=tuple(chunks),
             manifest=f.string("manifest"),
             manifest_signatures=_signatures(f.array("manifest_signatures", MAX_SIGNATURES), what),
+            urls=_urls(f.array("urls", MAX_MIRRORS), what) if f.has("urls") else (),
         )
         f.done()
         return deployment
+
+
+def _urls(items: Sequence[Any], what: str) -> tuple[str, ...]:
+    for item in items:
+        if not isinstance(item, str) or len(item) > MAX_URL_CHARS or not URL_RE.match(item):
+            raise _fail(what, f"every entry of 'urls' must be an http(s) URL; got {item!r}")
+    return tuple(items)
+
+
+def artifact_name(sha256: str) -> str:
+    """The file name of a bundle in an artifact store: content-addressed."""
+    return f"{sha256}{ARTIFACT_SUFFIX}"
+
+
+def artifact_urls(base_urls: Sequence[str], sha256: str) -> tuple[str, ...]:
+    """Each mirror's URL of the bundle with this SHA-256 (``<base>/<sha256>.bundle``)."""
+    urls = tuple(f"{base.rstrip('/')}/{artifact_name(sha256)}" for base in base_urls)
+    _urls(urls, "artifact URLs")
+    return urls
 
 
 def _signatures(items: Sequence[Any], what: str) -> tuple[Signature, ...]:
@@ -444,3 +477,83 @@ class Reply:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise _fail("reply", f"missing or ill-typed field: {exc}") from None
+
+
+# --- device-side rules (shared by the daemon's agent and the fleet simulator) ------------------
+
+
+def device_subscriptions(topics: Topics, device: str, groups: Sequence[str]) -> list[str]:
+    """What a device subscribes to on every connection: its own and its groups' ``cmd`` and
+    ``deploy`` topics."""
+    targets = [Target.device(device)] + [Target.group(g) for g in groups]
+    return [t for target in targets for t in (topics.cmd(target), topics.deploy(target))]
+
+
+def will_status(device: str, groups: Sequence[str], at: int, edged_version: str) -> DeviceStatus:
+    """The retained status the broker publishes for a device that vanished (its last will)."""
+    return DeviceStatus(
+        device,
+        online=False,
+        at=at,
+        groups=tuple(groups),
+        reason="connection lost",
+        edged_version=edged_version,
+    )
+
+
+def check_command_target(
+    topics: Topics, device: str, groups: Sequence[str], target: Target, topic: str
+) -> None:
+    """A command must be signed for this device or one of its groups, and have arrived on that
+    target's own topic (``WrongTargetError``)."""
+    mine = target == Target.device(device) or (target.kind == "groups" and target.name in groups)
+    if not mine:
+        raise WrongTargetError(
+            f"command is signed for {target}, this is device {device} in groups "
+            f"{', '.join(groups) or 'none'}"
+        )
+    if not topic.startswith(topics.base(target) + "/"):
+        raise WrongTargetError(f"command signed for {target} arrived on {topic}")
+
+
+def check_chunk(deployment: Deployment, index: int, data: bytes) -> None:
+    """Chunk ``index`` must be the signed length and hash (``ChunkHashMismatchError``)."""
+    if not 0 <= index < deployment.chunk_count:
+        raise ChunkHashMismatchError(
+            f"chunk {index} is outside the {deployment.chunk_count} chunks announced"
+        )
+    length = deployment.chunk_span(index)[1]
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != length or digest != deployment.chunks[index]:
+        raise ChunkHashMismatchError(
+            f"chunk {index} of deployment {deployment.id} is {len(data)} bytes with SHA-256 "
+            f"{digest[:16]}...; the signed announcement says {length} bytes, "
+            f"{deployment.chunks[index][:16]}... (tampered or corrupted: discarded)"
+        )
+
+
+def deployment_progress(
+    device: str,
+    d: Deployment,
+    state: str,
+    chunks_done: int = 0,
+    chunks_fetched: int = 0,
+    reason: str = "",
+) -> Progress:
+    return Progress(
+        device=device,
+        deployment=d.id,
+        model=d.model,
+        version=d.version,
+        state=state,
+        chunks_done=chunks_done,
+        chunks_total=d.chunk_count,
+        chunks_fetched=chunks_fetched,
+        reason=reason,
+        at=int(time.time()),
+    )
+
+
+def error_reason(exc: BaseException) -> str:
+    """How a failure reads in a progress report or a command reply."""
+    return f"{type(exc).__name__}: {exc}"

@@ -100,6 +100,7 @@ acl_file {self.acl_file}
 persistence true
 persistence_location {self.directory / "data"}/
 autosave_interval 1
+max_queued_messages 100000
 log_dest file {self.log_file}
 log_type error
 log_type warning
