@@ -36,9 +36,10 @@ if TYPE_CHECKING:  # grpcio is imported only where gRPC is served
 
 log = logging.getLogger(__name__)
 
-# The GIL switch interval of the engine (seconds; Python's default 0.005), for measuring the
-# hand-off between its threads (bench/serving.py --switch-interval).
+# The GIL switch interval of the engine (seconds), overridable for measuring the hand-off
+# between its threads (bench/serving.py --switch-interval).
 SWITCH_INTERVAL_ENV = "EDGED_ENGINE_SWITCH_INTERVAL_S"
+ENGINE_SWITCH_INTERVAL_S = 0.0005
 
 # What the zygote imports before it forks anyone (shared, copy-on-write, by every child).
 PRELOAD = (
@@ -91,9 +92,11 @@ def engine_main(config: DaemonConfig, log_level: int, control_plane: int, fds: l
     """``fds``: the control connection, then the engine's listening socket."""
     control, listener = (socket.socket(fileno=fd) for fd in fds)
     configure_logging("engine", log_level)
-    switch = os.environ.get(SWITCH_INTERVAL_ENV)
-    if switch:  # a diagnostic: the engine's threads take turns on the GIL this often
-        sys.setswitchinterval(float(switch))
+    # The engine's threads (a reader per front end, a worker and a sender per model, the loop)
+    # hand requests to each other: one waiting for the GIL waits up to the switch interval.
+    # 0.5 ms instead of Python's 5 ms served 12 % more at 64 clients on 12 cores
+    # (bench/serving.py --switch-interval, docs/serving.md).
+    sys.setswitchinterval(float(os.environ.get(SWITCH_INTERVAL_ENV) or ENGINE_SWITCH_INTERVAL_S))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     end_with(control_plane)
     service = EngineService(config, control, listener)
