@@ -44,7 +44,7 @@ def register(subparsers: Any) -> None:
     r.add_argument("--config", type=Path, help=f"TOML config file (default {DEFAULT_CONFIG_PATH})")
     r.add_argument("--state-dir", type=Path, help="state directory (state.directory)")
     r.set_defaults(
-        handler=handle_record_exit, models=None, host=None, port=None, socket=None,
+        handler=handle_record_exit, models=None, host=None, port=None, grpc_port=None, socket=None,
         no_socket=False,
     )  # fmt: skip
 

@@ -23,12 +23,11 @@ from edged.engine.arena import Arena, RingAllocator
 from edged.errors import (
     DeadlineExceededError,
     EngineUnavailableError,
-    InvalidRequestError,
     ModelNotFoundError,
     ModelNotReadyError,
 )
 from edged.runtime.base import Array, TensorSpec
-from edged.serve.manager import validate_inputs
+from edged.serve.manager import require_version, resolve_priority, validate_inputs
 from edged.serve.scheduler import InferenceResult
 from edged.serve.view import ModelView
 
@@ -257,10 +256,7 @@ class EngineClient:
             if self._connection is None:
                 raise EngineUnavailableError("the engine is restarting; retry shortly")
             raise ModelNotFoundError(f"unknown model {name!r}")
-        if version is not None and version != view.version:
-            raise ModelNotFoundError(
-                f"version {version} of model {name!r} is not serving (serving {view.version})"
-            )
+        require_version(name, version, view.version)
         return view
 
     async def infer(
@@ -276,12 +272,7 @@ class EngineClient:
         if connection is None or connection.transport is None or connection.transport.is_closing():
             raise EngineUnavailableError("the engine is restarting; retry shortly")
         view = self.view(name, version)
-        if priority == 0:
-            priority = view.default_priority
-        elif not 1 <= priority <= view.priority_levels:
-            raise InvalidRequestError(
-                f"priority {priority} is outside 1..{view.priority_levels} for model {name!r}"
-            )
+        priority = resolve_priority(name, priority, view.priority_levels, view.default_priority)
         dynamic = view.dynamic_batch
         rows, _ = validate_inputs(
             name, view.inputs, inputs, dynamic, view.max_batch_size if dynamic else 1

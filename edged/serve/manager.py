@@ -145,6 +145,23 @@ def validate_inputs(
     return rows, tuple(signature)
 
 
+def resolve_priority(model: str, priority: int, levels: int, default: int) -> int:
+    """A request's priority: 0 means the model's default; otherwise 1..levels."""
+    if priority == 0:
+        return default
+    if not 1 <= priority <= levels:
+        raise InvalidRequestError(f"priority {priority} is outside 1..{levels} for model {model!r}")
+    return priority
+
+
+def require_version(model: str, asked: str | None, serving: str) -> None:
+    """A request that names a version must name the one serving."""
+    if asked is not None and asked != serving:
+        raise ModelNotFoundError(
+            f"version {asked} of model {model!r} is not serving (serving {serving})"
+        )
+
+
 def _config_and_estimate(version_dir: Path) -> tuple[ModelConfig, int]:
     config = config_for_version(version_dir)
     return config, estimate_memory_bytes(version_dir, config.runtime)
@@ -718,10 +735,7 @@ class ModelManager:
         if current is None:
             reason = f": {entry.last_error}" if entry.last_error else ""
             raise ModelNotReadyError(f"model {name!r} has no version serving{reason}")
-        if version is not None and version != current.version:
-            raise ModelNotFoundError(
-                f"version {version} of model {name!r} is not serving (serving {current.version})"
-            )
+        require_version(name, version, current.version)
         return current
 
     async def infer(
@@ -738,12 +752,9 @@ class ModelManager:
         current = self.serving(name, version)
         entry = self._entries[name]
         batching = current.config.batching
-        if priority == 0:
-            priority = batching.default_priority
-        elif not 1 <= priority <= batching.priority_levels:
-            raise InvalidRequestError(
-                f"priority {priority} is outside 1..{batching.priority_levels} for model {name!r}"
-            )
+        priority = resolve_priority(
+            name, priority, batching.priority_levels, batching.default_priority
+        )
         dynamic = current.model.dynamic_batch
         rows, signature = validate_inputs(
             name, current.model.inputs, inputs, dynamic, batching.max_batch_size if dynamic else 1
