@@ -185,6 +185,7 @@ class EngineClient:
         self.name = name
         self.views: dict[str, ModelView] = {}
         self._ready = False
+        self._have_views = False  # the current connection's engine said what serves
         self._connection: EngineConnection | None = None
         self._ids = 0
         self._connected = asyncio.Event()
@@ -217,6 +218,7 @@ class EngineClient:
                 self._connection = None
                 self._connected.clear()
                 self._ready = False
+                self._have_views = False
                 log.warning("%s: lost the engine; reconnecting", self.name)
 
     async def _connect(self) -> EngineConnection:
@@ -243,6 +245,7 @@ class EngineClient:
     def update_views(self, header: dict[str, Any]) -> None:
         self.views = {name: view_from(name, fields) for name, fields in header["models"].items()}
         self._ready = bool(header["ready"])
+        self._have_views = True
 
     # --- InferenceBackend ---------------------------------------------------------------------
 
@@ -253,8 +256,9 @@ class EngineClient:
     def view(self, name: str, version: str | None = None) -> ModelView:
         view = self.views.get(name)
         if view is None:
-            if self._connection is None:
-                raise EngineUnavailableError("the engine is restarting; retry shortly")
+            if self._connection is None or not self._have_views:
+                # Not known yet is not unknown: the engine may still be loading it.
+                raise EngineUnavailableError("the engine is (re)starting; retry shortly")
             raise ModelNotFoundError(f"unknown model {name!r}")
         require_version(name, version, view.version)
         return view

@@ -122,8 +122,9 @@ class EngineService:
         reader, self._writer = await asyncio.open_unix_connection(sock=self._control_socket)
         self.dataplane = DataPlane(self.manager, self._listener, loop)
         await self.manager.start()
-        self.dataplane.start()
+        # The views first: a front end that connects gets what serves, never an empty list.
         await self.dataplane.broadcast_views()
+        self.dataplane.start()
 
         def changed() -> None:
             loop.call_soon_threadsafe(self._changed)
