@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 from cpuload import NOISY_CORES, OtherLoad, ServerCpu, wait_for_quiet
 from serving import (
     BENCH_DIR,
@@ -129,11 +130,13 @@ def measure(
     with server_process(cmd, port, log) as pid:
         check_response(port, work)
         run_wrk(port, work, args.wrk_threads, args.connections, args.warmup_s)
-        wait_for_quiet(args.quiet_wait_s, [pid])
-        other = OtherLoad([pid])
-        cpu0 = ServerCpu.read(pid)
+        # Every process of the daemon (its engine and front ends too).
+        tree = [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+        wait_for_quiet(args.quiet_wait_s, tree)
+        other = OtherLoad(tree)
+        cpu0 = ServerCpu.read(pid, tree)
         result = run_wrk(port, work, args.wrk_threads, args.connections, args.duration_s)
-        cpu1 = ServerCpu.read(pid)
+        cpu1 = ServerCpu.read(pid, tree)
         other_cores = other.cores()
     errors = sum(int(v) for k, v in result["errors"].items() if k != "status")
     requests = int(result["requests"])
