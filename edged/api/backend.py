@@ -7,7 +7,6 @@ front-end process, or ``ManagerBackend`` around an in-process ``ModelManager``.
 
 from __future__ import annotations
 
-import asyncio
 import weakref
 from typing import Any, Protocol
 
@@ -65,14 +64,6 @@ class ManagerBackend:
         view = self._views.get(served)
         if view is None:
             view = self._views[served] = ModelView.of(served)
-        return view
-
-    async def view_async(self, name: str, version: str | None = None) -> ModelView:
-        """``view`` with the first probe of a version's model file on a thread."""
-        served = self.manager.serving(name, version)
-        view = self._views.get(served)
-        if view is None:
-            view = self._views[served] = await asyncio.to_thread(ModelView.of, served)
         return view
 
     async def infer(

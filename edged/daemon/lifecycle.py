@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from edged._compat import TaskGroup
+from edged._compat import TIMEOUT_ERRORS, TaskGroup
 from edged.api.app import add_control_routes, build_app
 from edged.api.backend import ManagerBackend
 from edged.api.context import FORWARDED, GATE, MAX_BODY, REFRESH, SHM
@@ -40,7 +40,7 @@ from edged.daemon.serving import ServingProcesses
 from edged.daemon.supervisor import Supervisor
 from edged.daemon.zygote import Zygote, can_fork
 from edged.engine.proxy import EngineProxy
-from edged.errors import EdgedError, NotifyError
+from edged.errors import EdgedError, EngineUnavailableError, NotifyError
 from edged.runtime.budget import front_ends, usable_cores
 from edged.serve.crashgate import CrashInfo, RunMarker
 from edged.serve.manager import ModelManager
@@ -163,8 +163,14 @@ class Daemon:
                 if (joules := self.telemetry.energy_per_inference_j(key.model, key.version))
                 is not None
             ]
-            if figures and self.manager.connected:
+            if not figures or not self.manager.connected:
+                continue
+            try:
                 await self.manager.call("energy", wait_s=10.0, figures=figures)
+            except EngineUnavailableError as exc:  # it restarts: the next interval sends them
+                log.info("energy figures not sent to the engine: %s", exc)
+            except TIMEOUT_ERRORS:
+                log.info("energy figures not sent: the engine did not answer within 10 s")
 
     def _restarts(self) -> dict[str, int]:
         """Restarts of the side services and of the serving processes (engine, front ends)."""

@@ -11,7 +11,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from edged.daemon.zygote import ZygoteProcess
@@ -73,7 +73,6 @@ class Child:
     before_restart: BeforeRestart | None = None
     process: ZygoteProcess | None = None
     stopping: bool = False
-    _started: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
         quick_failures = 0
@@ -88,7 +87,6 @@ class Child:
             self.state.pid = process.pid
             self.state.state = "running"
             self.state.started_at = time.monotonic()
-            self._started.set()
             code = await process.wait()
             self.state.last_pid = process.pid
             self.state.last_exit = describe_exit(code)
@@ -111,9 +109,6 @@ class Child:
     def _stopped(self) -> bool:
         """``terminate()`` may have run while ``run`` waited (mypy cannot see that)."""
         return self.stopping
-
-    async def wait_started(self) -> None:
-        await self._started.wait()
 
     def terminate(self) -> None:
         self.stopping = True

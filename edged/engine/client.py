@@ -157,7 +157,7 @@ class EngineConnection(asyncio.Protocol):
         refs = header.get("t")
         if refs is None:
             if not pending.future.done():
-                pending.future.set_exception(wire.raise_error(header))
+                pending.future.set_exception(wire.error_from(header))
             return
         view = self.responses.view
         outputs: dict[str, Array] = {}

@@ -104,7 +104,7 @@ class EngineProxy:
             if header.get("ok"):
                 future.set_result(header.get("result"))
             else:
-                future.set_exception(wire.raise_error(header))
+                future.set_exception(wire.error_from(header))
         elif kind == wire.EVENT:
             name = header["n"]
             if name == "telemetry":

@@ -110,7 +110,7 @@ def error_fields(exc: BaseException) -> dict[str, Any]:
     return fields
 
 
-def raise_error(header: dict[str, Any]) -> EdgedError:
+def error_from(header: dict[str, Any]) -> EdgedError:
     """The error a header carries, as the EdgedError class the other side raised."""
     cls = getattr(errors_module, str(header.get("e")), None)
     message = str(header.get("msg", "engine error"))

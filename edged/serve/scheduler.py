@@ -197,18 +197,6 @@ class Scheduler:
         self._enqueue(PendingRequest(inputs, rows, signature, deadline, future), priority)
         return future
 
-    def submit_remote(
-        self,
-        inputs: dict[str, Array],
-        rows: int,
-        signature: BatchSignature,
-        priority: int,
-        deadline: float | None,
-        waiter: RemoteWaiter,
-    ) -> None:
-        """``submit`` from any thread, for a request whose answer goes to ``waiter.sink``."""
-        self._enqueue(PendingRequest(inputs, rows, signature, deadline, waiter), priority)
-
     def submit_remote_many(
         self, items: list[tuple[PendingRequest, int]]
     ) -> list[tuple[PendingRequest, EdgedError]]:

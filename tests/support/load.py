@@ -8,32 +8,32 @@ import json
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from types import TracebackType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 MLP_BODY = json.dumps(
     {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.1] * 64}]}
 ).encode()
 
 
-class InferenceLoad:
-    """``clients`` threads POST to ``/v2/models/<model>/infer`` over keep-alive connections
-    until stopped; ``outcomes`` counts "ok" and every kind of failure."""
+class ClientThreads:
+    """``clients`` threads run ``_client`` until stopped; ``outcomes`` counts "ok" and every
+    kind of failure. The load generators below differ only in what a client sends."""
 
-    def __init__(
-        self, port: int, model: str = "mlp", body: bytes = MLP_BODY, clients: int = 4
-    ) -> None:
-        self.port = port
-        self.path = f"/v2/models/{model}/infer"
-        self.body = body
+    def __init__(self, clients: int, name: str) -> None:
         self.outcomes: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [
-            threading.Thread(target=self._client, name=f"load-{i}", daemon=True)
+            threading.Thread(target=self._client, name=f"{name}-{i}", daemon=True)
             for i in range(clients)
         ]
 
-    def __enter__(self) -> InferenceLoad:
+    def __enter__(self) -> Self:
         for thread in self._threads:
             thread.start()
         return self
@@ -64,8 +64,11 @@ class InferenceLoad:
     def wait_for_ok(self, more: int, timeout_s: float = 60.0) -> None:
         """Block until ``more`` further requests have succeeded (serving goes on)."""
         target = self.ok + more
+        self._wait(lambda: self.ok >= target, timeout_s)
+
+    def _wait(self, done: Callable[[], bool], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        while self.ok < target:
+        while not done():
             if time.monotonic() > deadline:
                 raise AssertionError(f"serving stalled: {dict(self.outcomes)}")
             time.sleep(0.01)
@@ -73,6 +76,22 @@ class InferenceLoad:
     def _count(self, key: str) -> None:
         with self._lock:
             self.outcomes[key] += 1
+
+    def _client(self) -> None:
+        raise NotImplementedError
+
+
+class InferenceLoad(ClientThreads):
+    """``clients`` threads POST to ``/v2/models/<model>/infer`` over keep-alive connections
+    until stopped."""
+
+    def __init__(
+        self, port: int, model: str = "mlp", body: bytes = MLP_BODY, clients: int = 4
+    ) -> None:
+        self.port = port
+        self.path = f"/v2/models/{model}/infer"
+        self.body = body
+        super().__init__(clients, "load")
 
     def _client(self) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)

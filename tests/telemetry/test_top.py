@@ -291,3 +291,17 @@ def test_once_against_a_real_daemon_under_load_shows_models_versions_and_rate(
             assert row[2] == "READY"
             assert float(row[3]) > 0, done.stdout
         assert "power" in done.stdout
+
+
+def test_frame_shows_the_serving_processes_with_restarts_and_last_exit() -> None:
+    processes = [
+        {"name": "engine", "role": "engine", "pid": 4242, "state": "running",
+         "uptime_s": 12.0, "restarts": 1, "last_exit": "killed by SIGSEGV"},
+        {"name": "front-end-1", "role": "front-end", "pid": 4243, "state": "running",
+         "uptime_s": 30.0, "restarts": 0, "last_exit": None},
+    ]  # fmt: skip
+    text = text_of(render_frame({**STATUS, "processes": processes}, telemetry(), {}))
+    engine = next(line for line in text.splitlines() if "engine" in line and "4242" in line)
+    assert "killed by SIGSEGV" in engine
+    assert "front-end-1" in text and "4243" in text
+    assert "processes" not in text_of(render_frame(STATUS, telemetry(), {}))
