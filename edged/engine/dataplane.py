@@ -116,7 +116,8 @@ class FrontEndConnection:
                 )
             else:
                 out += self._result_frame(waiter.token, outcome)
-        self.send(bytes(out))
+        if out:
+            self.send(bytes(out))
 
     def deliver_batch(
         self,
