@@ -1,29 +1,65 @@
-"""Free loopback TCP ports, for the demo, the tests and the benchmarks."""
+"""Free loopback TCP ports, for the demo, the tests and the benchmarks.
+
+Ports are picked below the kernel's ephemeral range. ``bind(0)`` hands out a port from that
+range, and so does every outgoing ``connect()``: a port picked with ``bind(0)`` and released
+can be taken by some client's connection before the server binds it ("Address already in
+use"). Below the range only another listener can take it.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import random
 import socket
+from pathlib import Path
+
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST = 10_000
+_ATTEMPTS = 200
+
+
+def _candidates() -> range:
+    """The ports below the ephemeral range (or above it, where it starts too low)."""
+    try:
+        low, high = (int(part) for part in _EPHEMERAL_RANGE.read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    if low - _LOWEST >= 2_000:
+        return range(_LOWEST, low)
+    return range(high + 1, 65536)
+
+
+def _bind(s: socket.socket, port: int) -> bool:
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    return True
 
 
 def free_port(preferred: int = 0) -> int:
-    """``preferred`` when it is free, else any free port on 127.0.0.1."""
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", preferred))
-        except OSError:
-            s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """``preferred`` when it is free, else a free port on 127.0.0.1."""
+    if preferred:
+        with socket.socket() as s:
+            if _bind(s, preferred):
+                return preferred
+    return free_ports(1)[0]
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports on 127.0.0.1. Each is held open until all are picked, so
-    two calls in a row cannot hand out the same port, as separate ``free_port()`` calls can."""
+    """``count`` distinct free ports on 127.0.0.1, outside the ephemeral range. Each is held
+    open until all are picked, so one call cannot hand out the same port twice; the random
+    pick keeps calls in a row from handing out the same one either."""
+    candidates = _candidates()
     with contextlib.ExitStack() as stack:
         ports: list[int] = []
-        for _ in range(count):
+        for _ in range(_ATTEMPTS):
+            if len(ports) == count:
+                break
+            port = random.choice(candidates)  # noqa: S311 - spreading picks, not secrets
             s = stack.enter_context(socket.socket())
-            s.bind(("127.0.0.1", 0))
-            ports.append(int(s.getsockname()[1]))
+            if port not in ports and _bind(s, port):
+                ports.append(port)
+        if len(ports) < count:
+            raise OSError(f"no {count} free ports between {candidates.start} and {candidates.stop}")
         return ports
