@@ -56,6 +56,24 @@ class ChildState:
         }
 
 
+@dataclass
+class CrashLoopBackoff:
+    """How long to wait before restarting a child. The first quick death restarts at once (a
+    one-off crash should cost nothing); each further quick death in a row doubles the wait from
+    0.25 s up to 30 s; a child that lived ``healthy_s`` resets the count."""
+
+    healthy_s: float = 10.0
+    first_s: float = 0.25
+    most_s: float = 30.0
+    quick_deaths: int = 0
+
+    def after_exit(self, lived_s: float) -> float:
+        self.quick_deaths = self.quick_deaths + 1 if lived_s < self.healthy_s else 0
+        if self.quick_deaths <= 1:
+            return 0.0
+        return float(min(self.most_s, self.first_s * 2 ** (self.quick_deaths - 2)))
+
+
 Spawn = Callable[[], ZygoteProcess]
 OnExit = Callable[[ChildState, int | None], None]
 # Runs after an unexpected exit, before the restart (the crash gate reverts a release here).
@@ -75,7 +93,7 @@ class Child:
     stopping: bool = False
 
     async def run(self) -> None:
-        quick_failures = 0
+        backoff = CrashLoopBackoff()
         while not self.stopping:
             process = self.spawn()
             try:
@@ -101,10 +119,10 @@ class Child:
                 self.on_exit(self.state, code)
             if self.before_restart is not None:
                 await self.before_restart(code)
-            lived = time.monotonic() - self.state.started_at
-            quick_failures = quick_failures + 1 if lived < 10.0 else 0
-            if quick_failures > 1:  # a crash loop: back off, up to 30 s
-                await asyncio.sleep(min(30.0, 0.25 * 2 ** (quick_failures - 2)))
+            delay = backoff.after_exit(time.monotonic() - self.state.started_at)
+            if delay:
+                log.warning("%s is crash-looping: next start in %.2fs", self.state.name, delay)
+                await asyncio.sleep(delay)
 
     def _stopped(self) -> bool:
         """``terminate()`` may have run while ``run`` waited (mypy cannot see that)."""
