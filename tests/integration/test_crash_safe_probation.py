@@ -79,8 +79,9 @@ def test_sigterm_during_probation_resumes_it_after_the_restart_to_a_verdict(
 ) -> None:
     work = tmp_path / "d"
     trust_init(keys, work / "state")
+    # Latency off: this test is about the restart, not about a timing gate.
     policy = ProbationPolicy(
-        min_s=1, max_s=300, min_requests=40, max_p99_latency_ratio_pct=1000,
+        min_s=1, max_s=300, min_requests=40, max_p99_latency_ratio_pct=0,
         max_energy_ratio_pct=150,
     )  # fmt: skip
     release = good_release(keys, tmp_path, 2, policy)
@@ -150,7 +151,9 @@ def test_a_short_probation_at_low_traffic_says_latency_was_not_judged_unless_req
 ) -> None:
     work = tmp_path / "d"
     trust_init(keys, work / "state")
-    short = ProbationPolicy(min_s=1, max_s=300, min_requests=10, max_p99_latency_ratio_pct=1000)
+    # A limit no hiccup of a loaded CI machine reaches: this test is about whether the gate
+    # judged, not about its figure.
+    short = ProbationPolicy(min_s=1, max_s=300, min_requests=10, max_p99_latency_ratio_pct=10000)
     required = ProbationPolicy(**{**short.__dict__, "require_latency_verdict": True})
     v2 = good_release(keys, tmp_path, 2, short)
     v3 = good_release(keys, tmp_path, 3, required)
