@@ -121,18 +121,26 @@ FIRST_FRONT_END = 1  # ServingProcesses numbers its front ends from 1
 async def _start_grpc(
     config: DaemonConfig,
     number: int,
+    front_ends: int,
     client: EngineClient,
     app: web.Application,
     control_path: str,
 ) -> GrpcServer | None:
-    """KServe v2 gRPC in the first front end only: grpcio binds its own sockets (it cannot
-    serve an inherited one), and spreading one port over processes would need SO_REUSEPORT."""
-    if not config.server.grpc_port or number != FIRST_FRONT_END:
+    """KServe v2 gRPC in every front end. grpcio binds its own sockets (it cannot serve an
+    inherited one), so the front ends share the TCP port with SO_REUSEPORT; the Unix socket,
+    which cannot be shared, is the first front end's."""
+    if not config.server.grpc_port:
         return None
     from edged.api.grpc.control import ControlPlaneRepository
     from edged.api.grpc.server import GrpcServer
 
-    grpc = GrpcServer(ControlPlaneRepository(client, control_path), app[SHM], config.server)
+    grpc = GrpcServer(
+        ControlPlaneRepository(client, control_path),
+        app[SHM],
+        config.server,
+        share_port=front_ends > 1,
+        serve_unix_socket=number == FIRST_FRONT_END,
+    )
     log.info("front end %d serving gRPC on %s", number, ", ".join(await grpc.start()))
     return grpc
 
@@ -140,6 +148,7 @@ async def _start_grpc(
 def frontend_main(
     config: DaemonConfig,
     number: int,
+    front_ends: int,
     engine_path: str,
     control_path: str,
     log_level: int,
@@ -151,12 +160,15 @@ def frontend_main(
     configure_logging(f"front-end-{number}", log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     end_with(control_plane)
-    run_loop(_serve_front_end(config, number, listeners, engine_path, control_path, lifeline))
+    run_loop(
+        _serve_front_end(config, number, front_ends, listeners, engine_path, control_path, lifeline)
+    )
 
 
 async def _serve_front_end(
     config: DaemonConfig,
     number: int,
+    front_ends: int,
     listeners: list[socket.socket],
     engine_path: str,
     control_path: str,
@@ -175,7 +187,7 @@ async def _serve_front_end(
         shutdown_timeout=min(1.0, server.drain_timeout_s),
     )
     await runner.setup()
-    grpc = await _start_grpc(config, number, client, app, control_path)
+    grpc = await _start_grpc(config, number, front_ends, client, app, control_path)
     for listener in listeners:
         await web.SockSite(runner, listener).start()
     stop = asyncio.Event()

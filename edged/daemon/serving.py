@@ -117,7 +117,7 @@ class ServingProcesses:
             from edged.api.grpc.listen import ensure_port_free
 
             ensure_port_free(server.host, server.grpc_port)
-            endpoints.append(f"grpc://{server.host}:{server.grpc_port} (front end 1)")
+            endpoints.append(f"grpc://{server.host}:{server.grpc_port}")
         return endpoints
 
     # --- the engine -----------------------------------------------------------------------------
@@ -175,6 +175,7 @@ class ServingProcesses:
                 (
                     self.config,
                     number,
+                    self.front_end_count,
                     self.engine_path,
                     self.control_path,
                     logging.getLogger().level,

@@ -46,8 +46,13 @@ def status_of(call: Any) -> str:
     return str(info.value.status())
 
 
-# The process design (the default: front ends and an engine), and everything in one process.
-DESIGNS = {"front-ends": "", "one-process": "[server]\nworkers = 0\n"}
+# The process design (the default: front ends and an engine), two front ends sharing the gRPC
+# port, and everything in one process.
+DESIGNS = {
+    "front-ends": "",
+    "two-front-ends": "[server]\nworkers = 2\n",
+    "one-process": "[server]\nworkers = 0\n",
+}
 
 
 @pytest.mark.parametrize("design", list(DESIGNS))

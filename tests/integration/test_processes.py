@@ -15,7 +15,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import psutil
 import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
 
 from tests.support.daemon import DaemonProcess, running_daemon
 from tests.support.load import MLP_BODY, InferenceLoad
@@ -129,6 +133,64 @@ def test_a_front_end_killed_under_load_is_replaced_and_other_clients_see_nothing
         assert "front-end-1 (pid" in daemon.log() and "killed by SIGKILL" in daemon.log()
         services = {s["name"]: s for s in status(daemon)["services"]}
         assert services["telemetry"]["restarts"] == 0
+
+
+def grpc_connections(daemon: DaemonProcess, status: str) -> Counter[int]:
+    """How many TCP sockets on the gRPC port in ``status`` each process holds."""
+    return Counter(
+        c.pid
+        for c in psutil.net_connections(kind="tcp")
+        if c.laddr and c.laddr.port == daemon.grpc_port and c.status == status and c.pid
+    )
+
+
+def own_connection_client(daemon: DaemonProcess) -> triton.InferenceServerClient:
+    """A client with its own TCP connection (grpc shares one between channels by default)."""
+    return triton.InferenceServerClient(
+        daemon.grpc_url, channel_args=[("grpc.use_local_subchannel_pool", 1)]
+    )
+
+
+def grpc_infer_ok(client: triton.InferenceServerClient) -> bool:
+    x = triton.InferInput("input", [1, 64], "FP32")
+    x.set_data_from_numpy(np.full((1, 64), 0.1, np.float32))
+    try:
+        return client.infer("mlp", [x], client_timeout=30).as_numpy("output") is not None
+    except InferenceServerException:
+        return False
+
+
+def test_every_front_end_serves_grpc_and_one_killed_leaves_the_others_clients_served(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    with running_daemon(model_repo, tmp_path / "d", TWO_FRONT_ENDS) as daemon:
+        wait_until(lambda: processes(daemon)["engine"]["front_ends_connected"] == 2, daemon)
+        front_ends = {n: processes(daemon)[n]["pid"] for n in ("front-end-1", "front-end-2")}
+        listening = grpc_connections(daemon, psutil.CONN_LISTEN)
+        assert all(listening[pid] == 1 for pid in front_ends.values()), listening
+        clients = [own_connection_client(daemon) for _ in range(24)]
+        try:
+            assert all(grpc_infer_ok(c) for c in clients)
+            # The kernel spreads the connections over both front ends (24 all on one: 1e-7).
+            held = grpc_connections(daemon, psutil.CONN_ESTABLISHED)
+            assert all(held[pid] > 0 for pid in front_ends.values()), held
+            victim = front_ends["front-end-1"]
+            os.kill(victim, signal.SIGKILL)
+            wait_until(
+                lambda: processes(daemon)["front-end-1"]["pid"] not in (None, victim), daemon
+            )
+            # The other front end's clients see nothing; the dead one's fail once, then
+            # reconnect to a live front end.
+            first = [grpc_infer_ok(c) for c in clients]
+            assert sum(first) >= held[front_ends["front-end-2"]], (first, held)
+            assert all(ok or grpc_infer_ok(c) for ok, c in zip(first, clients, strict=True))
+        finally:
+            for client in clients:
+                client.close()
+        wait_until(
+            lambda: len(grpc_connections(daemon, psutil.CONN_LISTEN)) == 2, daemon
+        )  # the new front end 1 listens on the shared port again
+        assert front_ends["front-end-1"] not in grpc_connections(daemon, psutil.CONN_LISTEN)
 
 
 def test_an_engine_killed_under_load_is_logged_with_what_served_and_restarted(

@@ -24,10 +24,17 @@ class GrpcServer:
         backend: InferenceBackend,
         shm: SharedMemoryRegistry | None,
         config: ServerConfig,
+        *,
+        share_port: bool = False,
+        serve_unix_socket: bool = True,
     ) -> None:
         """``shm``: the registry the HTTP API uses too, so that a region registered over one
-        protocol serves requests over the other (as Triton's)."""
+        protocol serves requests over the other (as Triton's). ``share_port``: several front
+        ends listen on the TCP port (SO_REUSEPORT; the kernel spreads the connections);
+        ``serve_unix_socket``: this one also serves the gRPC Unix socket (one process may)."""
         self.config = config
+        self.share_port = share_port
+        self.serve_unix_socket = serve_unix_socket
         self.service = InferenceService(backend, shm)
         self._server: grpc.aio.Server | None = None
         self.port = 0  # the TCP port bound (config.grpc_port, or any free one when that is 0)
@@ -41,8 +48,10 @@ class GrpcServer:
         config = self.config
         server = grpc.aio.server(
             options=[
-                # Another process on the same port would share its connections silently.
-                ("grpc.so_reuseport", 0),
+                # Off unless the daemon's own front ends share the port: another process on
+                # it would share the connections silently. (The control plane checks that
+                # nothing listens there before any front end starts.)
+                ("grpc.so_reuseport", 1 if self.share_port else 0),
                 ("grpc.max_receive_message_length", config.max_body_bytes),
                 ("grpc.max_send_message_length", -1),
             ]
@@ -55,7 +64,7 @@ class GrpcServer:
         host = f"[{config.host}]" if ":" in config.host else config.host  # IPv6
         self.port = self._bind(server, f"{host}:{config.grpc_port}", "server.grpc_port")
         endpoints = [f"{host}:{self.port}"]
-        socket_path = config.grpc_socket_path
+        socket_path = config.grpc_socket_path if self.serve_unix_socket else None
         if socket_path is not None:
             socket_path.parent.mkdir(parents=True, exist_ok=True)
             self._remove_socket()
@@ -97,6 +106,6 @@ class GrpcServer:
 
     def _remove_socket(self) -> None:
         socket_path = self.config.grpc_socket_path
-        if socket_path is not None:
+        if socket_path is not None and self.serve_unix_socket:
             with contextlib.suppress(FileNotFoundError):
                 socket_path.unlink()
