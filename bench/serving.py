@@ -9,6 +9,7 @@ One model (ONNX MLP 1024 -> 2048 -> 2048 -> 1000, fp32, dynamic batch, max batch
   dN     ``edged run`` with default settings (its processes), N clients
   gN     the same edged over KServe v2 gRPC (raw contents), N ModelInfer calls in flight
   gsN    the same, N ModelStreamInfer messages in flight over min(N, 64) streams
+  d64wK  edged with K front ends (``--workers-sweep``), 64 clients; g64wK the same over gRPC
   pN     edged in one process (``[server] workers = 0``)                     the old design
   s64    edged with ``spin_wait = true``, 64 clients (``--legacy-rows``)    battery vs spinning
   wN     edged with ``intra_op_threads`` = all cores (``--legacy-rows``)     the CPU budget's price
@@ -980,14 +981,21 @@ def main(argv: list[str] | None = None) -> int:
                     f"gs{n}", label, (port, grpc_port), pid, n, settings, stream=True
                 )
 
-        # d64wK: the number of front ends, for choosing the default.
+        # d64wK: the number of front ends, for choosing the default; g64wK: gRPC, which every
+        # front end serves on the one port (SO_REUSEPORT).
         for workers in args.workers_sweep:
-            port = free_port()
-            cmd = edged_command(repo, port, tmp, f"state-w{workers}", workers=workers)
+            port, grpc_port = free_ports(2)
+            sweep_grpc = 0 if args.no_grpc else grpc_port
+            cmd = edged_command(repo, port, tmp, f"state-w{workers}", workers, sweep_grpc)
             with server_process(cmd, port, tmp / f"w{workers}.log") as pid:
                 check_response(port, binary)
                 label = f"edged, 64 clients, binary, {workers} front ends"
                 phases.measure(f"d64w{workers}", label, port, pid, binary, 64, {"workers": workers})
+                if sweep_grpc:
+                    label = f"edged over gRPC, 64 calls in flight, raw, {workers} front ends"
+                    settings = {"workers": workers, "protocol": "grpc"}
+                    ports = (port, grpc_port)
+                    phases.measure_grpc(f"g64w{workers}", label, ports, pid, 64, settings)
 
         # d64sK: the engine's GIL switch interval, for the hand-off between its threads.
         for interval in args.switch_interval:
