@@ -91,8 +91,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def engine_main(config: DaemonConfig, log_level: int, control_plane: int, fds: list[int]) -> None:
-    """``fds``: the control connection, then the engine's listening socket."""
+def engine_main(
+    config: DaemonConfig, power: bool, log_level: int, control_plane: int, fds: list[int]
+) -> None:
+    """``power``: the control plane measures energy per inference (and sends the figures);
+    ``fds``: the control connection, then the engine's listening socket."""
     control, listener = (socket.socket(fileno=fd) for fd in fds)
     configure_logging("engine", log_level)
     # The engine's threads (a reader per front end, a worker and a sender per model, the loop)
@@ -102,7 +105,7 @@ def engine_main(config: DaemonConfig, log_level: int, control_plane: int, fds: l
     sys.setswitchinterval(float(os.environ.get(SWITCH_INTERVAL_ENV) or ENGINE_SWITCH_INTERVAL_S))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     end_with(control_plane)
-    service = EngineService(config, control, listener)
+    service = EngineService(config, control, listener, power)
     try:
         run_loop(service.run())
     except EdgedError as exc:

@@ -121,7 +121,8 @@ class Daemon:
         self.probation_records = ProbationRecords(config.state.directory / PROBATION_DIR)
         if isinstance(self.manager, ModelManager):
             self.manager.probation_records = self.probation_records
-            self.manager.energy_per_inference = self.telemetry.energy_per_inference_j
+            if self.telemetry.attributes_energy:  # else the energy gate says "no power source"
+                self.manager.energy_per_inference = self.telemetry.energy_per_inference_j
         self.run_marker = RunMarker(config.state.directory)
         self.notifier = Notifier.from_environment()
         self.watchdog = Watchdog(self.notifier, watchdog_interval_s())
@@ -382,7 +383,11 @@ class Daemon:
                     if self.zygote is None:  # run_daemon forks one before threads start
                         self.zygote = Zygote.launch(PRELOAD)
                     self.processes = ServingProcesses(
-                        self.config, self.manager, self.front_ends, self.zygote
+                        self.config,
+                        self.manager,
+                        self.front_ends,
+                        self.zygote,
+                        power=self.telemetry.attributes_energy,
                     )
                     self.processes.engine_crashed = self._engine_crashed
                     endpoints = await self.processes.start(tg, self._control_app())

@@ -32,9 +32,16 @@ LISTEN_BACKLOG = 2048  # a thousand clients connecting at once must not see a re
 
 class ServingProcesses:
     def __init__(
-        self, config: DaemonConfig, proxy: EngineProxy, front_ends: int, zygote: Zygote
+        self,
+        config: DaemonConfig,
+        proxy: EngineProxy,
+        front_ends: int,
+        zygote: Zygote,
+        power: bool = False,
     ) -> None:
+        """``power``: the telemetry measures energy per inference, for the engine's gate."""
         self.config = config
+        self.power = power
         self.zygote = zygote
         self.proxy = proxy
         self.front_end_count = front_ends
@@ -132,7 +139,7 @@ class ServingProcesses:
         return ZygoteProcess(
             self.zygote,
             "edged.daemon.children:engine_main",
-            (self.config, logging.getLogger().level, os.getpid()),
+            (self.config, self.power, logging.getLogger().level, os.getpid()),
             [theirs.fileno(), self._engine_listener.fileno()],
         )
 

@@ -48,9 +48,16 @@ def models_config_from(fields: dict[str, Any]) -> ModelsConfig:
 
 class EngineService:
     def __init__(
-        self, config: DaemonConfig, control: socket.socket, listener: socket.socket
+        self,
+        config: DaemonConfig,
+        control: socket.socket,
+        listener: socket.socket,
+        power: bool = False,
     ) -> None:
+        """``power``: the control plane measures energy per inference and sends the figures
+        (without, the energy gate says "no power source")."""
         self.config = config
+        self.power = power
         self._control_socket = control
         self._listener = listener
         self._writer: asyncio.StreamWriter | None = None
@@ -118,7 +125,8 @@ class EngineService:
         # Crash-safe rollouts: the durable probation records (the control plane's crash gate
         # judges them before this process starts).
         self.manager.probation_records = ProbationRecords(config.state.directory / PROBATION_DIR)
-        self.manager.energy_per_inference = self._energy_per_inference
+        if self.power:
+            self.manager.energy_per_inference = self._energy_per_inference
         reader, self._writer = await asyncio.open_unix_connection(sock=self._control_socket)
         self.dataplane = DataPlane(self.manager, self._listener, loop)
         await self.manager.start()

@@ -203,7 +203,7 @@ class ModelManager:
         self._background: set[asyncio.Task[None]] = set()
         # Durable probation (crash-safe rollouts): None keeps probations in memory only.
         self.probation_records: ProbationRecords | None = None
-        # Per-version energy for the energy gate (the telemetry's, where a power source is).
+        # Per-version energy for the energy gate (the telemetry's); None: no power source.
         self.energy_per_inference: EnergyFigure | None = None
         # Called after a serving version changed (a swap, an unload), from the swapping thread.
         self.change_listeners: list[Callable[[], None]] = []

@@ -148,8 +148,11 @@ def judge(
     baseline: VersionWindow | None,
     candidate: VersionWindow,
     elapsed_s: float,
+    power: bool = False,
 ) -> Verdict:
-    """Watch, promote or revert ``candidate``, which replaced ``baseline`` ``elapsed_s`` ago."""
+    """Watch, promote or revert ``candidate``, which replaced ``baseline`` ``elapsed_s`` ago.
+    ``power``: the daemon measures energy (the energy gate waits for figures rather than
+    saying there is no power source)."""
     total = candidate.requests + candidate.errors
     enough = total >= policy.min_requests
     waiting = f"{total} of {policy.min_requests} requests"
@@ -163,7 +166,7 @@ def judge(
             "requests failed", waiting,
         ),
         _latency(policy, baseline, candidate, enough, waiting),
-        _energy(policy, baseline, candidate, enough, waiting),
+        _energy(policy, baseline, candidate, enough, waiting, power),
         _shadow(policy.shadow, candidate),
     ]  # fmt: skip
     gates = tuple(result for result, _ in checks)
@@ -246,6 +249,7 @@ def _energy(
     candidate: VersionWindow,
     enough: bool,
     waiting: str,
+    power: bool,
 ) -> tuple[GateResult, GateTrip | None]:
     gate = "energy_ratio"
     limit = policy.max_energy_ratio_pct
@@ -253,7 +257,7 @@ def _energy(
         return GateResult(gate, "off"), None
     base = baseline.energy_j_per_inference if baseline else None
     cand = candidate.energy_j_per_inference
-    if cand is None and base is None:
+    if not power:
         return GateResult(gate, "not judged", "no power source"), None
     if base is None or cand is None or base <= 0 or not math.isfinite(cand):
         return GateResult(gate, "not judged", "no energy figures for both versions"), None

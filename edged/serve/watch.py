@@ -47,7 +47,8 @@ class ProbationOutcome:
 
 
 Reverter = Callable[["ProbationWatch"], Awaitable[None]]
-# (model, version) -> joules per inference of that version, None where not known.
+# (model, version) -> joules per inference of that version, None where not known yet. A daemon
+# without a power source has none (the energy gate then says so).
 EnergyFigure = Callable[[str, str], "float | None"]
 Listener = Callable[[ProbationOutcome], Awaitable[None]]
 
@@ -98,7 +99,15 @@ class ProbationWatch:
             window = replace(
                 window, energy_j_per_inference=self.energy(self.model, self.candidate.version)
             )
-        self.last = judge(self.policy, self.baseline, window, self.elapsed_s)
+            baseline = self.baseline
+            if baseline is not None and baseline.energy_j_per_inference is None:
+                # No figure yet when the swap came (a release pushed right after a start): the
+                # replaced version's figure, measured before the swap, may have come since.
+                self.baseline = replace(
+                    baseline, energy_j_per_inference=self.energy(self.model, baseline.version)
+                )
+        power = self.energy is not None
+        self.last = judge(self.policy, self.baseline, window, self.elapsed_s, power)
         return self.last
 
     def release_held(self) -> None:

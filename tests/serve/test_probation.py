@@ -111,16 +111,21 @@ def test_the_energy_gate_judges_only_with_readings_for_both_versions() -> None:
     policy = ProbationPolicy(min_s=0, min_requests=10, max_energy_ratio_pct=150)
     base = VersionWindow("1", 500, 0, 0, (0.002,) * 500, energy_j_per_inference=0.010)
     hungry = window(energy_j_per_inference=0.020)
-    verdict = judge(policy, base, hungry, 1)
+    verdict = judge(policy, base, hungry, 1, power=True)
     assert verdict.decision == "revert"
     assert verdict.trip is not None
     assert (verdict.trip.gate, verdict.trip.measured, verdict.trip.limit) == (
         "energy_ratio", "2.00x", "1.50x",
     )  # fmt: skip
-    unknown = judge(policy, VersionWindow("1", 500, 0, 0, (0.002,) * 500), hungry, 1)
+    no_figure = VersionWindow("1", 500, 0, 0, (0.002,) * 500)
+    unknown = judge(policy, no_figure, hungry, 1, power=True)
     assert unknown.decision == "promote"
     assert "energy_ratio not judged (no energy figures for both versions)" in unknown.reason
-    none = judge(policy, VersionWindow("1", 500, 0, 0, (0.002,) * 500), window(), 1)
+    # A power source, but no interval measured yet: waiting for figures, not "no power source".
+    early = judge(policy, no_figure, window(), 1, power=True)
+    waiting = GateResult("energy_ratio", "not judged", "no energy figures for both versions")
+    assert early.gate("energy_ratio") == waiting
+    none = judge(policy, no_figure, window(), 1)
     assert none.gate("energy_ratio") == GateResult("energy_ratio", "not judged", "no power source")
 
 
