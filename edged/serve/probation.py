@@ -165,8 +165,8 @@ def judge(
             "error_rate", candidate.errors, total, policy.max_error_permille, enough,
             "requests failed", waiting,
         ),
-        _latency(policy, baseline, candidate, enough, waiting),
-        _energy(policy, baseline, candidate, enough, waiting, power),
+        _latency(policy, baseline, candidate, enough, waiting, elapsed_s),
+        _energy(policy, baseline, candidate, enough, waiting, power, elapsed_s),
         _shadow(policy.shadow, candidate),
     ]  # fmt: skip
     gates = tuple(result for result, _ in checks)
@@ -205,12 +205,22 @@ def _needed(policy: ProbationPolicy, gate: str) -> bool:
     return gate == "p99_latency_ratio" and policy.require_latency_verdict
 
 
+def _settling(policy: ProbationPolicy, elapsed_s: float) -> str | None:
+    """Why a ratio gate does not judge yet, before ``min_s``: right after a swap the new
+    version's first timings carry the install's own CPU and cold caches, and a noisy moment
+    on a small board must not revert a release that is as fast as the one it replaced."""
+    if elapsed_s >= policy.min_s:
+        return None
+    return f"settling: ratios are judged from {policy.min_s}s on"
+
+
 def _latency(
     policy: ProbationPolicy,
     baseline: VersionWindow | None,
     candidate: VersionWindow,
     enough: bool,
     waiting: str,
+    elapsed_s: float,
 ) -> tuple[GateResult, GateTrip | None]:
     gate = "p99_latency_ratio"
     limit = policy.max_p99_latency_ratio_pct
@@ -218,6 +228,8 @@ def _latency(
         return GateResult(gate, "off"), None
     if not enough:
         return GateResult(gate, "not judged", waiting), None
+    if settling := _settling(policy, elapsed_s):
+        return GateResult(gate, "not judged", settling), None
     if baseline is None or len(baseline.latencies_s) < MIN_BASELINE_SAMPLES:
         timed = len(baseline.latencies_s) if baseline is not None else 0
         which = f"version {baseline.version}" if baseline is not None else "the replaced version"
@@ -250,6 +262,7 @@ def _energy(
     enough: bool,
     waiting: str,
     power: bool,
+    elapsed_s: float,
 ) -> tuple[GateResult, GateTrip | None]:
     gate = "energy_ratio"
     limit = policy.max_energy_ratio_pct
@@ -263,6 +276,8 @@ def _energy(
         return GateResult(gate, "not judged", "no energy figures for both versions"), None
     if not enough:
         return GateResult(gate, "not judged", waiting), None
+    if settling := _settling(policy, elapsed_s):
+        return GateResult(gate, "not judged", settling), None
     ratio = cand / base
     detail = f"{cand * 1000:.3f} mJ vs {base * 1000:.3f} mJ per inference"
     if ratio * 100 > limit:

@@ -41,7 +41,7 @@ def test_too_few_requests_keep_watching_until_max_s_then_promote_saying_so() -> 
 
 
 def test_a_slower_version_trips_the_latency_gate_with_value_and_limit() -> None:
-    verdict = judge(POLICY, BASE, window(latencies_s=(0.007,) * 200), 1)
+    verdict = judge(POLICY, BASE, window(latencies_s=(0.007,) * 200), 10)
     assert verdict.decision == "revert"
     assert verdict.trip is not None
     assert (verdict.trip.gate, verdict.trip.measured, verdict.trip.limit) == (
@@ -54,7 +54,21 @@ def test_a_sub_millisecond_p99_increase_is_noise_not_a_regression() -> None:
     tiny = VersionWindow("1", 500, 0, 0, (0.00005,) * 500)
     verdict = judge(POLICY, tiny, window(latencies_s=(0.0004,) * 200), 10)
     assert verdict.decision == "promote"  # 8x, but only 0.35 ms more
-    assert judge(POLICY, tiny, window(latencies_s=(0.002,) * 200), 1).decision == "revert"
+    assert judge(POLICY, tiny, window(latencies_s=(0.002,) * 200), 10).decision == "revert"
+
+
+def test_ratio_gates_wait_for_min_s_while_a_new_version_settles() -> None:
+    """Right after a swap a version as fast as the old one can time slow for a moment (the
+    install's own CPU, cold caches): the ratio gates judge from min_s on; NaN does not wait."""
+    early = judge(POLICY, BASE, window(latencies_s=(0.007,) * 200), 1)
+    assert early.decision == "watch"
+    assert "p99_latency_ratio not judged (settling: ratios are judged from 10s on)" in early.reason
+    energy = ProbationPolicy(min_s=10, min_requests=10, max_energy_ratio_pct=150)
+    base = VersionWindow("1", 500, 0, 0, (0.002,) * 500, energy_j_per_inference=0.010)
+    hungry = window(energy_j_per_inference=0.030)
+    assert judge(energy, base, hungry, 1, power=True).decision == "watch"
+    assert judge(energy, base, hungry, 10, power=True).decision == "revert"
+    assert judge(POLICY, BASE, window(requests=3, nonfinite=1), 0.1).decision == "revert"
 
 
 def test_the_latency_gate_waits_for_min_requests_and_a_baseline() -> None:
