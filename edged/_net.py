@@ -1,4 +1,5 @@
-"""Free loopback TCP ports, for the demo, the tests and the benchmarks.
+"""Sockets: a Unix socket file with exact permissions (the daemon's HTTP and gRPC sockets), and
+free loopback TCP ports, for the demo, the tests and the benchmarks.
 
 Ports are picked below the kernel's ephemeral range. ``bind(0)`` hands out a port from that
 range, and so does every outgoing ``connect()``: a port picked with ``bind(0)`` and released
@@ -9,13 +10,31 @@ use"). Below the range only another listener can take it.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 _EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _LOWEST = 10_000
 _ATTEMPTS = 200
+
+
+@contextlib.contextmanager
+def unix_socket_file(path: Path, mode: int) -> Iterator[None]:
+    """Bind a Unix socket at ``path`` inside this block: a stale socket file is removed first,
+    the socket is created under a tight umask so it never exists with looser permissions than
+    ``mode``, and gets exactly ``mode`` once bound."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        yield
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
 
 
 def _candidates() -> range:

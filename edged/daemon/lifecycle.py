@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from edged._compat import TIMEOUT_ERRORS, TaskGroup
+from edged._net import unix_socket_file
 from edged.api.app import add_control_routes, build_app
 from edged.api.backend import ManagerBackend
 from edged.api.context import FORWARDED, GATE, MAX_BODY, REFRESH, SHM
@@ -302,16 +303,8 @@ class Daemon:
             endpoints.append(f"http://{server.host}:{server.port}")
         if server.socket_path is not None:
             path = server.socket_path
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            # Bind under a tight umask so the socket never exists with looser permissions.
-            old_umask = os.umask(0o777 & ~server.socket_mode)
-            try:
+            with unix_socket_file(path, server.socket_mode):
                 await web.UnixSite(self._runner, str(path)).start()
-            finally:
-                os.umask(old_umask)
-            os.chmod(path, server.socket_mode)
             endpoints.append(f"unix:{path}")
         if server.grpc_port and isinstance(self.manager, ModelManager):  # one process
             from edged.api.grpc.server import GrpcServer

@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from edged._compat import TaskGroup
+from edged._net import unix_socket_file
 from edged.config import DaemonConfig
 from edged.daemon.processes import BeforeRestart, Child, ChildState, describe_exit
 from edged.daemon.zygote import Zygote, ZygoteProcess
@@ -104,17 +105,9 @@ class ServingProcesses:
             endpoints.append(f"http://{server.host}:{tcp.getsockname()[1]}")
         if server.socket_path is not None:
             path = server.socket_path
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
             unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            # Bind under a tight umask so the socket never exists with looser permissions.
-            old_umask = os.umask(0o777 & ~server.socket_mode)
-            try:
+            with unix_socket_file(path, server.socket_mode):
                 unix.bind(str(path))
-            finally:
-                os.umask(old_umask)
-            os.chmod(path, server.socket_mode)
             unix.listen(LISTEN_BACKLOG)
             self.listeners.append(unix)
             endpoints.append(f"unix:{path}")

@@ -9,11 +9,13 @@ import json
 import platform
 import shutil
 import tarfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edged._fs import Checkpoint, no_checkpoint
@@ -31,10 +33,14 @@ from edged.bundle.install import Installer, InstallResult
 from edged.bundle.keys import Signature
 from edged.bundle.offline import OfflineSelfTest, run_self_test
 from edged.bundle.store import INSTALL_LOG_FILE, ModelStore
+from edged.bundle.swap_policy import policy_for_swap
 from edged.bundle.trust import build_root, build_signers
 from edged.bundle.truststore import TrustStore
 from edged.bundle.verify import DeviceFacts
+from edged.config import ModelsConfig
 from edged.modelrepo.layout import CURRENT_POINTER
+from edged.serve.manager import ModelManager
+from edged.serve.watch import EnergyFigure, ProbationOutcome
 
 NOW = 1_800_000_000  # the injected clock of every test
 DAY = 86_400
@@ -268,3 +274,47 @@ def log_entries(state: Path) -> list[dict[str, Any]]:
 
 def current_pointer(state: Path) -> str:
     return (state / "models" / MODEL / CURRENT_POINTER).read_text().strip()
+
+
+def run_probation(
+    world: World,
+    bundle: bytes,
+    *,
+    energy: EnergyFigure | None = None,
+    after_install: Callable[[], None] | None = None,
+) -> tuple[ProbationOutcome, str]:
+    """Serve version 1 with the real manager, install ``bundle`` (whose policy puts it on
+    probation) and keep requests coming, paced so that shadows may run, until the probation
+    ends: its outcome and the version serving then. ``energy``: per-version energy figures
+    (a power source); ``after_install`` runs once the release is on probation."""
+
+    async def scenario() -> tuple[ProbationOutcome, str]:
+        manager = ModelManager(ModelsConfig(repository=world.state / "models"))
+        manager.probation_policy = policy_for_swap
+        manager.energy_per_inference = energy
+        installer = Installer(world.state, manager, DEVICE, clock=lambda: NOW)
+        ended: asyncio.Queue[ProbationOutcome] = asyncio.Queue()
+
+        async def record(outcome: ProbationOutcome) -> None:
+            await installer.record_probation(outcome)
+            await ended.put(outcome)
+
+        manager.probation_listeners.append(record)
+        await manager.start()
+        try:
+            x = np.random.default_rng(1).standard_normal((1, 4), dtype=np.float32)
+            for _ in range(30):  # the baseline's window
+                await manager.infer(MODEL, {"input": x})
+            await installer.install_bytes(bundle)
+            if after_install is not None:
+                after_install()
+            deadline = time.monotonic() + 60
+            while ended.empty():
+                assert time.monotonic() < deadline, manager.status()
+                await manager.infer(MODEL, {"input": x})
+                await asyncio.sleep(0.005)  # an idle queue between requests: shadows may run
+            return await ended.get(), manager.serving(MODEL).version
+        finally:
+            await manager.close(drain_timeout_s=5)
+
+    return asyncio.run(scenario())

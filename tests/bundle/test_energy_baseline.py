@@ -5,18 +5,8 @@ the energy figures stand in for a power sensor."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-
-import numpy as np
-
-from edged.bundle.install import Installer
-from edged.bundle.swap_policy import policy_for_swap
-from edged.config import ModelsConfig
-from edged.serve.manager import ModelManager
 from edged.serve.probation import ProbationPolicy
-from edged.serve.watch import ProbationOutcome
-from tests.bundle.helpers import DEVICE, MODEL, NOW, World
+from tests.bundle.helpers import MODEL, World, run_probation
 
 POLICY = ProbationPolicy(
     min_s=0, max_s=120, min_requests=10, max_p99_latency_ratio_pct=0, max_energy_ratio_pct=150
@@ -28,36 +18,18 @@ def test_a_baseline_without_an_energy_figure_at_the_swap_is_judged_once_the_figu
 ) -> None:
     figures: dict[tuple[str, str], float] = {}  # (model, version) -> J per inference
 
-    async def scenario() -> ProbationOutcome:
-        manager = ModelManager(ModelsConfig(repository=world.state / "models"))
-        manager.probation_policy = policy_for_swap
-        manager.energy_per_inference = lambda model, version: figures.get((model, version))
-        installer = Installer(world.state, manager, DEVICE, clock=lambda: NOW)
-        ended: asyncio.Queue[ProbationOutcome] = asyncio.Queue()
+    def first_interval_ends() -> None:
+        # Version 1 served, but the telemetry's first interval ends only after the swap: both
+        # figures arrive now, with the release already on probation.
+        figures[(MODEL, "1")] = 0.010
+        figures[(MODEL, "2")] = 0.030
 
-        async def record(outcome: ProbationOutcome) -> None:
-            await installer.record_probation(outcome)
-            await ended.put(outcome)
-
-        manager.probation_listeners.append(record)
-        await manager.start()
-        try:
-            x = np.random.default_rng(1).standard_normal((1, 4), dtype=np.float32)
-            for _ in range(30):  # version 1 serves; its energy figure is not known yet
-                await manager.infer(MODEL, {"input": x})
-            await installer.install_bytes(world.bundle(2, rollout=POLICY))
-            # The telemetry's first interval ends after the swap: both figures arrive now.
-            figures[(MODEL, "1")] = 0.010
-            figures[(MODEL, "2")] = 0.030
-            deadline = time.monotonic() + 60
-            while ended.empty():
-                assert time.monotonic() < deadline, manager.status()
-                await manager.infer(MODEL, {"input": x})
-            return await ended.get()
-        finally:
-            await manager.close(drain_timeout_s=5)
-
-    outcome = asyncio.run(scenario())
+    outcome, serving = run_probation(
+        world,
+        world.bundle(2, rollout=POLICY),
+        energy=lambda model, version: figures.get((model, version)),
+        after_install=first_interval_ends,
+    )
     assert (outcome.decision, outcome.gate, outcome.measured, outcome.limit) == (
         "reverted",
         "energy_ratio",
@@ -65,4 +37,5 @@ def test_a_baseline_without_an_energy_figure_at_the_swap_is_judged_once_the_figu
         "1.50x",
     ), outcome
     assert "30.000 mJ vs 10.000 mJ per inference" in outcome.reason
+    assert serving == "1"
     world.assert_serves(1)

@@ -4,19 +4,11 @@ promoted, one that agrees is. Real ONNX models, the real installer and manager."
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import numpy as np
 
-from edged.bundle.install import Installer
-from edged.bundle.swap_policy import policy_for_swap
-from edged.config import ModelsConfig
-from edged.serve.manager import ModelManager
 from edged.serve.probation import ProbationPolicy, ShadowPolicy
 from edged.serve.shadow import outputs_agree
-from edged.serve.watch import ProbationOutcome
-from tests.bundle.helpers import DEVICE, MODEL, NOW, World, log_entries, source_files
+from tests.bundle.helpers import MODEL, World, log_entries, run_probation, source_files
 
 SHADOW = ShadowPolicy(
     sample_permille=1000, max_per_s=10_000, max_abs_diff_micro=100, min_compared=10
@@ -40,38 +32,8 @@ def test_outputs_agree_by_max_abs_diff_or_top1() -> None:
     assert not outputs_agree(SHADOW, a, {"z": a["y"]})
 
 
-def probation_of(world: World, bundle: bytes) -> tuple[ProbationOutcome, str]:
-    async def scenario() -> tuple[ProbationOutcome, str]:
-        manager = ModelManager(ModelsConfig(repository=world.state / "models"))
-        manager.probation_policy = policy_for_swap
-        installer = Installer(world.state, manager, DEVICE, clock=lambda: NOW)
-        ended: asyncio.Queue[ProbationOutcome] = asyncio.Queue()
-
-        async def record(outcome: ProbationOutcome) -> None:
-            await installer.record_probation(outcome)
-            await ended.put(outcome)
-
-        manager.probation_listeners.append(record)
-        await manager.start()
-        try:
-            x = np.random.default_rng(1).standard_normal((1, 4), dtype=np.float32)
-            for _ in range(30):  # the baseline's window
-                await manager.infer(MODEL, {"input": x})
-            await installer.install_bytes(bundle)
-            deadline = time.monotonic() + 60
-            while ended.empty():
-                assert time.monotonic() < deadline, manager.status()
-                await manager.infer(MODEL, {"input": x})
-                await asyncio.sleep(0.005)  # an idle queue between requests: shadows may run
-            return await ended.get(), manager.serving(MODEL).version
-        finally:
-            await manager.close(drain_timeout_s=5)
-
-    return asyncio.run(scenario())
-
-
 def test_a_release_disagreeing_on_shadowed_traffic_is_not_promoted(world: World) -> None:
-    outcome, serving = probation_of(world, world.bundle(2, rollout=POLICY))
+    outcome, serving = run_probation(world, world.bundle(2, rollout=POLICY))
     assert outcome.decision == "reverted"
     assert outcome.gate == "shadow_agreement"
     assert outcome.limit == "at least 990 permille"
@@ -87,7 +49,7 @@ def test_a_release_agreeing_on_shadowed_traffic_is_promoted(world: World) -> Non
         path.replace(f"{MODEL}/1/", f"{MODEL}/5/"): content
         for path, content in source_files(world.sources, 1).items()
     }
-    outcome, serving = probation_of(world, world.bundle(5, rollout=POLICY, files=files))
+    outcome, serving = run_probation(world, world.bundle(5, rollout=POLICY, files=files))
     assert outcome.decision == "promoted", outcome
     assert "agreement 1000.0 permille" in outcome.reason
     assert serving == "5"

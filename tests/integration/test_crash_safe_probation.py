@@ -34,15 +34,6 @@ from tests.support.slowmodel import write_slow_mlp, write_sqrt_model
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def keys(tmp_path: Path) -> Path:
-    keydir = tmp_path / "keys"
-    keydir.mkdir()
-    edged("keygen", str(keydir / "root"))
-    edged("keygen", str(keydir / "signer"))
-    return keydir
-
-
 def good_release(keys: Path, tmp_path: Path, version: int, policy: ProbationPolicy) -> Path:
     source = tmp_path / "build" / str(version)
     write_onnx_mlp(source, SAMPLE_MLP_LAYERS, seed=0, bias_shift=version / 4)

@@ -15,7 +15,6 @@ import pytest
 
 from edged.api.client import Endpoint, LocalClient
 from edged.serve.probation import ProbationPolicy
-from tests.integration.test_crash_safe_probation import keys  # noqa: F401 - a fixture
 from tests.integration.test_install import trust_init
 from tests.integration.test_probation import (
     bundle,
@@ -50,7 +49,7 @@ def wait_energy_figure(client: LocalClient, version: str, timeout_s: float = 60.
 def test_a_release_needing_several_times_the_energy_per_inference_is_reverted_by_the_energy_gate(
     model_repo: Path,
     tmp_path: Path,
-    keys: Path,  # noqa: F811 - the fixture imported above
+    keys: Path,
     design: str,
 ) -> None:
     work = tmp_path / "d"

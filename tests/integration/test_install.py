@@ -34,15 +34,6 @@ def edged(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return result
 
 
-@pytest.fixture
-def keys(tmp_path: Path) -> Path:
-    keydir = tmp_path / "keys"
-    keydir.mkdir()
-    edged("keygen", str(keydir / "root"))
-    edged("keygen", str(keydir / "signer"))
-    return keydir
-
-
 def trust_init(keys: Path, state: Path) -> None:
     edged(
         "trust", "init", "--out", str(state / "trust"),

@@ -27,15 +27,6 @@ NEGATIVE_BODY = json.dumps(
 ).encode()
 
 
-@pytest.fixture
-def keys(tmp_path: Path) -> Path:
-    keydir = tmp_path / "keys"
-    keydir.mkdir()
-    edged("keygen", str(keydir / "root"))
-    edged("keygen", str(keydir / "signer"))
-    return keydir
-
-
 def policy_file(tmp_path: Path, policy: ProbationPolicy) -> Path:
     path = tmp_path / "rollout.json"
     path.write_text(json.dumps(rollout_json(policy)))

@@ -7,8 +7,6 @@ import contextlib
 import os
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,6 +17,7 @@ from edged._net import free_ports
 from edged.fleet.acl import render_acl
 from edged.transport.topics import Topics
 from tests.support.pki import FLEET_MANAGER, FleetPki
+from tests.support.servers import accepting, stop_process
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
 
@@ -140,27 +139,14 @@ keyfile {self.pki.server_key}
                     + (self.directory / "stdout.log").read_text(errors="replace")
                 )
             ports = [p for p in (self.port, self.wrong_host_port, self.manager_port) if p]
-            if all(self._accepting(p) for p in ports):
+            if all(accepting(self.host, p) for p in ports):
                 return
             time.sleep(0.05)
         raise RuntimeError(f"mosquitto did not listen within {timeout_s}s:\n{self.log()}")
 
-    def _accepting(self, port: int) -> bool:
-        with contextlib.suppress(OSError), socket.create_connection((self.host, port), 0.2):
-            return True
-        return False
-
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM (Mosquitto saves its persistence file), then SIGKILL if it hangs."""
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(self.process, timeout_s)
 
     def restart(self, down_s: float = 0.0) -> None:
         self.stop()

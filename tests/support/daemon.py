@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from edged._net import free_ports
 from edged.config import ServerConfig
+from tests.support.servers import accepting
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_MODELS = REPO_ROOT / "models"
@@ -99,7 +99,7 @@ def wait_listening(
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"daemon exited with {process.returncode}:\n{log_path.read_text()}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 2):
+        if accepting("127.0.0.1", port, 2):
             return
         time.sleep(0.05)
     raise RuntimeError(

@@ -10,8 +10,6 @@ import os
 import pwd
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -20,6 +18,7 @@ from pathlib import Path
 
 from edged._net import free_ports
 from tests.support.pki import FleetPki
+from tests.support.servers import accepting, stop_process
 
 NGINX = Path("/usr/sbin/nginx")
 
@@ -144,7 +143,7 @@ http {{
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"nginx exited with {self.process.returncode}:\n{self.log()}")
-            if all(self._accepting(p) for p in self.ports.values()):
+            if all(accepting(self.host, p) for p in self.ports.values()):
                 return
             time.sleep(0.05)
         raise RuntimeError(f"nginx did not listen within {timeout_s}s:\n{self.log()}")
@@ -153,22 +152,9 @@ http {{
         path = self.directory / "error.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def _accepting(self, port: int) -> bool:
-        with contextlib.suppress(OSError), socket.create_connection((self.host, port), 0.2):
-            return True
-        return False
-
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM: nginx's fast shutdown closes every connection (a transfer is cut)."""
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(self.process, timeout_s)
 
 
 @contextlib.contextmanager

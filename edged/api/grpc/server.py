@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 
 import grpc
 
+from edged._net import unix_socket_file
 from edged.api.backend import InferenceBackend
 from edged.api.grpc.service import SERVICE, InferenceService
 from edged.api.shm import SharedMemoryRegistry
@@ -66,15 +66,8 @@ class GrpcServer:
         endpoints = [f"{host}:{self.port}"]
         socket_path = config.grpc_socket_path if self.serve_unix_socket else None
         if socket_path is not None:
-            socket_path.parent.mkdir(parents=True, exist_ok=True)
-            self._remove_socket()
-            # Bound under a tight umask so the socket never exists with looser permissions.
-            old_umask = os.umask(0o777 & ~config.socket_mode)
-            try:
+            with unix_socket_file(socket_path, config.socket_mode):
                 self._bind(server, f"unix:{socket_path}", "server.socket")
-            finally:
-                os.umask(old_umask)
-            os.chmod(socket_path, config.socket_mode)
             endpoints.append(f"unix:{socket_path}")
         await server.start()
         self._server = server
