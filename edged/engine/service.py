@@ -46,6 +46,10 @@ def models_config_from(fields: dict[str, Any]) -> ModelsConfig:
     return ModelsConfig(**{**fields, "repository": Path(fields["repository"])})
 
 
+# Calls after which the front ends' views of the models must be new before the reply.
+CHANGES_WHAT_SERVES = frozenset({"load_version", "load_model", "unload", "reload"})
+
+
 class EngineService:
     def __init__(
         self,
@@ -181,6 +185,10 @@ class EngineService:
         call_id, method, args = header["i"], header["m"], header.get("a", {})
         try:
             result = await self._dispatch(method, args)
+            if method in CHANGES_WHAT_SERVES:
+                # Every front end hears of the change before the caller does: a client that
+                # loads or unloads a model through one front end finds it so on the others.
+                await self.dataplane.broadcast_views()
         except EdgedError as exc:
             self._send({"k": wire.REPLY, "i": call_id, **wire.error_fields(exc)})
         except Exception as exc:
