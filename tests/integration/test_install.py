@@ -197,6 +197,8 @@ def test_bad_uploads_are_answered_early_as_json_and_one_at_a_time(
                 length = int(value)
         return status, json.loads(await reader.readexactly(length))
 
+    spool = work / "state" / "uploads"
+
     async def scenario(socket: Path) -> None:
         # 256 MiB announced, starting with gzip magic: answered after the first MiB, while
         # the rest is never sent.
@@ -212,32 +214,37 @@ def test_bad_uploads_are_answered_early_as_json_and_one_at_a_time(
         assert (status, doc["error"]) == (409, "CompressedArchiveError")
         writer.close()
         # One upload at a time: while the first (its first 512 bytes sent) is open, a second
-        # one gets 429 with Retry-After.
+        # one gets 429 with Retry-After. The first holds the slot once its spool file exists;
+        # a second sent before that could take the slot itself and bounce the first.
         first_reader, first = await asyncio.open_unix_connection(str(socket))
-        data = bundle.read_bytes()
-        first.write(
-            b"POST /edged/v1/bundles HTTP/1.1\r\nHost: edged\r\n"
-            + f"Content-Length: {len(data)}\r\n\r\n".encode()
-            + data[:512]
-        )
-        await first.drain()
-        second_status = 0
-        for _ in range(200):  # bounded: until the first upload holds the slot
+        try:
+            data = bundle.read_bytes()
+            first.write(
+                b"POST /edged/v1/bundles HTTP/1.1\r\nHost: edged\r\n"
+                + f"Content-Length: {len(data)}\r\n\r\n".encode()
+                + data[:512]
+            )
+            await first.drain()
+            for _ in range(1200):  # bounded poll of real state: at most a minute
+                if list(spool.glob("upload-*")):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                early = await asyncio.wait_for(answer(first_reader), 5)
+                pytest.fail(f"the first upload never started spooling; it was answered {early}")
             second_reader, second = await asyncio.open_unix_connection(str(socket))
             second.write(
                 b"POST /edged/v1/bundles HTTP/1.1\r\nHost: edged\r\nContent-Length: 1\r\n\r\nx"
             )
             second_status, doc = await asyncio.wait_for(answer(second_reader), 60)
             second.close()
-            if second_status == 429:
-                break
-            await asyncio.sleep(0.05)
-        assert second_status == 429, doc
-        first.write(data[512:])  # the first upload completes and installs
-        await first.drain()
-        status, doc = await asyncio.wait_for(answer(first_reader), 120)
-        assert (status, doc["outcome"]) == (200, "installed"), doc
-        first.close()
+            assert second_status == 429, doc
+            first.write(data[512:])  # the first upload completes and installs
+            await first.drain()
+            status, doc = await asyncio.wait_for(answer(first_reader), 120)
+            assert (status, doc["outcome"]) == (200, "installed"), doc
+        finally:
+            first.close()
 
     with running_daemon(model_repo, work) as daemon:
         bad = edged("install", str(bad_vectors), "--socket", str(daemon.socket_path), check=False)
