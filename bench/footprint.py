@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 import psutil
 
 from edged._net import free_port
+from edged._process import stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -77,11 +77,6 @@ def start(work: Path, workers: int | None) -> tuple[subprocess.Popen[bytes], flo
             return process, time.monotonic() - started, notify
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    process.wait(30)
-
-
 def measure(
     root: Path, name: str, workers: int | None, runs: int, idle_s: float
 ) -> dict[str, object]:
@@ -102,7 +97,7 @@ def measure(
             before = cpu_seconds(members)
             time.sleep(idle_s)
             idle_cpu = (cpu_seconds(members) - before) / idle_s
-        stop(process)
+        stop_process(process, 30)
         notify.close()
     ready.sort()
     pss.sort()

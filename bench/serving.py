@@ -44,7 +44,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -60,6 +59,7 @@ import psutil
 from cpuload import NOISY_CORES, OtherLoad, ServerCpu, children_cpu_s, wait_for_quiet
 
 from edged._net import free_port, free_ports
+from edged._process import stop_process
 from edged.demo.samples import BENCH_MLP_LAYERS, make_bench_mlp
 from edged.runtime import LoadedModel, load_model
 from edged.runtime.budget import CpuBudget, front_ends, usable_cores
@@ -301,12 +301,7 @@ def server_process(
                 time.sleep(0.1)
             yield proc.pid
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, STOP_TIMEOUT_S)
 
 
 def edged_command(

@@ -28,6 +28,7 @@ from rich.console import Console
 
 from edged._compat import TIMEOUT_ERRORS
 from edged._net import free_port, free_ports
+from edged._process import stop_process
 from edged.errors import DemoStepFailedError, EdgedError
 
 # Sample models shipped with the package: the demo needs no model generator (onnx) at run time.
@@ -126,11 +127,7 @@ use_identity_as_username true
             time.sleep(0.05)
         yield log
     finally:
-        process.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(5)
-        if process.poll() is None:
-            process.kill()
+        stop_process(process, 5)
 
 
 @contextlib.contextmanager
@@ -201,11 +198,7 @@ interval_s = 1.0
             time.sleep(0.1)
         yield socket_path
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process, 20)
 
 
 class Demo:

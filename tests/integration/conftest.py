@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_install import edged
+from tests.support.cli import edged
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ import pytest
 
 from edged.demo.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
 from edged.serve.probation import ProbationPolicy
-from tests.integration.test_install import edged, trust_init
 from tests.integration.test_probation import (
     NEGATIVE_BODY,
     bundle,
@@ -27,6 +26,7 @@ from tests.integration.test_probation import (
     status,
     wait_probation_end,
 )
+from tests.support.cli import edged, trust_init
 from tests.support.daemon import DaemonProcess, running_daemon
 from tests.support.load import MLP_BODY, InferenceLoad
 from tests.support.slowmodel import write_slow_mlp, write_sqrt_model

@@ -15,7 +15,6 @@ import pytest
 
 from edged.api.client import Endpoint, LocalClient
 from edged.serve.probation import ProbationPolicy
-from tests.integration.test_install import trust_init
 from tests.integration.test_probation import (
     bundle,
     install,
@@ -23,6 +22,7 @@ from tests.integration.test_probation import (
     status,
     wait_probation_end,
 )
+from tests.support.cli import trust_init
 from tests.support.daemon import running_daemon
 from tests.support.load import InferenceLoad
 from tests.support.slowmodel import write_slow_mlp

@@ -8,7 +8,6 @@ import asyncio
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,28 +16,12 @@ import numpy as np
 import pytest
 
 from edged.demo.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
+from tests.support.cli import edged, trust_init
 from tests.support.daemon import DaemonProcess, running_daemon
 
 pytestmark = pytest.mark.integration
 
-EDGED = [sys.executable, "-m", "edged.cli.main"]
 X = np.random.default_rng(11).standard_normal((1, 64), dtype=np.float32)
-
-
-def edged(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([*EDGED, *args], capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"edged {' '.join(args)} -> {result.returncode}\n{result.stdout}\n{result.stderr}"
-        )
-    return result
-
-
-def trust_init(keys: Path, state: Path) -> None:
-    edged(
-        "trust", "init", "--out", str(state / "trust"),
-        "--root-key", str(keys / "root.key"), "--signer", str(keys / "signer.pub"),
-    )  # fmt: skip
 
 
 def build(keys: Path, tmp_path: Path, version: int, counter: int, shift: float) -> Path:

@@ -15,7 +15,7 @@ import pytest
 from edged.bundle.rollout_policy import rollout_json
 from edged.demo.samples import SAMPLE_MLP_LAYERS, write_onnx_mlp
 from edged.serve.probation import ProbationPolicy
-from tests.integration.test_install import edged, trust_init
+from tests.support.cli import edged, trust_init
 from tests.support.daemon import DaemonProcess, running_daemon
 from tests.support.load import InferenceLoad
 from tests.support.slowmodel import write_slow_mlp, write_sqrt_model

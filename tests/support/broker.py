@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edged._net import free_ports
+from edged._process import stop_process
 from edged.fleet.acl import render_acl
 from edged.transport.topics import Topics
 from tests.support.pki import FLEET_MANAGER, FleetPki
-from tests.support.servers import accepting, stop_process
+from tests.support.servers import accepting
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edged._net import free_ports
+from edged._process import stop_process
 from edged.config import ServerConfig
 from tests.support.servers import accepting
 
@@ -63,13 +63,7 @@ class DaemonProcess:
         self.process.send_signal(signum)
 
     def stop(self, timeout_s: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout_s)
         return self.process.returncode
 
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edged._net import free_ports
+from edged._process import stop_process
 from tests.support.pki import FleetPki
-from tests.support.servers import accepting, stop_process
+from tests.support.servers import accepting
 
 NGINX = Path("/usr/sbin/nginx")
 
